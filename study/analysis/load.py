@@ -1,0 +1,222 @@
+"""Read one study (parent run, child runs, validation curves) from MLflow into plain records.
+
+One of the two analysis modules that import mlflow (the other is report.py, for logging the
+report as artifacts); the statistics and figures work on the records below and never touch MLflow,
+so they can be tested and reused without a tracking store.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import ViewType
+from mlflow.exceptions import MlflowException
+
+from study.config import ConfigError
+
+# Cell axes of the robustness grid (task x method x p x lr x clip); seeds are the replicates.
+CELL_PARAMS = ("task", "method", "p_detach", "lr", "clip_norm")
+# Params that differ between trials by construction, never a reason to warn about pooling.
+_PER_TRIAL_PARAMS = {*CELL_PARAMS, "seed"}
+
+
+@dataclass
+class Trial:
+    """One child run: its cell, its state and its validation curve (steps = iterations)."""
+
+    trial_id: str
+    run_id: str
+    # completed | diverged (both FINISHED), failed (FAILED or KILLED), running (RUNNING/SCHEDULED)
+    state: str
+    task: str  # task name plus its options, e.g. "copying T=300"
+    method: str
+    p_detach: float
+    lr: float
+    clip_norm: float | None  # None = no clipping
+    seed: int
+    budget: int  # planned training iterations
+    val_steps: np.ndarray
+    val_acc: np.ndarray
+    # test/accuracy is logged as "test accuracy at the best validation point so far" (MNIST only),
+    # so its last value is the test accuracy to report; NaN when the task has no test split.
+    test_at_best: float = math.nan
+    error: str = ""
+    params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("completed", "diverged")
+
+    @property
+    def variant(self) -> tuple[str, float]:
+        """The method as compared in the study: (method, p_detach)."""
+        return (self.method, self.p_detach)
+
+    @property
+    def cell(self) -> tuple[str, str, float, float, float | None]:
+        return (self.task, self.method, self.p_detach, self.lr, self.clip_norm)
+
+
+@dataclass
+class Study:
+    """A study as MLflow holds it: the plan (parent run tags) and every trial started so far."""
+
+    name: str
+    tracking_uri: str
+    parent_run_id: str
+    n_planned: int
+    target: float  # validation accuracy that counts as success
+    trials: list[Trial]
+    # Params that vary across trials although they are not cell axes: their values get pooled
+    # with the seeds, which the report must say.
+    pooled_params: list[str] = field(default_factory=list)
+
+    @property
+    def n_pending(self) -> int:
+        return max(self.n_planned - len(self.trials), 0)
+
+
+def default_tracking_uri(output_dir: Path) -> str:
+    """The embedded store the runner writes by default: a SQLite file in the output folder."""
+    return f"sqlite:///{output_dir.resolve()}/mlflow.db"
+
+
+def load_study(name: str, tracking_uri: str) -> Study:
+    """Read study `name` from the store at `tracking_uri`; ConfigError when it is not there."""
+    where = f"study {name!r} at tracking URI {tracking_uri}"
+    _check_sqlite_file_exists(tracking_uri, where)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        experiment = client.get_experiment_by_name(name)
+    except MlflowException as error:
+        raise ConfigError(f"{where}: cannot read the store ({_one_line(error)})") from None
+    if experiment is None:
+        raise ConfigError(f"{where}: no such experiment (run `study run` first?)")
+
+    parents = _search(client, experiment.experiment_id, "tags.`study.kind` = 'parent'")
+    if not parents:
+        raise ConfigError(f"{where}: the experiment has no parent run tagged study.kind=parent")
+    # One parent per study by contract; if a study was restarted from scratch, the newest wins.
+    parent = max(parents, key=lambda run: run.info.start_time or 0)
+    tags = parent.data.tags
+    try:
+        n_planned = int(tags["study.n_trials"])
+        target = float(tags["study.target"])
+    except (KeyError, ValueError):
+        raise ConfigError(
+            f"{where}: parent run lacks a valid study.n_trials or study.target tag"
+        ) from None
+
+    children = _search(
+        client,
+        experiment.experiment_id,
+        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`study.kind` = 'trial'",
+    )
+    trials = sorted((_trial(client, run) for run in children), key=lambda t: t.trial_id)
+    return Study(
+        name=name,
+        tracking_uri=tracking_uri,
+        parent_run_id=parent.info.run_id,
+        n_planned=n_planned,
+        target=target,
+        trials=trials,
+        pooled_params=_pooled_params(trials),
+    )
+
+
+def _check_sqlite_file_exists(tracking_uri: str, where: str) -> None:
+    # Opening a missing SQLite file would silently create an empty store; say what is wrong.
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix) and tracking_uri != "sqlite:///:memory:":
+        path = Path(tracking_uri[len(prefix) :])
+        if not path.is_file():
+            raise ConfigError(f"{where}: no MLflow database at {path}")
+
+
+def _search(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
+    """All active runs matching the filter, following MLflow's pages."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=filter_string,
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=1000,
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _trial(client: MlflowClient, run) -> Trial:
+    params, tags = run.data.params, run.data.tags
+    steps, val_acc = _history(client, run.info.run_id, "val/accuracy")
+    _, test_acc = _history(client, run.info.run_id, "test/accuracy")
+    clip = params.get("clip_norm", "none")
+    return Trial(
+        trial_id=tags.get("study.trial_id", run.info.run_id),
+        run_id=run.info.run_id,
+        state=_state(run.info.status, tags),
+        task=_task_label(params),
+        method=params.get("method", tags.get("method", "none")),
+        p_detach=float(params.get("p_detach", 0.0)),
+        lr=float(params["lr"]),
+        clip_norm=None if clip.lower() in ("none", "null", "") else float(clip),
+        seed=int(params.get("seed", tags.get("seed", 0))),
+        budget=int(params["iterations"]),
+        val_steps=steps,
+        val_acc=val_acc,
+        test_at_best=float(test_acc[-1]) if len(test_acc) else math.nan,
+        error=tags.get("error", "killed" if run.info.status == "KILLED" else ""),
+        params=dict(params),
+    )
+
+
+def _state(status: str, tags: dict[str, str]) -> str:
+    if status == "FINISHED":
+        return "diverged" if tags.get("outcome") == "diverged" else "completed"
+    if status in ("FAILED", "KILLED"):
+        return "failed"
+    return "running"
+
+
+def _task_label(params: dict[str, str]) -> str:
+    """`copying` + flattened task_options.* params -> "copying T=300"."""
+    options = sorted(
+        (key.removeprefix("task_options."), value)
+        for key, value in params.items()
+        if key.startswith("task_options.")
+    )
+    return " ".join([params.get("task", "?"), *(f"{key}={value}" for key, value in options)])
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) sorted by step; a step logged twice (a retried trial) keeps its last value."""
+    by_step: dict[int, tuple[int, float]] = {}
+    for metric in client.get_metric_history(run_id, key):
+        old = by_step.get(metric.step)
+        if old is None or metric.timestamp >= old[0]:
+            by_step[metric.step] = (metric.timestamp, metric.value)
+    steps = np.array(sorted(by_step), dtype=np.int64)
+    values = np.array([by_step[int(step)][1] for step in steps], dtype=np.float64)
+    return steps, values
+
+
+def _pooled_params(trials: list[Trial]) -> list[str]:
+    varying = set()
+    for key in {key for trial in trials for key in trial.params}:
+        if key in _PER_TRIAL_PARAMS or key.startswith("task_options."):
+            continue
+        if len({trial.params.get(key) for trial in trials}) > 1:
+            varying.add(key)
+    return sorted(varying)
+
+
+def _one_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

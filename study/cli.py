@@ -1,0 +1,177 @@
+"""The `study` command: parse flags and dispatch to the module that does the work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from study.config import ConfigError, TrialConfig
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _task_option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    # YAML typing, so T=100 is an int and download=true a bool, as in a search-space file.
+    return key.strip(), yaml.safe_load(value)
+
+
+def _clip_norm(text: str) -> float | None:
+    if text.lower() in ("none", "null", "off"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or none, got {text!r}") from None
+
+
+def _add_trial_parser(commands: argparse._SubParsersAction) -> None:
+    defaults = TrialConfig()
+    trial = commands.add_parser("trial", help="run one trial in this process (no Ray, no MLflow)")
+    trial.add_argument(
+        "--task", default=defaults.task, help="copying | pixel_mnist | permuted_mnist"
+    )
+    trial.add_argument(
+        "--task-opt",
+        action="append",
+        type=_task_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="task constructor option, e.g. T=100, dataset=fashion_mnist, data_dir=DIR",
+    )
+    trial.add_argument("--method", default=defaults.method, help="none | h_detach | c_detach")
+    trial.add_argument("--p-detach", type=float, default=None, help="probability of detaching")
+    trial.add_argument("--anneal-last", type=int, default=None, help="no detaching in last N its")
+    trial.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
+    trial.add_argument("--optimizer", default=defaults.optimizer, help="adam | sgd")
+    trial.add_argument("--lr", type=float, default=defaults.lr)
+    trial.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    trial.add_argument("--clip-norm", type=_clip_norm, default=defaults.clip_norm)
+    trial.add_argument("--seed", type=int, default=defaults.seed)
+    trial.add_argument("--iterations", type=int, default=defaults.iterations)
+    trial.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    trial.add_argument("--device", default=defaults.device, help="cpu | cuda | auto")
+    trial.add_argument("--out", type=Path, help="write config, status and curve as JSON here")
+    trial.set_defaults(handler=_run_trial)
+
+
+def _trial_config(args: argparse.Namespace) -> TrialConfig:
+    p_detach = args.p_detach
+    if p_detach is None:
+        p_detach = 0.0 if args.method == "none" else 0.25  # the paper's default p
+    try:
+        return TrialConfig.from_dict(
+            {
+                "task": args.task,
+                "task_options": dict(args.task_opt),
+                "method": args.method,
+                "p_detach": p_detach,
+                "anneal_last": args.anneal_last,
+                "hidden_size": args.hidden_size,
+                "optimizer": args.optimizer,
+                "lr": args.lr,
+                "batch_size": args.batch_size,
+                "clip_norm": args.clip_norm,
+                "seed": args.seed,
+                "iterations": args.iterations,
+                "eval_every": args.eval_every,
+                "device": args.device,
+            }
+        )
+    except ConfigError as error:
+        raise ConfigError(_flag_message(str(error))) from None
+
+
+def _flag_message(message: str) -> str:
+    """Name the command-line flag for a config field: 'p_detach: ...' -> '--p-detach: ...'."""
+    field, _, rest = message.partition(":")
+    if field.startswith("task_options"):
+        return f"--task-opt {field.removeprefix('task_options').lstrip('.')}:{rest}".replace(
+            "--task-opt :", "--task-opt:"
+        )
+    if field.isidentifier():
+        return f"--{field.replace('_', '-')}:{rest}"
+    return message
+
+
+class _ProgressBar:
+    """One self-rewriting line on stderr, updated at every evaluation."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.start = time.perf_counter()
+        self.interactive = sys.stderr.isatty()
+
+    def update(self, progress: Any) -> None:
+        done = progress.iteration
+        filled = int(30 * done / self.total)
+        rate = done / max(time.perf_counter() - self.start, 1e-9)
+        metrics = progress.metrics
+        line = (
+            f"[{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} it "
+            f"{rate:.1f} it/s  train/loss {metrics.get('train/loss', float('nan')):.4f}  "
+            f"val/accuracy {metrics.get('val/accuracy', float('nan')):.4f}"
+        )
+        end = "\r" if self.interactive and progress.status == "running" else "\n"
+        print(line, end=end, file=sys.stderr, flush=True)
+
+
+def _run_trial(args: argparse.Namespace) -> int:
+    config = _trial_config(args)
+    from study.train import train  # torch import deferred so `--help` stays fast
+
+    bar = _ProgressBar(config.iterations)
+    started = time.perf_counter()
+    result = train(config, report=bar.update)
+    seconds = time.perf_counter() - started
+    final = result.final
+    summary = (
+        f"{result.status}: {config.task} {config.method} p={config.p_detach:g} "
+        f"lr={config.lr:g} clip={config.clip_norm} seed={config.seed} | "
+        f"iteration {final.get('iteration', 0)}, "
+        f"val/accuracy {final.get('val/accuracy', float('nan')):.4f} "
+        f"(best {final.get('best/val_accuracy', float('nan')):.4f})"
+    )
+    if "test/accuracy" in final:
+        summary += f", test/accuracy at best val {final['test/accuracy']:.4f}"
+    print(f"{summary} | {seconds:.1f} s")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="study", description="h-detach robustness studies")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_trial_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"study {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"study {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

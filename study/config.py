@@ -1,0 +1,122 @@
+"""Typed trial configuration with field-named validation errors (the study YAML lives in spec.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad value in a config, flag or YAML file; its message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything that decides one trial's curve. Field names are the YAML keys and the flags."""
+
+    task: str = "copying"
+    # Constructor arguments of the task class, e.g. {"T": 100} or {"dataset": "fashion_mnist"}.
+    task_options: dict[str, Any] = field(default_factory=dict)
+    method: str = "none"
+    # Probability of *detaching* at a step (paper Algorithm 1; the authors' code uses the same p).
+    p_detach: float = 0.0
+    # Authors' scripts switch h-detach off for the last epochs; here: the last N iterations.
+    anneal_last: int | None = None
+    hidden_size: int = 128
+    optimizer: str = "adam"
+    lr: float = 1.0e-3
+    batch_size: int = 100
+    # Global gradient-norm clip; None means no clipping (the robustness axis of the paper).
+    clip_norm: float | None = 1.0
+    seed: int = 0
+    iterations: int = 1000
+    eval_every: int = 100
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        validate_trial_config(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> TrialConfig:
+        """Build from a plain dict (YAML, JSON, Ray param_space), naming unknown keys."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}"
+            )
+        coerced = {key: _coerce(key, value, where) for key, value in values.items()}
+        return cls(**coerced)
+
+    def replace(self, **changes: Any) -> TrialConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_FLOAT_FIELDS = {"p_detach", "lr", "clip_norm"}
+_INT_FIELDS = {"anneal_last", "hidden_size", "batch_size", "seed", "iterations", "eval_every"}
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    """Cast YAML's loose scalars: PyYAML reads `1e-4` as a string and `off` as False."""
+    if value is None:
+        return None
+    if key in _FLOAT_FIELDS:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be a number or null, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            if key == "clip_norm" and str(value).lower() in {"none", "null", "off"}:
+                return None
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}") from None
+    if key in _INT_FIELDS:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}") from None
+    if key == "task_options":
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: task_options must be a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def validate_trial_config(config: TrialConfig) -> None:
+    """Raise ConfigError naming the first bad field and what is allowed."""
+    # Imported here: the registries import torch-heavy modules, the config itself does not.
+    from study.methods import METHODS
+    from study.tasks import TASKS
+
+    if config.task not in TASKS:
+        raise ConfigError(f"task: unknown task {config.task!r}; allowed: {', '.join(TASKS)}")
+    if config.method not in METHODS:
+        raise ConfigError(
+            f"method: unknown method {config.method!r}; allowed: {', '.join(METHODS)}"
+        )
+    if not 0.0 <= config.p_detach <= 1.0:
+        raise ConfigError(f"p_detach: must be in [0, 1], got {config.p_detach}")
+    if config.method == "none" and config.p_detach != 0.0:
+        raise ConfigError(
+            f"p_detach: method none never detaches, so p_detach must be 0, got {config.p_detach}"
+        )
+    if not (config.lr > 0 and math.isfinite(config.lr)):
+        raise ConfigError(f"lr: must be > 0, got {config.lr}")
+    if config.clip_norm is not None and not config.clip_norm > 0:
+        raise ConfigError(f"clip_norm: must be > 0 or null (no clipping), got {config.clip_norm}")
+    if config.optimizer not in ("adam", "sgd"):
+        raise ConfigError(f"optimizer: must be adam or sgd, got {config.optimizer!r}")
+    for name in ("hidden_size", "batch_size", "iterations", "eval_every"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name}: must be >= 1, got {getattr(config, name)}")
+    if config.anneal_last is not None and config.anneal_last < 0:
+        raise ConfigError(f"anneal_last: must be >= 0 or null, got {config.anneal_last}")
+    if config.device not in ("cpu", "cuda", "auto") and not config.device.startswith("cuda:"):
+        raise ConfigError(f"device: must be cpu, cuda, cuda:N or auto, got {config.device!r}")
+    TASKS[config.task].check_options(config.task_options)

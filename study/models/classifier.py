@@ -1,0 +1,42 @@
+"""SequenceClassifier: a DetachLSTM followed by a linear read-out on every h_t."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from study.models.detach_lstm import DetachLSTM
+
+
+class SequenceClassifier(nn.Module):
+    """LSTM + linear head (paper Sec. 5). Returns logits for every step, (T, B, classes).
+
+    The task, not the model, decides which steps are read (all for copying, the last for MNIST).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.lstm = DetachLSTM(input_size, hidden_size)
+        self.head = nn.Linear(hidden_size, num_classes)
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """Every parameter uniform in (-1/sqrt(H), 1/sqrt(H)) from one generator (authors' init)."""
+        self.lstm.reset_parameters(generator)
+        bound = 1.0 / self.lstm.hidden_size**0.5
+        with torch.no_grad():
+            for parameter in self.head.parameters():
+                parameter.uniform_(-bound, bound, generator=generator)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        detach_h: torch.Tensor | None = None,
+        detach_c: torch.Tensor | None = None,
+        readout: str = "all",
+    ) -> torch.Tensor:
+        output, (h_n, _) = self.lstm(x, detach_h=detach_h, detach_c=detach_c)
+        if readout == "last":
+            # Only h_T reaches the loss: read h_n, so the backward gets no (T, B, H) gradient of
+            # zeros to add at every step, and the head skips the other 783 steps of pixel MNIST.
+            return self.head(h_n)
+        return self.head(output)

@@ -1,0 +1,87 @@
+"""Pixel (sequential) MNIST (paper Sec. 5.2, Fig. 3, 6, 7): one pixel per step, 784 steps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from study.config import ConfigError
+from study.repro import make_generator
+from study.tasks.base import Batch, Task, last_step_loss
+from study.tasks.mnist_data import DATASETS, load_images
+
+
+class PixelMNIST(Task):
+    """Loss and prediction on the last step only; test accuracy is read at the best validation
+    point (paper Sec. 5.2). `dataset: fashion_mnist` runs the same task on Fashion-MNIST.
+
+    `subset` (our addition, for smoke runs) keeps only the first N images of each split.
+    """
+
+    name = "pixel_mnist"
+    input_size = 1
+    num_classes = 10
+    readout = "last"
+    eval_splits = ("val", "test")
+    default_target = 0.97
+    seq_len = 784
+
+    def __init__(
+        self,
+        dataset: str = "mnist",
+        data_dir: str | None = None,
+        download: bool = False,
+        subset: int | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.splits = load_images(dataset, data_dir, download)
+        if subset is not None:
+            self.splits = {k: (x[:subset], y[:subset]) for k, (x, y) in self.splits.items()}
+        self.pixel_order: torch.Tensor | None = None  # identity; permuted MNIST sets one
+        self._epoch_order: tuple[int, torch.Tensor] | None = None
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        super().check_options(options)
+        dataset = options.get("dataset", "mnist")
+        if dataset not in DATASETS:
+            raise ConfigError(
+                f"task_options.dataset: unknown dataset {dataset!r}; "
+                f"allowed: {', '.join(DATASETS)}"
+            )
+        if not isinstance(options.get("download", False), bool):
+            raise ConfigError("task_options.download: must be true or false")
+        subset = options.get("subset")
+        if subset is not None and (not isinstance(subset, int) or subset < 1):
+            raise ConfigError(f"task_options.subset: must be a positive integer, got {subset!r}")
+
+    def _to_batch(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
+        pixels = images.to(torch.float32).div_(255.0)  # values in [0, 1]
+        if self.pixel_order is not None:
+            pixels = pixels[:, self.pixel_order]
+        return pixels.t().unsqueeze(-1).contiguous(), labels
+
+    def train_batch(self, iteration: int, batch_size: int, seed: int) -> Batch:
+        images, labels = self.splits["train"]
+        per_epoch = max(1, len(images) // batch_size)
+        epoch, position = divmod(iteration, per_epoch)
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            # One shuffle per epoch from (seed, epoch): the batch of any iteration is recomputable,
+            # so a resumed trial sees the same data as an uninterrupted one.
+            generator = make_generator(seed, f"mnist/epoch/{epoch}")
+            self._epoch_order = (epoch, torch.randperm(len(images), generator=generator))
+        rows = self._epoch_order[1][position * batch_size : (position + 1) * batch_size]
+        return self._to_batch(images[rows], labels[rows])
+
+    def eval_batches(self, split: str, batch_size: int) -> Iterator[Batch]:
+        images, labels = self.splits[split]
+        for start in range(0, len(images), batch_size):
+            end = start + batch_size
+            yield self._to_batch(images[start:end], labels[start:end])
+
+    def loss_and_metrics(
+        self, logits: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, int, int]:
+        return last_step_loss(logits, targets)

@@ -1,0 +1,220 @@
+"""train(config, report) -> TrialResult: one trial, free of Ray and MLflow."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from study.config import TrialConfig
+from study.methods import make_method
+from study.models import SequenceClassifier
+from study.repro import derive_seed, make_generator
+from study.tasks import Task, make_task
+
+COMPLETED, DIVERGED, RUNNING = "completed", "diverged", "running"
+EVAL_BATCH_SIZE = 500
+
+
+@dataclass
+class Progress:
+    """What `train` hands its `report` callback at each evaluation (and once at the end)."""
+
+    iteration: int  # training iterations done so far
+    metrics: dict[str, float]
+    status: str  # running | completed | diverged
+    _checkpoint: Callable[[], dict[str, Any]] = field(repr=False)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Everything needed to continue this trial exactly (torch.save-able). Built on demand."""
+        return self._checkpoint()
+
+
+@dataclass
+class TrialResult:
+    config: TrialConfig
+    status: str
+    curve: list[dict[str, float]]
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.curve[-1] if self.curve else {}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "status": self.status, "curve": self.curve}
+
+
+Reporter = Callable[[Progress], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate(
+    model: SequenceClassifier, task: Task, split: str, device: torch.device
+) -> tuple[float, float]:
+    """Mean loss and accuracy over a fixed split."""
+    total_loss, correct, count, batches = 0.0, 0, 0, 0
+    for x, y in task.eval_batches(split, EVAL_BATCH_SIZE):
+        logits = model(x.to(device), readout=task.readout)
+        loss, batch_correct, batch_count = task.loss_and_metrics(logits, y.to(device))
+        total_loss += float(loss)
+        correct += batch_correct
+        count += batch_count
+        batches += 1
+    return total_loss / max(batches, 1), correct / max(count, 1)
+
+
+class _Trial:
+    """The mutable state of one run; `train` drives it. Kept together so it checkpoints whole."""
+
+    def __init__(self, config: TrialConfig, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        self.task = make_task(config.task, config.task_options, config.seed)
+        self.model = SequenceClassifier(
+            self.task.input_size, config.hidden_size, self.task.num_classes
+        )
+        # Separate generators: init, data order and detach draws never shift one another, so a
+        # different p_detach sees exactly the same batches from the same initial weights.
+        self.model.reset_parameters(make_generator(config.seed, "init"))
+        self.model.to(device)
+        if config.optimizer == "adam":
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
+                self.model.parameters(), lr=config.lr
+            )
+        else:
+            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr)
+        self.method = make_method(config.method, config.p_detach, config.anneal_last)
+        self.detach_generator = make_generator(config.seed, "detach")
+        self.data_seed = derive_seed(config.seed, "data_order")
+        self.iteration = 0
+        self.curve: list[dict[str, float]] = []
+        self.best_val_accuracy = -1.0
+        self.test_at_best: float | None = None
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "iteration": self.iteration,
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "detach_generator": self.detach_generator.get_state(),
+            "curve": [dict(point) for point in self.curve],
+            "best_val_accuracy": self.best_val_accuracy,
+            "test_at_best": self.test_at_best,
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        if state["config"] != self.config.to_dict():
+            raise ValueError("checkpoint belongs to a different trial config")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.detach_generator.set_state(state["detach_generator"])
+        self.iteration = state["iteration"]
+        self.curve = [dict(point) for point in state["curve"]]
+        self.best_val_accuracy = state["best_val_accuracy"]
+        self.test_at_best = state["test_at_best"]
+
+    def step(self) -> tuple[float, float]:
+        """One training iteration; returns (loss, gradient norm before clipping)."""
+        config, task = self.config, self.task
+        x, y = task.train_batch(self.iteration, config.batch_size, self.data_seed)
+        masks = self.method.masks(
+            task.seq_len, self.iteration, config.iterations, self.detach_generator
+        )
+        logits = self.model(
+            x.to(self.device), masks.detach_h, masks.detach_c, readout=task.readout
+        )
+        loss, _, _ = task.loss_and_metrics(logits, y.to(self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        loss_value, norm_value = float(loss.detach()), float(grad_norm)
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            if config.clip_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(parameters, config.clip_norm, grad_norm)
+            self.optimizer.step()
+        self.iteration += 1
+        return loss_value, norm_value
+
+    def evaluate_point(self, train_loss: float, grad_norm: float) -> dict[str, float]:
+        val_loss, val_accuracy = evaluate(self.model, self.task, "val", self.device)
+        point = {
+            "iteration": self.iteration,
+            "train/loss": train_loss,
+            "train/grad_norm": grad_norm,
+            "val/loss": val_loss,
+            "val/accuracy": val_accuracy,
+        }
+        if val_accuracy > self.best_val_accuracy:
+            self.best_val_accuracy = val_accuracy
+            if "test" in self.task.eval_splits:
+                # Paper Sec. 5.2: test accuracy is read at the point of best validation accuracy.
+                self.test_at_best = evaluate(self.model, self.task, "test", self.device)[1]
+        point["best/val_accuracy"] = self.best_val_accuracy
+        if self.test_at_best is not None:
+            point["test/accuracy"] = self.test_at_best
+        return point
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return value
+
+
+def train(
+    config: TrialConfig, report: Reporter | None = None, resume_from: dict[str, Any] | None = None
+) -> TrialResult:
+    """Run one trial to its iteration budget, calling `report` after every evaluation.
+
+    `train/loss` and `train/grad_norm` are means over the iterations since the previous
+    evaluation. A non-finite loss or gradient norm ends the trial as `diverged` (an outcome of the
+    study, not a crash) with one last report holding the offending values.
+    """
+    device = resolve_device(config.device)
+    trial = _Trial(config, device)
+    if resume_from is not None:
+        trial.load(resume_from)
+
+    def send(status: str, point: dict[str, float]) -> None:
+        if report is not None:
+            metrics = {k: v for k, v in point.items() if k != "iteration"}
+            report(Progress(trial.iteration, metrics, status, trial.state))
+
+    loss_sum = norm_sum = 0.0
+    window = 0
+    while trial.iteration < config.iterations:
+        loss_value, norm_value = trial.step()
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            point = {
+                "iteration": trial.iteration,
+                "train/loss": loss_value,
+                "train/grad_norm": norm_value,
+            }
+            trial.curve.append(point)
+            send(DIVERGED, point)
+            return TrialResult(config, DIVERGED, trial.curve)
+        loss_sum += loss_value
+        norm_sum += norm_value
+        window += 1
+        if trial.iteration % config.eval_every == 0 or trial.iteration == config.iterations:
+            point = trial.evaluate_point(loss_sum / window, norm_sum / window)
+            trial.curve.append(point)
+            loss_sum = norm_sum = 0.0
+            window = 0
+            send(COMPLETED if trial.iteration == config.iterations else RUNNING, point)
+    return TrialResult(config, COMPLETED, trial.curve)
