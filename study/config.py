@@ -1,4 +1,4 @@
-"""Typed trial configuration with field-named validation errors (the study YAML lives in spec.py)."""
+"""Typed trial configuration with field-named validation errors (study YAML: spec.py)."""
 
 from __future__ import annotations
 
@@ -42,13 +42,14 @@ class TrialConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], where: str = "config") -> TrialConfig:
-        """Build from a plain dict (YAML, JSON, Ray param_space), naming unknown keys."""
+    def from_dict(cls, values: dict[str, Any], where: str = "") -> TrialConfig:
+        """Build from a plain dict (YAML, JSON, Ray param_space); `where` prefixes errors."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(
-                f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}"
+                f"{_prefix(where)}unknown field(s) {', '.join(unknown)}; "
+                f"allowed: {', '.join(sorted(known))}"
             )
         coerced = {key: _coerce(key, value, where) for key, value in values.items()}
         return cls(**coerced)
@@ -61,29 +62,34 @@ _FLOAT_FIELDS = {"p_detach", "lr", "clip_norm"}
 _INT_FIELDS = {"anneal_last", "hidden_size", "batch_size", "seed", "iterations", "eval_every"}
 
 
+def _prefix(where: str) -> str:
+    return f"{where}: " if where else ""
+
+
 def _coerce(key: str, value: Any, where: str) -> Any:
     """Cast YAML's loose scalars: PyYAML reads `1e-4` as a string and `off` as False."""
     if value is None:
         return None
     if key in _FLOAT_FIELDS:
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: {key} must be a number or null, got {value!r}")
+            raise ConfigError(f"{_prefix(where)}{key}: must be a number or null, got {value!r}")
         try:
             return float(value)
         except (TypeError, ValueError):
             if key == "clip_norm" and str(value).lower() in {"none", "null", "off"}:
                 return None
-            raise ConfigError(f"{where}: {key} must be a number, got {value!r}") from None
+            raise ConfigError(f"{_prefix(where)}{key}: must be a number, got {value!r}") from None
     if key in _INT_FIELDS:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+            raise ConfigError(f"{_prefix(where)}{key}: must be an integer, got {value!r}")
         try:
             return int(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}") from None
+            message = f"{_prefix(where)}{key}: must be an integer, got {value!r}"
+            raise ConfigError(message) from None
     if key == "task_options":
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: task_options must be a mapping, got {value!r}")
+            raise ConfigError(f"{_prefix(where)}task_options: must be a mapping, got {value!r}")
         return dict(value)
     return value
 

@@ -20,7 +20,9 @@ IDX_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
-TRAIN_SIZE = 50_000  # training images 0..49,999 train, 50,000..59,999 validate (paper Sec. 5.2)
+# The last VAL_SIZE official training images validate: 0..49,999 train, 50,000..59,999 validate
+# (paper Sec. 5.2); the official 10,000 test images test.
+VAL_SIZE = 10_000
 
 
 def cache_root() -> Path:
@@ -66,7 +68,7 @@ def _stage_idx_folder(dataset: str, data_dir: Path) -> Path:
 
 
 def load_images(
-    dataset: str, data_dir: str | None, download: bool
+    dataset: str, data_dir: str | None, download: bool, val_size: int = VAL_SIZE
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """uint8 images (N, 784) and int64 labels for the train / val / test splits."""
     if dataset not in DATASETS:
@@ -90,8 +92,14 @@ def load_images(
             "on a machine with internet"
         ) from None
     images = train.data.reshape(len(train.data), -1)
+    if not 0 < val_size < len(images):
+        raise ConfigError(
+            f"task_options.val_size: must be between 1 and {len(images) - 1} "
+            f"(the {dataset} training file holds {len(images)} images), got {val_size}"
+        )
+    split = len(images) - val_size
     return {
-        "train": (images[:TRAIN_SIZE], train.targets[:TRAIN_SIZE]),
-        "val": (images[TRAIN_SIZE:], train.targets[TRAIN_SIZE:]),
+        "train": (images[:split], train.targets[:split]),
+        "val": (images[split:], train.targets[split:]),
         "test": (test.data.reshape(len(test.data), -1), test.targets),
     }

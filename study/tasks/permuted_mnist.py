@@ -8,6 +8,7 @@ import torch
 
 from study.config import ConfigError
 from study.repro import make_generator
+from study.tasks.mnist_data import VAL_SIZE
 from study.tasks.pixel_mnist import PixelMNIST
 
 
@@ -28,9 +29,10 @@ class PermutedMNIST(PixelMNIST):
         data_dir: str | None = None,
         download: bool = False,
         subset: int | None = None,
+        val_size: int = VAL_SIZE,
         permutation_seed: int = 0,
     ) -> None:
-        super().__init__(dataset, data_dir, download, subset)
+        super().__init__(dataset, data_dir, download, subset, val_size)
         generator = make_generator(permutation_seed, "permutation")
         self.pixel_order = torch.randperm(self.seq_len, generator=generator)
 

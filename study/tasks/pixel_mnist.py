@@ -10,14 +10,15 @@ import torch
 from study.config import ConfigError
 from study.repro import make_generator
 from study.tasks.base import Batch, Task, last_step_loss
-from study.tasks.mnist_data import DATASETS, load_images
+from study.tasks.mnist_data import DATASETS, VAL_SIZE, load_images
 
 
 class PixelMNIST(Task):
     """Loss and prediction on the last step only; test accuracy is read at the best validation
     point (paper Sec. 5.2). `dataset: fashion_mnist` runs the same task on Fashion-MNIST.
 
-    `subset` (our addition, for smoke runs) keeps only the first N images of each split.
+    `subset` (our addition, for smoke runs) keeps only the first N images of each split;
+    `val_size` is how many of the last official training images validate (10,000 in the paper).
     """
 
     name = "pixel_mnist"
@@ -34,9 +35,10 @@ class PixelMNIST(Task):
         data_dir: str | None = None,
         download: bool = False,
         subset: int | None = None,
+        val_size: int = VAL_SIZE,
     ) -> None:
         self.dataset = dataset
-        self.splits = load_images(dataset, data_dir, download)
+        self.splits = load_images(dataset, data_dir, download, val_size)
         if subset is not None:
             self.splits = {k: (x[:subset], y[:subset]) for k, (x, y) in self.splits.items()}
         self.pixel_order: torch.Tensor | None = None  # identity; permuted MNIST sets one
@@ -53,9 +55,10 @@ class PixelMNIST(Task):
             )
         if not isinstance(options.get("download", False), bool):
             raise ConfigError("task_options.download: must be true or false")
-        subset = options.get("subset")
-        if subset is not None and (not isinstance(subset, int) or subset < 1):
-            raise ConfigError(f"task_options.subset: must be a positive integer, got {subset!r}")
+        for key in ("subset", "val_size"):
+            value = options.get(key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"task_options.{key}: must be a positive integer, got {value!r}")
 
     def _to_batch(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
         pixels = images.to(torch.float32).div_(255.0)  # values in [0, 1]

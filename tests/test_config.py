@@ -1,0 +1,41 @@
+"""TrialConfig: YAML-style coercion and one-line, field-named errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from study.config import ConfigError, TrialConfig
+
+
+def test_yaml_strings_and_nulls_are_coerced() -> None:
+    config = TrialConfig.from_dict({"lr": "1e-4", "clip_norm": None, "seed": 3.0})
+    assert config.lr == 1e-4 and config.clip_norm is None and config.seed == 3
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"p_detach": 1.5, "method": "h_detach"}, "p_detach: must be in [0, 1]"),
+        ({"lr": 0}, "lr: must be > 0"),
+        ({"lr": "fast"}, "lr: must be a number"),
+        ({"clip_norm": False}, "clip_norm: must be a number or null"),
+        ({"task": "sorting"}, "task: unknown task 'sorting'; allowed: copying"),
+        ({"method": "z_detach"}, "method: unknown method 'z_detach'; allowed: none"),
+        ({"seed": 1.5}, "seed: must be an integer"),
+        ({"batch_size": 0}, "batch_size: must be >= 1"),
+        ({"learning_rate": 1}, "unknown field(s) learning_rate"),
+        ({"task_options": {"T": 0}}, "task_options.T: must be >= 1"),
+        ({"task_options": {"length": 5}}, "unknown option(s) length for task copying"),
+        ({"method": "none", "p_detach": 0.5}, "method none never detaches"),
+    ],
+)
+def test_bad_values_name_the_field(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        TrialConfig.from_dict(values)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_round_trip_through_dict() -> None:
+    config = TrialConfig(task_options={"T": 7}, method="c_detach", p_detach=0.5, clip_norm=None)
+    assert TrialConfig.from_dict(config.to_dict()) == config
