@@ -197,7 +197,7 @@ def _task_label(params: dict[str, str]) -> str:
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) sorted by step; a step logged twice (a retried trial) keeps its last value."""
+    """(steps, values) sorted by step; a step logged twice (retried trial) keeps the last value."""
     by_step: dict[int, tuple[int, float]] = {}
     for metric in client.get_metric_history(run_id, key):
         old = by_step.get(metric.step)

@@ -1,0 +1,1 @@
+"""Robustness report of a study: load (MLflow -> records), stats, figures, report (files)."""

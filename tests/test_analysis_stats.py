@@ -1,0 +1,276 @@
+"""Robustness statistics against hand-computed numbers, plus seeded interval coverage checks."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from analysis_fixtures import grid, make_trial
+
+from study.analysis.load import Study
+from study.analysis.stats import (
+    analyse,
+    cell_stats,
+    clipping_dependence,
+    expected_best_of_n,
+    interquartile_means,
+    lr_sensitivity,
+    paired_comparisons,
+    score_run,
+    spread,
+    stratified_bootstrap_ci,
+    wilson_interval,
+)
+
+TARGET = 0.99
+REACH = [0.5, 0.995]  # reaches the target at iteration 200
+MISS = [0.5, 0.6]  # never reaches it; best 0.6
+
+
+def _study(trials, n_planned=None) -> Study:
+    return Study("s", "sqlite:///x", "parent", n_planned or len(trials), TARGET, trials)
+
+
+def _mean(*samples, axis=-1):
+    return np.mean(np.concatenate(samples, axis=axis), axis=axis)
+
+
+def test_score_run_by_hand():
+    trial = make_trial("t0", [0.2, 0.5, 0.995, 0.98])
+    run = score_run(trial, TARGET)
+    assert run.best == 0.995 and run.final == 0.98
+    assert run.reached_at == 300 and run.success
+    # Right-endpoint sum over the 1000-iteration budget: 100 * (0.2 + 0.5 + 0.995 + 0.98) / 1000.
+    assert run.auc == pytest.approx(0.2675)
+
+
+def test_score_run_never_reaching_or_never_evaluated():
+    miss = score_run(make_trial("t0", [0.3, 0.98]), TARGET)
+    assert miss.reached_at == math.inf and not miss.success
+    empty = score_run(make_trial("t1", [], state="diverged"), TARGET)
+    assert (empty.best, empty.final, empty.auc, empty.reached_at) == (0.0, 0.0, 0.0, math.inf)
+
+
+def test_full_curve_at_one_has_auc_one():
+    assert score_run(make_trial("t0", [1.0] * 10), TARGET).auc == pytest.approx(1.0)
+
+
+def test_spread_matches_numpy_linear_quartiles():
+    s = spread([0.9, 0.5, 1.0, 0.7])
+    # Sorted 0.5 0.7 0.9 1.0: q25 at position 0.75 = 0.65, q75 at position 2.25 = 0.925.
+    assert (s.median, s.q25, s.q75, s.min) == pytest.approx((0.8, 0.65, 0.925, 0.5))
+
+
+@pytest.mark.parametrize("k, n", [(0, 5), (3, 5), (5, 5), (1, 20), (17, 20)])
+def test_wilson_interval_matches_closed_form(k, n):
+    z = 1.959963984540054
+    p = k / n
+    centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z / (1 + z**2 / n) * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
+    assert wilson_interval(k, n) == pytest.approx((centre - half, centre + half))
+
+
+def test_cell_stats_counts_by_hand():
+    trials = [
+        make_trial("t0", [0.5, 0.995], seed=0),  # success at 200
+        make_trial("t1", [0.995], seed=1),  # success at 100
+        make_trial("t2", [0.4, 0.7, 0.8, 0.9], seed=2),  # never
+        make_trial("t3", [0.3, 0.2], seed=3, state="diverged"),  # never, diverged
+        make_trial("t4", [0.1], seed=4, state="failed", error="boom"),
+        make_trial("t5", [0.99], seed=5, state="running"),
+    ]
+    runs = [score_run(t, TARGET) for t in trials if t.finished]
+    (cell,) = cell_stats(trials, runs)
+    assert (cell.n, cell.n_diverged, cell.n_failed, cell.n_running) == (4, 1, 1, 1)
+    assert cell.successes == 2 and cell.success_rate == 0.5
+    assert cell.divergence_rate == 0.25
+    assert cell.success_ci == pytest.approx(wilson_interval(2, 4))
+    # Reach times 100, 200, inf, inf: median of the middle two is inf (half never got there).
+    assert cell.iters_to_target == math.inf
+    # Best 0.995, 0.995, 0.9, 0.3 and final 0.995, 0.995, 0.9, 0.2.
+    assert cell.best.median == pytest.approx(0.9475) and cell.best.min == 0.3
+    assert cell.final.median == pytest.approx(0.9475) and cell.final.min == 0.2
+    # AUC (x1000 budget): 0.1495, 0.0995, 0.28, 0.05 -> median (0.0995 + 0.1495) / 2.
+    assert cell.auc == pytest.approx(0.1245)
+
+
+def test_iterations_to_target_median_counts_misses():
+    trials = [
+        make_trial("t0", REACH, seed=0),  # 200
+        make_trial("t1", [0.2, 0.3, 0.4, 0.995], seed=1),  # 400
+        make_trial("t2", MISS, seed=2),  # inf
+    ]
+    runs = [score_run(t, TARGET) for t in trials]
+    (cell,) = cell_stats(trials, runs)
+    assert cell.iters_to_target == 400
+
+
+def test_lr_sensitivity_contiguous_good_range():
+    # Median best per lr: 0.96, 0.5, 1.0, 0.97 -> good range is 1e-2..1e-1 only (contiguous).
+    accs = {1e-4: 0.96, 1e-3: 0.5, 1e-2: 1.0, 1e-1: 0.97}
+    trials = grid({("none", 0.0): {(lr, 1.0): [[a], [a]] for lr, a in accs.items()}})
+    analysis = analyse(_study(trials))
+    (s,) = analysis.lr_sensitivity
+    assert s.lrs == [1e-4, 1e-3, 1e-2, 1e-1]
+    assert s.relative == pytest.approx([0.96, 0.5, 1.0, 0.97])
+    assert s.best_lr == 1e-2 and s.good_lrs == (1e-2, 1e-1)
+    assert s.good_lr_decades == pytest.approx(1.0)
+
+
+def test_lr_sensitivity_skips_single_seed_cells():
+    trials = grid({("none", 0.0): {(1e-3, 1.0): [[0.9], [0.9]], (1e-2, 1.0): [[1.0]]}})
+    analysis = analyse(_study(trials))
+    assert [s.lrs for s in lr_sensitivity(analysis.cells)] == [[1e-3]]
+    assert analysis.lr_sensitivity[0].good_lr_decades == 0.0
+
+
+def test_clipping_dependence_by_hand():
+    curves = {
+        ("none", 0.0): {
+            (1e-3, 1.0): [REACH, REACH, MISS],  # 2/3 with clipping
+            (1e-3, None): [MISS, MISS, REACH],  # 1/3 without
+            (1e-2, 1.0): [REACH, REACH],  # 2/2
+            (1e-2, None): [MISS, MISS],  # 0/2
+            (1e-1, 1.0): [REACH, REACH],  # no unclipped partner: left out
+        }
+    }
+    runs = [score_run(t, TARGET) for t in grid(curves)]
+    (d,) = clipping_dependence(runs)
+    assert d.lrs == [1e-3, 1e-2] and d.clip_norm == 1.0
+    assert (d.with_successes, d.with_n, d.without_successes, d.without_n) == (4, 5, 1, 5)
+    assert d.difference == pytest.approx(0.6)
+    assert d.difference_ci[0] <= 0.6 <= d.difference_ci[1]
+
+
+def test_dominating_method_has_p_better_one():
+    cells = {(lr, clip): [REACH] * 3 for lr in (1e-3, 1e-2) for clip in (1.0, None)}
+    worse = {key: [MISS] * 3 for key in cells}
+    runs = [score_run(t, TARGET) for t in grid({("none", 0.0): worse, ("h_detach", 0.5): cells})]
+    (p,) = paired_comparisons(runs)
+    assert (p.method, p.p_detach, p.n_pairs, p.n_cells) == ("h_detach", 0.5, 12, 4)
+    assert p.p_better == 1.0
+    # All 12 pairs won: the bootstrap interval would have zero width; Wilson's of 12/12 instead.
+    assert p.p_better_ci == pytest.approx(wilson_interval(12, 12))
+    assert p.p_better_ci[0] == pytest.approx(0.7575, abs=1e-4)
+    assert (p.successes, p.baseline_successes) == (12, 0)
+
+
+def test_p_better_ties_and_mixed_by_hand():
+    # Pairs by seed: win, loss, tie, win -> (1 + 0 + 0.5 + 1) / 4 = 0.625.
+    method = [[0.9], [0.2], [0.5], [0.8]]
+    vanilla = [[0.1], [0.3], [0.5], [0.7]]
+    runs = [
+        score_run(t, TARGET)
+        for t in grid(
+            {("none", 0.0): {(1e-3, 1.0): vanilla}, ("c_detach", 0.25): {(1e-3, 1.0): method}}
+        )
+    ]
+    (p,) = paired_comparisons(runs)
+    assert p.p_better == pytest.approx(0.625) and p.n_pairs == 4
+    assert p.p_better_ci[0] <= 0.625 <= p.p_better_ci[1]
+
+
+def test_p_better_all_ties_has_no_interval():
+    runs = [
+        score_run(t, TARGET)
+        for t in grid(
+            {
+                ("none", 0.0): {(1e-3, 1.0): [REACH] * 3},
+                ("h_detach", 0.5): {(1e-3, 1.0): [REACH] * 3},
+            }
+        )  # fmt: skip
+    ]
+    (p,) = paired_comparisons(runs)
+    assert p.p_better == 0.5 and all(math.isnan(x) for x in p.p_better_ci)
+
+
+def test_paired_leaves_out_cells_with_one_pair():
+    runs = [
+        score_run(t, TARGET)
+        for t in grid(
+            {
+                ("none", 0.0): {(1e-3, 1.0): [MISS, MISS], (1e-2, 1.0): [MISS]},
+                ("h_detach", 0.5): {(1e-3, 1.0): [REACH, REACH], (1e-2, 1.0): [REACH]},
+            }
+        )
+    ]
+    (p,) = paired_comparisons(runs)
+    assert (p.n_pairs, p.n_cells, p.cells_left_out) == (2, 1, 1)
+
+
+def test_no_vanilla_means_no_pairs():
+    runs = [score_run(t, TARGET) for t in grid({("h_detach", 0.5): {(1e-3, 1.0): [REACH] * 2}})]
+    (p,) = paired_comparisons(runs)
+    assert p.n_pairs == 0 and math.isnan(p.p_better)
+
+
+def test_iqm_by_hand():
+    # Two cells of four seeds: best accuracies 0.1..0.8; the 25% trimmed mean keeps 0.3..0.6.
+    values = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    curves = {("none", 0.0): {(1e-3, 1.0): [[v] for v in values[:4]],
+                              (1e-2, 1.0): [[v] for v in values[4:]]}}  # fmt: skip
+    (iqm,) = interquartile_means([score_run(t, TARGET) for t in grid(curves)])
+    assert iqm.value == pytest.approx(0.45) and (iqm.n_runs, iqm.n_cells) == (8, 2)
+    assert iqm.ci[0] <= 0.45 <= iqm.ci[1]
+
+
+def test_expected_best_of_n_by_hand_and_by_enumeration():
+    values = [0.1, 0.5, 0.9]
+    mean, std = expected_best_of_n(values, 3)
+    # n = 2: P(max = 0.1) = 1/9, P(0.5) = 3/9, P(0.9) = 5/9.
+    assert mean[1] == pytest.approx((0.1 + 3 * 0.5 + 5 * 0.9) / 9)
+    for n in (1, 2, 3):
+        maxima = [max(draw) for draw in itertools.product(values, repeat=n)]
+        assert mean[n - 1] == pytest.approx(np.mean(maxima))
+        assert std[n - 1] == pytest.approx(np.std(maxima))
+
+
+def test_expected_best_with_ties_is_exact():
+    mean, _ = expected_best_of_n([0.5, 0.5, 1.0, 1.0], 2)
+    # n = 2: max is 0.5 only if both draws are 0.5: probability 1/4.
+    assert mean == pytest.approx([0.75, 0.25 * 0.5 + 0.75 * 1.0])
+
+
+def test_wilson_interval_coverage():
+    rng = np.random.default_rng(0)
+    truth, n = 0.7, 20
+    draws = rng.binomial(n, truth, size=200)
+    covered = [lo <= truth <= hi for lo, hi in (wilson_interval(int(k), n) for k in draws)]
+    assert np.mean(covered) >= 0.85
+
+
+def test_stratified_bootstrap_coverage_of_a_proportion():
+    # P(better) with a true win probability of 0.7 in each of two cells of 12 paired seeds.
+    rng = np.random.default_rng(1)
+    truth = 0.7
+    covered = []
+    for _ in range(200):
+        strata = [rng.binomial(1, truth, size=12).astype(float) for _ in range(2)]
+        lo, hi = stratified_bootstrap_ci(strata, _mean)
+        covered.append(lo <= truth <= hi)
+    assert np.mean(covered) >= 0.85
+
+
+def test_stratified_bootstrap_coverage_of_the_iqm():
+    # Normal accuracies: the population IQM equals the mean (symmetric distribution).
+    from scipy import stats
+
+    rng = np.random.default_rng(2)
+    truth = 0.8
+
+    def iqm(*samples, axis=-1):
+        return stats.trim_mean(np.concatenate(samples, axis=axis), 0.25, axis=axis)
+
+    covered = []
+    for _ in range(200):
+        strata = [rng.normal(truth, 0.05, size=10) for _ in range(3)]
+        lo, hi = stratified_bootstrap_ci(strata, iqm)
+        covered.append(lo <= truth <= hi)
+    assert np.mean(covered) >= 0.85
+
+
+def test_bootstrap_needs_two_values_per_stratum():
+    assert all(math.isnan(x) for x in stratified_bootstrap_ci([np.ones(3), np.ones(1)], _mean))
+    assert all(math.isnan(x) for x in stratified_bootstrap_ci([], _mean))
