@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,10 +76,15 @@ def evaluate(
 class _Trial:
     """The mutable state of one run; `train` drives it. Kept together so it checkpoints whole."""
 
-    def __init__(self, config: TrialConfig, device: torch.device) -> None:
+    def __init__(
+        self, config: TrialConfig, device: torch.device, task: Task | None = None
+    ) -> None:
         self.config = config
         self.device = device
-        self.task = make_task(config.task, config.task_options, config.seed)
+        # A packed run (study.packed_train) hands its members one shared task: one copy of data.
+        self.task = (
+            task if task is not None else make_task(config.task, config.task_options, config.seed)
+        )
         self.model = SequenceClassifier(
             self.task.input_size, config.hidden_size, self.task.num_classes
         )
@@ -115,6 +121,9 @@ class _Trial:
     def load(self, state: dict[str, Any]) -> None:
         if state["config"] != self.config.to_dict():
             raise ValueError("checkpoint belongs to a different trial config")
+        # Optimizer.load_state_dict keeps the given tensors and training updates them in place:
+        # copy, so the caller's checkpoint stays what it was (it may be resumed again).
+        state = copy.deepcopy(state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.detach_generator.set_state(state["detach_generator"])
@@ -186,6 +195,11 @@ def train(
     study, not a crash) with one last report holding the offending values.
     """
     device = resolve_device(config.device)
+    if device.type == "cuda":
+        # On a GPU one trial is a pack of one: the same graphed, sync-free training step.
+        from study.packed_train import train_packed
+
+        return train_packed([config], [report], [resume_from])[0]
     trial = _Trial(config, device)
     if resume_from is not None:
         trial.load(resume_from)

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from study.models.device_lstm import device_lstm, keep_factors
+
 
 class _MaskedLSTMFunction(torch.autograd.Function):
     """The whole sequence as one autograd node: forward once, hand-written masked BPTT.
@@ -48,18 +50,32 @@ class _MaskedLSTMFunction(torch.autograd.Function):
             x.reshape(steps * batch, input_size),
             (weight_ih * gate_scale).t(),
         ).view(steps, batch, 4 * hidden)
-        for t in range(steps):
-            gate = gates[t]  # becomes the activated i, f, g, o (nn.LSTM order)
-            gate.addmm_(hs[t], weight_hh_t)
+        # Per-step views made in one C++ call each (unbind) instead of T Python indexings: at
+        # 784 steps (pixel MNIST) the Python overhead per op is what separates us from oneDNN.
+        one, minus_one = x.new_ones(()), -x.new_ones(())
+        step_views = zip(
+            gates.unbind(0),
+            gates[..., :hidden].unbind(0),
+            gates[..., hidden:two_h].unbind(0),
+            gates[..., two_h:three_h].unbind(0),
+            gates[..., three_h:].unbind(0),
+            hs[:-1].unbind(0),
+            hs[1:].unbind(0),
+            cs[:-1].unbind(0),
+            cs[1:].unbind(0),
+            tanh_cs.unbind(0),
+            strict=True,
+        )
+        for gate, i, f, g, o, h_prev, h_next, c_prev, c_next, tanh_c in step_views:
+            gate.addmm_(h_prev, weight_hh_t)  # gate becomes the activated i, f, g, o
             gate.sigmoid_()
-            gate_g = gate[:, two_h:three_h]
-            gate_g.mul_(2.0).sub_(1.0)
-            c_next = cs[t + 1]
-            torch.mul(gate[:, hidden:two_h], cs[t], out=c_next)
-            c_next.addcmul_(gate[:, :hidden], gate_g)
-            # tanh(c) = 2 sigmoid(2c) - 1 again: three fast ops beat torch.tanh here.
-            tanh_c = torch.mul(c_next, 2.0, out=tanh_cs[t]).sigmoid_().mul_(2.0).sub_(1.0)
-            torch.mul(gate[:, three_h:], tanh_c, out=hs[t + 1])
+            torch.addcmul(minus_one, g, one, value=2.0, out=g)  # g = 2 sigmoid(2z) - 1
+            torch.mul(f, c_prev, out=c_next)
+            c_next.addcmul_(i, g)
+            # tanh(c) = 2 sigmoid(2c) - 1 again: three fast ops beat one slow torch.tanh here.
+            torch.mul(c_next, 2.0, out=tanh_c).sigmoid_()
+            torch.addcmul(minus_one, tanh_c, one, value=2.0, out=tanh_c)
+            torch.mul(o, tanh_c, out=h_next)
         # Unused outputs (h_n for copying, the sequence for a last-step read-out) arrive as None
         # rather than zeros, so the backward skips adding them.
         ctx.set_materialize_grads(False)
@@ -85,37 +101,39 @@ class _MaskedLSTMFunction(torch.autograd.Function):
         # (B, 4H) block is in cache: vectorised over all T they cost more in memory traffic.
         local = torch.empty_like(gates)  # becomes d loss / d gate pre-activations
         one = gates.new_ones(())
+        # Per-step views, each list made in one C++ call (see forward).
+        gate_s, tanh_s, c_prev_s = gates.unbind(0), tanh_cs.unbind(0), cs[:-1].unbind(0)
+        i_s, f_s = gates[..., :hidden].unbind(0), gates[..., hidden:two_h].unbind(0)
+        g_s, o_s = gates[..., two_h:three_h].unbind(0), gates[..., three_h:].unbind(0)
+        local_s = local.unbind(0)
+        local_i, local_f = local[..., :hidden].unbind(0), local[..., hidden:two_h].unbind(0)
+        local_g, local_o = local[..., two_h:three_h].unbind(0), local[..., three_h:].unbind(0)
+        local_cell = local[..., :three_h].view(steps, batch, 3, hidden).unbind(0)
+        grad_output_s = grad_output.unbind(0) if grad_output is not None else None
         dh = grad_h_n  # gradient reaching h_t from later steps (None = zero)
         dc = grad_c_n
         for t in range(steps - 1, -1, -1):
-            gate, tanh_c = gates[t], tanh_cs[t]
-            dh_t = grad_output[t] if grad_output is not None else None
+            gate, i, f, g, o, tanh_c = gate_s[t], i_s[t], f_s[t], g_s[t], o_s[t], tanh_s[t]
+            dh_t = grad_output_s[t] if grad_output_s is not None else None
             if dh is not None:
                 dh_t = dh if dh_t is None else dh_t + dh
             if dh_t is None:
                 dh_t = tanh_c.new_zeros(batch, hidden)
             # dc_t = dc + dh_t * o * (1 - tanh(c_t)^2)
-            dtanh = torch.addcmul(one, tanh_c, tanh_c, value=-1.0).mul_(gate[:, three_h:])
+            dtanh = torch.addcmul(one, tanh_c, tanh_c, value=-1.0).mul_(o)
             dc_t = torch.addcmul(dc, dh_t, dtanh) if dc is not None else dh_t * dtanh
             # sigmoid' = s (1 - s) for i, f, o in one op; tanh' = 1 - g^2 for g.
-            dgate = torch.addcmul(gate, gate, gate, value=-1.0, out=local[t])
-            torch.addcmul(
-                one,
-                gate[:, two_h:three_h],
-                gate[:, two_h:three_h],
-                value=-1.0,
-                out=dgate[:, two_h:three_h],
-            )
-            dgate[:, :hidden].mul_(gate[:, two_h:three_h])  # d c / d i = g
-            dgate[:, hidden:two_h].mul_(cs[t])  # d c / d f = c_{t-1}
-            dgate[:, two_h:three_h].mul_(gate[:, :hidden])  # d c / d g = i
-            dgate[:, three_h:].mul_(tanh_c)  # d h / d o = tanh(c_t)
-            # i, f, g columns are scaled by dc_t, o by dh_t: one broadcast multiply for the three.
-            dgate[:, :three_h].view(batch, 3, hidden).mul_(dc_t.unsqueeze(1))
-            dgate[:, three_h:].mul_(dh_t)
+            torch.addcmul(gate, gate, gate, value=-1.0, out=local_s[t])
+            torch.addcmul(one, g, g, value=-1.0, out=local_g[t])
+            local_i[t].mul_(g)  # d c / d i = g
+            local_f[t].mul_(c_prev_s[t])  # d c / d f = c_{t-1}
+            local_g[t].mul_(i)  # d c / d g = i
+            local_o[t].mul_(tanh_c).mul_(dh_t)  # d h / d o = tanh(c_t), scaled by dh_t
+            # i, f, g columns are scaled by dc_t: one broadcast multiply for the three.
+            local_cell[t].mul_(dc_t.unsqueeze(1))
             # c-detach cuts c_{t-1} -> c_t; h-detach cuts h_{t-1} -> gates_t (GEMM skipped).
-            dc = None if detach_c[t] else dc_t.mul_(gate[:, hidden:two_h])
-            dh = None if detach_h[t] else torch.mm(dgate, weight_hh)
+            dc = None if detach_c[t] else dc_t.mul_(f)
+            dh = None if detach_h[t] else torch.mm(local_s[t], weight_hh)
 
         grad_gates = local.view(steps * batch, 4 * hidden)
         needs = ctx.needs_input_grad
@@ -198,6 +216,8 @@ class DetachLSTM(nn.Module):
                 False,
             )
             return output, (h_n, c_n)
+        if x.is_cuda:
+            return self._device_forward(x, h0, c0, detach_h, detach_c)
         output, h_n, c_n = _MaskedLSTMFunction.apply(
             x,
             h0,
@@ -210,6 +230,36 @@ class DetachLSTM(nn.Module):
             _as_step_flags(detach_c, steps, "detach_c"),
         )
         return output, (h_n.unsqueeze(0), c_n.unsqueeze(0))
+
+    def _device_forward(
+        self,
+        x: torch.Tensor,
+        h0: torch.Tensor,
+        c0: torch.Tensor,
+        detach_h: torch.Tensor | None,
+        detach_c: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """CUDA path: masks stay on the device and act by multiplication (no host sync, so the
+        training step can be captured in a CUDA graph); each step is one GEMM plus PyTorch's
+        fused LSTM-cell kernels. The same function with K=1 of study.models.device_lstm."""
+        steps = x.shape[0]
+        for name, mask in (("detach_h", detach_h), ("detach_c", detach_c)):
+            if mask is not None and mask.shape != (steps,):
+                raise ValueError(f"{name} must have shape ({steps},), got {tuple(mask.shape)}")
+        output, h_n, c_n = device_lstm(
+            x.unsqueeze(1),
+            h0.unsqueeze(0),
+            c0.unsqueeze(0),
+            (
+                self.weight_ih_l0.unsqueeze(0),
+                self.weight_hh_l0.unsqueeze(0),
+                self.bias_ih_l0.unsqueeze(0),
+                self.bias_hh_l0.unsqueeze(0),
+            ),
+            keep_factors(detach_h, steps, 1, x),
+            keep_factors(detach_c, steps, 1, x),
+        )
+        return output.squeeze(1), (h_n, c_n)
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}"

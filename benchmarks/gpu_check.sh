@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One short GPU check (under 6 minutes on an H100): the device, the CUDA tests, the step and
+# packing benchmarks. Needs torch (+ torchvision, pytest) only: no Ray, MLflow or Optuna, so
+# pytest runs without tests/conftest.py. Run from anywhere: bash benchmarks/gpu_check.sh
+# Logs go to $OUT (if set) or a temporary folder; the exit status is non-zero if a stage failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-$(mktemp -d)}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py="${PYTHON:-python3}"
+failed=""
+
+stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to $out/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    local started=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+    local code=${PIPESTATUS[0]}
+    echo "== $name: exit $code after $((SECONDS - started))s"
+    [ "$code" -eq 0 ] || failed="$failed $name"
+}
+
+stage device 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm \
+    --format=csv,noheader; $py -c 'import torch; print(\"torch\", torch.__version__, \
+\"cuda\", torch.version.cuda, torch.cuda.get_device_name())'"
+stage tests 120 "$py" -m pytest -m cuda -q -rs -p no:cacheprovider --noconftest \
+    tests/test_cuda_graph.py
+stage lstm_step 150 "$py" benchmarks/lstm_step_cuda.py --rounds 5 --members 16
+stage packing 80 "$py" benchmarks/packing.py --device cuda --rounds 2 --members 16
+
+echo "logs: $out"
+if [ -n "$failed" ]; then
+    echo "FAILED:$failed"
+    exit 1
+fi
+echo "all stages passed"

@@ -1,0 +1,192 @@
+"""Masked BPTT for K stacked LSTMs with device-side masks and fused cells: the CUDA path."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _cell_forward(
+    input_gates: torch.Tensor, hidden_gates: torch.Tensor, cx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One LSTM cell step from pre-activations: (h_t, c_t, activated gates i|f|g|o).
+
+    On CUDA this is PyTorch's fused LSTM-cell kernel (one launch); elsewhere the same arithmetic
+    in plain ops, so the recursion around it can be tested on a CPU.
+    """
+    if input_gates.is_cuda:
+        return torch.ops.aten._thnn_fused_lstm_cell(input_gates, hidden_gates, cx)
+    gates = input_gates + hidden_gates
+    hidden = cx.shape[1]
+    i, f, g, o = gates.split(hidden, dim=1)
+    i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+    cy = f * cx + i * g
+    hy = o * cy.tanh()
+    return hy, cy, torch.cat([i, f, g, o], dim=1)
+
+
+def _cell_backward(
+    grad_hy: torch.Tensor,
+    grad_cy: torch.Tensor | None,
+    cx: torch.Tensor,
+    cy: torch.Tensor,
+    workspace: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of one cell step: (d loss / d gate pre-activations, d loss / d c_{t-1})."""
+    if grad_hy.is_cuda:
+        grad_gates, grad_cx, _ = torch.ops.aten._thnn_fused_lstm_cell_backward_impl(
+            grad_hy, grad_cy, cx, cy, workspace, False
+        )
+        return grad_gates, grad_cx
+    hidden = cx.shape[1]
+    i, f, g, o = workspace.split(hidden, dim=1)
+    tanh_c = cy.tanh()
+    dc = grad_hy * o * (1 - tanh_c * tanh_c)
+    if grad_cy is not None:
+        dc = dc + grad_cy
+    grad_i = dc * g * i * (1 - i)
+    grad_f = dc * cx * f * (1 - f)
+    grad_g = dc * i * (1 - g * g)
+    grad_o = grad_hy * tanh_c * o * (1 - o)
+    return torch.cat([grad_i, grad_f, grad_g, grad_o], dim=1), dc * f
+
+
+class DeviceMaskedLSTM(torch.autograd.Function):
+    """K independent LSTMs over one sequence; masks are (T, K) "keep" factors on the device.
+
+    h-detach only changes gradients (paper Sec. 4), so the forward is a plain LSTM and the masks
+    act in the backward: `keep_h[t, k]` multiplies the gradient that reaches h_{t-1} through
+    gates_t (0 = detached), `keep_c[t, k]` the gradient through c_{t-1} -> c_t. Multiplying
+    instead of branching keeps every step's kernels the same, so there is no host sync and the
+    whole step can be captured in a CUDA graph. Layout is time-major: x (T, K, B, I),
+    weights (K, 4H, I) / (K, 4H, H), biases (K, 4H), state (K, B, H).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        h0: torch.Tensor,
+        c0: torch.Tensor,
+        weight_ih: torch.Tensor,
+        weight_hh: torch.Tensor,
+        bias_ih: torch.Tensor,
+        bias_hh: torch.Tensor,
+        keep_h: torch.Tensor | None,
+        keep_c: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = x.contiguous()  # time-major in memory, so the projections below are too
+        steps, members, batch, input_size = x.shape
+        rows = members * batch
+        bias = (bias_ih + bias_hh).unsqueeze(1)  # (K, 1, 4H)
+        # All input projections at once, both biases folded in: (T, K, B, 4H).
+        if input_size == 1:
+            gates_x = torch.addcmul(bias, x, weight_ih.transpose(1, 2))
+        else:
+            gates_x = torch.matmul(x, weight_ih.transpose(1, 2)).add_(bias)
+        gates_x = gates_x.contiguous()
+        weight_hh_t = weight_hh.transpose(1, 2)
+        hs, cs, workspaces = [h0], [c0], []
+        for t in range(steps):
+            # One batched GEMM and one fused cell kernel per step.
+            gates_h = torch.bmm(hs[t], weight_hh_t)
+            hy, cy, workspace = _cell_forward(
+                gates_x[t].view(rows, -1), gates_h.view(rows, -1), cs[t].reshape(rows, -1)
+            )
+            hs.append(hy.view(members, batch, -1))
+            cs.append(cy.view(members, batch, -1))
+            workspaces.append(workspace)
+        all_h = torch.stack(hs)  # (T+1, K, B, H): all_h[t] = h_{t-1}
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight_ih, weight_hh, all_h, keep_h, keep_c)
+        ctx.cs = cs
+        ctx.workspaces = workspaces
+        return all_h[1:], all_h[steps], cs[steps]
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        grad_output: torch.Tensor | None,
+        grad_h_n: torch.Tensor | None,
+        grad_c_n: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, ...]:
+        x, weight_ih, weight_hh, all_h, keep_h, keep_c = ctx.saved_tensors
+        cs, workspaces = ctx.cs, ctx.workspaces
+        steps, members, batch, input_size = x.shape
+        rows = members * batch
+        needs = ctx.needs_input_grad
+        if grad_output is not None:
+            grad_output = grad_output.contiguous()
+        grad_hy = grad_h_n
+        if grad_output is not None:
+            grad_hy = grad_output[-1] if grad_hy is None else grad_output[-1] + grad_hy
+        if grad_hy is None:
+            grad_hy = all_h.new_zeros(members, batch, all_h.shape[-1])
+        grad_cy = grad_c_n
+        masked_weights = None
+        if keep_h is not None:  # (T, K, 4H, H): keep_h[t, k] * W_hh[k], exact for keep in {0, 1}
+            masked_weights = (keep_h.view(steps, members, 1, 1) * weight_hh).unbind(0)
+        grad_gates: list[torch.Tensor] = [all_h] * steps  # placeholders, all overwritten
+        for t in range(steps - 1, -1, -1):
+            flat_grad_cy = None if grad_cy is None else grad_cy.reshape(rows, -1)
+            gate_grad, grad_cx = _cell_backward(
+                grad_hy.reshape(rows, -1),
+                flat_grad_cy,
+                cs[t].reshape(rows, -1),
+                cs[t + 1].reshape(rows, -1),
+                workspaces[t],
+            )
+            grad_gates[t] = gate_grad
+            if t == 0 and not (needs[1] or needs[2]):
+                break
+            gate_grad = gate_grad.view(members, batch, -1)
+            below = grad_output[t - 1] if grad_output is not None and t > 0 else None
+            # h-detach: the gradient into h_{t-1} through gates_t is scaled by keep_h[t]; with
+            # W_hh pre-scaled per step that is one (b)addbmm, like the unmasked case.
+            weight = weight_hh if masked_weights is None else masked_weights[t]
+            if below is None:
+                grad_hy = torch.bmm(gate_grad, weight)
+            else:
+                grad_hy = torch.baddbmm(below, gate_grad, weight)
+            # c-detach: the gradient through c_{t-1} -> c_t is scaled by keep_c[t].
+            grad_cy = grad_cx.view(members, batch, -1)
+            if keep_c is not None:
+                grad_cy = grad_cy.mul_(keep_c[t].view(members, 1, 1))
+        gates = torch.stack(grad_gates).view(steps, members, batch, -1)  # (T, K, B, 4H)
+        grad_x = grad_h0 = grad_c0 = grad_w_ih = grad_w_hh = grad_bias = None
+        if needs[0]:
+            grad_x = torch.matmul(gates, weight_ih)
+        if needs[1]:
+            grad_h0 = grad_hy
+        if needs[2]:
+            grad_c0 = grad_cy if grad_cy is not None else torch.zeros_like(cs[0])
+        # Weight gradients are not masked: W_hh still multiplies the (detached) h_{t-1}.
+        if needs[3]:
+            grad_w_ih = torch.einsum("tkbg,tkbi->kgi", gates, x)
+        if needs[4]:
+            grad_w_hh = torch.einsum("tkbg,tkbh->kgh", gates, all_h[:-1])
+        if needs[5] or needs[6]:
+            grad_bias = gates.sum(dim=(0, 2))
+        return (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_bias, None, None)
+
+
+def keep_factors(
+    detach: torch.Tensor | None, steps: int, members: int, like: torch.Tensor
+) -> torch.Tensor | None:
+    """(T, K) keep factors (1 = keep, 0 = detach) from (K, T) or (T,) bool detach masks."""
+    if detach is None:
+        return None
+    mask = detach.to(device=like.device, non_blocking=True)
+    mask = mask.reshape(members, steps) if mask.dim() == 2 else mask.reshape(1, steps)
+    return (~mask).to(like.dtype).t().contiguous()
+
+
+def device_lstm(
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    keep_h: torch.Tensor | None,
+    keep_c: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Apply DeviceMaskedLSTM: x (T, K, B, I), h0/c0 (K, B, H), stacked nn.LSTM weights."""
+    return DeviceMaskedLSTM.apply(x, h0, c0, *weights, keep_h, keep_c)
