@@ -70,7 +70,7 @@ def test_masked_gradients_equal_autograd_reference(input_size: int, kind: str) -
 
     got = gradients(model, x, ours, weights)
     want = gradients(model, x, lambda: reference_loop(model, x, detach_h, detach_c), weights)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
@@ -93,7 +93,7 @@ def test_wrong_masks_give_different_gradients() -> None:
     got = gradients(model, x, ours, weights)
     for wrong in [(shifted, None), (None, mask), (None, None)]:
         want = gradients(model, x, lambda w=wrong: reference_loop(model, x, *w), weights)
-        assert max((a - b).abs().max().item() for a, b in zip(got, want)) > 1e-6
+        assert max((a - b).abs().max().item() for a, b in zip(got, want, strict=True)) > 1e-6
 
 
 def test_matches_nn_lstm_outputs_and_gradients_without_masks() -> None:
@@ -110,7 +110,7 @@ def test_matches_nn_lstm_outputs_and_gradients_without_masks() -> None:
     torch.testing.assert_close(c, c_ref, rtol=0, atol=1e-12)
     (out_ref.sum() + c_ref.sum()).backward()
     (out.sum() + c.sum()).backward()
-    for (name, p_ref), p in zip(reference.named_parameters(), model.parameters()):
+    for (name, p_ref), p in zip(reference.named_parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=1e-12, msg=name)
 
 

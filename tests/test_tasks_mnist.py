@@ -30,7 +30,7 @@ def write_idx_folder(folder: Path, train: int = 30, test: int = 10, gz: bool = F
         return struct.pack(">II", 2049, n) + bytes(i % 10 for i in range(n))
 
     contents = [images(train), labels(train), images(test), labels(test)]
-    for name, data in zip(IDX_FILES, contents):
+    for name, data in zip(IDX_FILES, contents, strict=True):
         if gz:
             with gzip.open(folder / f"{name}.gz", "wb") as handle:
                 handle.write(data)

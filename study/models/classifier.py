@@ -20,7 +20,7 @@ class SequenceClassifier(nn.Module):
         self.head = nn.Linear(hidden_size, num_classes)
 
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """Every parameter uniform in (-1/sqrt(H), 1/sqrt(H)) from one generator (as the authors)."""
+        """Every parameter uniform in (-1/sqrt(H), 1/sqrt(H)) from one generator (authors)."""
         self.lstm.reset_parameters(generator)
         bound = 1.0 / self.lstm.hidden_size**0.5
         with torch.no_grad():
