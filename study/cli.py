@@ -154,10 +154,134 @@ def _run_trial(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_OUTPUT = Path("studies")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        metavar="DIR",
+        help="study folder: DIR/mlflow.db, DIR/mlartifacts, DIR/ray (default: ./studies)",
+    )
+
+
+def _add_study_parsers(commands: argparse._SubParsersAction) -> None:
+    plan = commands.add_parser("plan", help="print a search space's trials; trains nothing")
+    plan.add_argument("space", type=Path, metavar="SPACE", help="search-space YAML file")
+    plan.add_argument("--smoke", action="store_true", help="apply the file's smoke overrides")
+    plan.set_defaults(handler=_plan)
+
+    run = commands.add_parser("run", help="run a search space as a Ray Tune study")
+    run.add_argument("space", type=Path, metavar="SPACE", help="search-space YAML file")
+    run.add_argument("--smoke", action="store_true", help="apply the file's smoke overrides")
+    _add_output(run)
+    run.add_argument("--address", help="attach to this Ray cluster instead of a local Ray")
+    run.add_argument("--tracking-uri", help="log to this MLflow server instead of DIR/mlflow.db")
+    run.add_argument("--max-concurrent", type=_positive_int, metavar="N", help="trials at once")
+    run.set_defaults(handler=_run)
+
+    resume = commands.add_parser("resume", help="continue an interrupted study")
+    resume.add_argument("name", metavar="NAME", help="study name (the YAML file's stem)")
+    _add_output(resume)
+    resume.add_argument("--address", help="attach to this Ray cluster instead of a local Ray")
+    resume.set_defaults(handler=_resume)
+
+    ls = commands.add_parser("ls", help="list the studies in a store with their trial counts")
+    _add_output(ls)
+    ls.add_argument("--tracking-uri", help="list the studies of this MLflow server instead")
+    ls.set_defaults(handler=_ls)
+
+    ui = commands.add_parser("ui", help="open the MLflow UI for a study folder on 127.0.0.1")
+    _add_output(ui)
+    ui.add_argument("--port", type=_positive_int, default=5000, metavar="P")
+    ui.set_defaults(handler=_ui)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from study.space import plan_text
+    from study.spec import load_spec
+
+    print(plan_text(load_spec(args.space, smoke=args.smoke)))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from study.spec import load_spec
+
+    spec = load_spec(args.space, smoke=args.smoke)  # bad input fails before Ray starts
+    from study.runner import run_study
+
+    return run_study(
+        spec,
+        args.output,
+        address=args.address,
+        tracking_uri=args.tracking_uri,
+        max_concurrent=args.max_concurrent,
+        echo=_echo,
+    )
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from study.runner import resume_study
+
+    return resume_study(args.name, args.output, address=args.address, echo=_echo)
+
+
+def _ls(args: argparse.Namespace) -> int:
+    from study.console import ls_table
+    from study.tracking import has_store, list_studies, store_uri
+
+    if args.tracking_uri is None and not has_store(args.output):
+        print(f"no studies in {args.output} (no mlflow.db there)")
+        return 0
+    summaries = list_studies(args.tracking_uri or store_uri(args.output))
+    print(ls_table(summaries) if summaries else "no studies")
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from study.tracking import serve_ui
+
+    return serve_ui(args.output, args.port, echo=_echo)
+
+
+def _add_report_parser(commands: argparse._SubParsersAction) -> None:
+    report = commands.add_parser("report", help="robustness report of a study, read from MLflow")
+    report.add_argument("name", metavar="NAME", help="study name (the YAML file's stem)")
+    _add_output(report)
+    report.add_argument("--tracking-uri", help="read this MLflow server instead of DIR/mlflow.db")
+    report.set_defaults(handler=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from study.analysis.report import write_report
+
+    write_report(args.name, args.output, args.tracking_uri)
+    return 0
+
+
+def _echo(line: str) -> None:
+    print(line, flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="study", description="h-detach robustness studies")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_trial_parser(commands)
+    _add_study_parsers(commands)
+    _add_report_parser(commands)
     return parser
 
 

@@ -1,0 +1,119 @@
+"""What a study prints: one line per finished trial and the end-of-study table."""
+
+from __future__ import annotations
+
+import math
+import shlex
+import statistics
+from typing import TYPE_CHECKING, Any
+
+from study.space import format_value
+
+if TYPE_CHECKING:
+    from study.tracking import StudySummary
+
+OUTCOMES = ("completed", "diverged", "failed")
+
+
+def describe(point: dict[str, Any]) -> str:
+    """A trial's varied parameters, method first: "h_detach p=0.25 lr=0.003 seed=1"."""
+    point = dict(point)
+    parts = []
+    method = point.pop("method", None)
+    p_detach = point.pop("p_detach", None)
+    if method is not None:
+        parts.append(method if method == "none" else f"{method} p={format_value(p_detach)}")
+    elif p_detach is not None:
+        parts.append(f"p={format_value(p_detach)}")
+    seed = point.pop("seed", None)
+    parts.extend(f"{key}={format_value(value)}" for key, value in point.items())
+    if seed is not None:
+        parts.append(f"seed={seed}")
+    return " ".join(parts)
+
+
+def shorten(text: str, width: int = 120) -> str:
+    """A long error cut for a progress line; the end-of-study table shows it whole."""
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def trial_line(
+    done: int,
+    total: int,
+    trial_id: str,
+    point: dict[str, Any],
+    outcome: str,
+    best: float | None,
+    seconds: float | None,
+    error: str = "",
+) -> str:
+    """ "[3/8] t0002 h_detach p=0.25 lr=0.003 seed=1: completed, best val/accuracy 0.91 (42 s)"."""
+    text = f"[{done}/{total}] {trial_id} {describe(point)}: {outcome}"
+    if outcome == "failed":
+        text += f": {shorten(error)}"
+    elif best is not None and not math.isnan(best):
+        text += f", best val/accuracy {best:.3f}"
+    if seconds is not None:
+        text += f" ({seconds:.0f} s)"
+    return text
+
+
+def ui_command(output: str | None, tracking_uri: str | None) -> str:
+    if tracking_uri is not None and tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    flags = f" --output {shlex.quote(output)}" if output is not None else ""
+    return f"study ui{flags}"
+
+
+def summary_table(summary: StudySummary) -> str:
+    """Trials by outcome and the best validation accuracy per method (best and median over its
+    finished trials), then one line per failed trial with its error."""
+    rows: dict[str, list[Any]] = {}
+    for trial in summary.trials:
+        label = trial.method if trial.method == "none" else f"{trial.method} p={trial.p_detach:g}"
+        rows.setdefault(label, []).append(trial)
+    header = ("method", "trials", *OUTCOMES, "running", "best val/acc", "median")
+    table = [header]
+    for label, trials in rows.items():
+        accuracies = [
+            t.best_val_accuracy
+            for t in trials
+            if t.state != "failed" and not math.isnan(t.best_val_accuracy)
+        ]
+        table.append(
+            (
+                label,
+                str(len(trials)),
+                *(str(sum(t.state == outcome for t in trials)) for outcome in OUTCOMES),
+                str(sum(t.state == "running" for t in trials)),
+                f"{max(accuracies):.3f}" if accuracies else "-",
+                f"{statistics.median(accuracies):.3f}" if accuracies else "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = [
+        f"{summary.name}: {summary.n_trials} trials: "
+        + ", ".join(f"{summary.count(o)} {o}" for o in OUTCOMES)
+        + f", {summary.pending} pending"
+    ]
+    lines.extend(
+        "  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        for row in table
+    )
+    for trial in summary.trials:
+        if trial.state == "failed":
+            lines.append(f"  failed {trial.trial_id}: {trial.error or 'no error recorded'}")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def ls_table(summaries: list[StudySummary]) -> str:
+    header = ("study", "trials", *OUTCOMES, "pending")
+    table = [header]
+    for summary in summaries:
+        counts = (str(summary.count(outcome)) for outcome in OUTCOMES)
+        table.append((summary.name, str(summary.n_trials), *counts, str(summary.pending)))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in table
+    )

@@ -1,0 +1,219 @@
+"""StudySpec -> planned trials (grid, random) or Optuna cells, parameter roles, `plan` text."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from study.config import TrialConfig
+from study.spec import PARAMS, Range, StudySpec, trial_config
+
+SCIENTIFIC, NUISANCE, FIXED, REPLICATE = "scientific", "nuisance", "fixed", "replicate"
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    """One trial of a grid or random study, known before it runs."""
+
+    trial_id: str
+    config: TrialConfig
+    point: dict[str, Any]  # the varied parameters' values (scientific, nuisance, seed)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One scientific x replicate point of an Optuna study; its nuisance axes are tuned inside."""
+
+    index: int
+    first_trial: int  # the trial number of its first sample (trial ids stay study-wide)
+    n_samples: int
+    point: dict[str, Any]  # scientific values
+    seed: int
+    # Nuisance axes tuned in this cell: a list (categorical) or a Range. p_detach is dropped for
+    # method none, which never detaches.
+    domains: dict[str, list[Any] | Range]
+
+    def trial_ids(self) -> list[str]:
+        return [trial_id(self.first_trial + k) for k in range(self.n_samples)]
+
+
+def trial_id(number: int) -> str:
+    return f"t{number:04d}"
+
+
+def trial_number(name: str) -> int:
+    return int(name.removeprefix("t"))
+
+
+def roles(spec: StudySpec) -> dict[str, str]:
+    """Role of every parameter as logged to MLflow (`role.<param>` tags); task options are named
+    as in the flattened params (`task_options.T`)."""
+    result = {"task": FIXED, **{param: spec.role_of(param) for param in PARAMS}}
+    result.update({f"task_options.{o}": spec.role_of(o) for o in _used_options(spec)})
+    result["seed"] = REPLICATE
+    return result
+
+
+def _used_options(spec: StudySpec) -> list[str]:
+    options = set(spec.task_option_names)
+    varied = [p for p in (*spec.scientific, *spec.nuisance, *spec.fixed) if p in options]
+    return list(dict.fromkeys([*spec.task_options, *varied]))
+
+
+def _grid(axes: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every combination of the axes, first axis slowest (YAML order)."""
+    values = [axis if isinstance(axis, list) else [axis] for axis in axes.values()]
+    return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*values)]
+
+
+def plan_trials(spec: StudySpec) -> list[PlannedTrial]:
+    """The trials of a grid or random study, in order, with ids t0000, t0001, ...
+
+    Seeds vary fastest, so consecutive trials are the replicates of one cell.
+    """
+    if spec.search.searcher == "optuna":
+        raise ValueError("an Optuna study is planned as cells; use plan_cells")
+    if spec.search.searcher == "grid":
+        points = [{**s, **n} for s in _grid(spec.scientific) for n in _grid(spec.nuisance)]
+    else:
+        draws = _random_draws(spec)
+        points = [{**s, **n} for s in _grid(spec.scientific) for n in draws]
+    trials: list[PlannedTrial] = []
+    seen: set[str] = set()
+    for point in points:
+        for seed in spec.seeds:
+            config = trial_config(spec, point, seed)
+            key = json.dumps(config.to_dict(), sort_keys=True)
+            if key in seen:  # e.g. method none with a p_detach axis collapses to p_detach 0
+                continue
+            seen.add(key)
+            shown = {**_effective(point, config), "seed": seed}
+            trials.append(PlannedTrial(trial_id(len(trials)), config, shown))
+    return trials
+
+
+def _random_draws(spec: StudySpec) -> list[dict[str, Any]]:
+    """samples_per_cell nuisance points, shared by every cell: each method and seed is tried at
+    the same nuisance settings, so cells differ only in what the study compares."""
+    draws = []
+    for k in range(spec.search.samples_per_cell):
+        rng = random.Random(f"{spec.search.seed}:{k}")
+        draws.append({p: _draw(rng, p, axis) for p, axis in spec.nuisance.items()})
+    return draws
+
+
+def _draw(rng: random.Random, param: str, axis: Any) -> Any:
+    if isinstance(axis, list):
+        return rng.choice(axis)
+    if not isinstance(axis, Range):
+        return axis
+    if axis.scaling == "log":
+        value = math.exp(rng.uniform(math.log(axis.min), math.log(axis.max)))
+    else:
+        value = rng.uniform(axis.min, axis.max)
+    return round(value) if param in ("hidden_size", "batch_size", "iterations") else value
+
+
+def _effective(point: dict[str, Any], config: TrialConfig) -> dict[str, Any]:
+    """The point as the trial sees it (p_detach after the method-none collapse)."""
+    shown = dict(point)
+    if "p_detach" in shown:
+        shown["p_detach"] = config.p_detach
+    return shown
+
+
+def plan_cells(spec: StudySpec) -> list[Cell]:
+    """The scientific x replicate cells of an Optuna study, samples_per_cell trials each."""
+    cells: list[Cell] = []
+    first = 0
+    for point in _grid(spec.scientific):
+        domains = {p: a for p, a in spec.nuisance.items() if isinstance(a, (list, Range))}
+        if point.get("method", spec.fixed.get("method", "none")) == "none":
+            domains.pop("p_detach", None)
+        # Nothing left to tune (e.g. only p_detach, under method none): one trial is enough.
+        n_samples = spec.search.samples_per_cell if domains else 1
+        for seed in spec.seeds:
+            cells.append(Cell(len(cells), first, n_samples, point, seed, domains))
+            first += n_samples
+    return cells
+
+
+def cell_config(spec: StudySpec, cell: Cell, nuisance: dict[str, Any]) -> TrialConfig:
+    """The TrialConfig of one Optuna sample: the cell's point plus the sampled nuisance."""
+    fixed_nuisance = {p: a for p, a in spec.nuisance.items() if p not in cell.domains}
+    return trial_config(spec, {**cell.point, **fixed_nuisance, **nuisance}, cell.seed)
+
+
+def n_trials(spec: StudySpec) -> int:
+    if spec.search.searcher == "optuna":
+        return sum(cell.n_samples for cell in plan_cells(spec))
+    return len(plan_trials(spec))
+
+
+def format_value(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, Range):
+        return f"{value.scaling}[{value.min:g}, {value.max:g}]"
+    if isinstance(value, list):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    return str(value)
+
+
+def format_point(point: dict[str, Any]) -> str:
+    return " ".join(f"{k}={format_value(v)}" for k, v in point.items())
+
+
+def plan_text(spec: StudySpec) -> str:
+    """What `study plan` prints: the count (as `N trials`), the axes and every trial or cell."""
+    count = n_trials(spec)
+    variant = " (smoke)" if spec.smoke else ""
+    options = " ".join(f"{k}={format_value(v)}" for k, v in spec.task_options.items())
+    lines = [
+        f"{spec.name}{variant}: {count} trials, searcher {spec.search.searcher}, "
+        f"task {spec.task} {options}".rstrip(),
+    ]
+    for label, axes in (("scientific", spec.scientific), ("nuisance", spec.nuisance)):
+        shown = "; ".join(f"{k} {format_value(v)}" for k, v in axes.items()) or "-"
+        lines.append(f"  {label}: {shown}")
+    lines.append(f"  replicates: seeds {format_value(list(spec.seeds))}")
+    lines.append(f"  fixed: {format_point(spec.fixed) or '-'}")
+    if spec.search.searcher == "optuna":
+        lines.append(
+            f"  {len(plan_cells(spec))} cells (scientific x seeds), Optuna tunes the nuisance "
+            f"axes in each for {spec.search.metric} ({spec.search.mode}), "
+            f"seed {spec.search.seed}:"
+        )
+        for cell in plan_cells(spec):
+            ids = cell.trial_ids()
+            span = ids[0] if len(ids) == 1 else f"{ids[0]}..{ids[-1]}"
+            point = format_point({**cell.point, "seed": cell.seed})
+            lines.append(f"  {span}  {point}: {cell.n_samples} samples")
+    else:
+        for trial in plan_trials(spec):
+            lines.append(f"  {trial.trial_id}  {format_point(trial.point)}")
+    return "\n".join(lines)
+
+
+def sample_config(
+    base: dict[str, Any], nuisance: dict[str, Any], option_names: list[str]
+) -> TrialConfig:
+    """An Optuna sample as a TrialConfig: the cell's base config with the sampled nuisance values
+    (task options among them go into task_options)."""
+    values = {**base, "task_options": dict(base.get("task_options", {}))}
+    for param, value in nuisance.items():
+        if param in option_names:
+            values["task_options"][param] = value
+        else:
+            values[param] = value
+    if values.get("method") == "none":
+        values["p_detach"] = 0.0
+    return TrialConfig.from_dict(values)

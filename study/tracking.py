@@ -1,0 +1,365 @@
+"""MLflow: the study's experiment, its parent run, one child run per trial, and study summaries."""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, ViewType
+from mlflow.exceptions import MlflowException
+
+from study.config import ConfigError, TrialConfig
+
+PARENT, TRIAL = "parent", "trial"
+COMPLETED, DIVERGED, FAILED, RUNNING = "completed", "diverged", "failed", "running"
+METRIC_KEYS = (
+    "train/loss",
+    "train/grad_norm",
+    "val/loss",
+    "val/accuracy",
+    "best/val_accuracy",
+    "test/accuracy",
+)
+# Every evaluation logs train/loss (a diverged one too), so its last step is the trial's last.
+STEP_KEY = "train/loss"
+
+
+def store_uri(output_dir: Path) -> str:
+    """The embedded store: a SQLite file in the output folder."""
+    return f"sqlite:///{output_dir.absolute()}/mlflow.db"
+
+
+def has_store(output_dir: Path) -> bool:
+    return (output_dir / "mlflow.db").is_file()
+
+
+def artifact_dir(output_dir: Path) -> Path:
+    return output_dir.absolute() / "mlartifacts"
+
+
+def client(tracking_uri: str) -> MlflowClient:
+    # MLflow announces creating and migrating a fresh SQLite store at INFO; the study's own
+    # lines are the output, so only its warnings get through.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def one_line(error: BaseException | str) -> str:
+    """An error as one line: its type and the first line of its message."""
+    if isinstance(error, str):
+        text = error.strip().splitlines()[0].strip() if error.strip() else "unknown error"
+        return text[:1000]
+    message = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {message[0].strip()}" if message else type(error).__name__
+    return text[:1000]
+
+
+def flatten(config: TrialConfig) -> dict[str, str]:
+    """TrialConfig as MLflow params: task_options as dotted keys, None written as "none"."""
+    flat: dict[str, str] = {}
+    for key, value in config.to_dict().items():
+        if key == "task_options":
+            for option, option_value in sorted(value.items()):
+                flat[f"task_options.{option}"] = _text(option_value)
+        else:
+            flat[key] = _text(value)
+    return flat
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None) -> str:
+    """The study's experiment id, created if needed (on the driver, before any trial starts:
+    a fresh SQLite file does not tolerate concurrent first use)."""
+    mlflow = client(tracking_uri)
+    try:
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            return mlflow.create_experiment(name, artifact_location=artifact_location)
+        if experiment.lifecycle_stage == "deleted":
+            raise ConfigError(
+                f"study {name}: its MLflow experiment is deleted; restore it in the UI or pick "
+                "another --output"
+            )
+        return experiment.experiment_id
+    except MlflowException as error:
+        raise ConfigError(f"tracking URI {tracking_uri}: {one_line(error)}") from None
+
+
+def find_parent(tracking_uri: str, name: str) -> Any | None:
+    """The study's parent run, or None when the study was never started in this store."""
+    mlflow = client(tracking_uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        return None
+    runs = mlflow.search_runs(
+        [experiment.experiment_id],
+        filter_string="tags.`study.kind` = 'parent'",
+        run_view_type=ViewType.ACTIVE_ONLY,
+        order_by=["attributes.start_time ASC"],
+    )
+    return runs[0] if runs else None
+
+
+def start_parent(
+    tracking_uri: str, experiment_id: str, name: str, tags: dict[str, str], spec_yaml: str
+) -> str:
+    """Create the study's parent run with its tags and the resolved spec as spec.yaml."""
+    mlflow = client(tracking_uri)
+    run = mlflow.create_run(
+        experiment_id,
+        run_name=name,
+        tags={"study.name": name, "study.kind": PARENT, **tags},
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "spec.yaml"
+        path.write_text(spec_yaml)
+        mlflow.log_artifact(run.info.run_id, str(path))
+    return run.info.run_id
+
+
+def reopen_run(tracking_uri: str, run_id: str) -> None:
+    client(tracking_uri).update_run(run_id, status="RUNNING")
+
+
+def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    client(tracking_uri).set_terminated(run_id, status=status)
+
+
+class TrialRun:
+    """A trial's child run, opened inside the trial process so its curve is live in the UI.
+
+    A retried or resumed trial finds its own run (tag study.trial_id under the parent) and logs
+    only the steps beyond the last one logged, so no run and no step is ever duplicated.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        parent_run_id: str,
+        trial_id: str,
+        config: TrialConfig,
+        roles: dict[str, str],
+        study_name: str,
+    ) -> None:
+        self.mlflow = client(tracking_uri)
+        existing = find_trial_run(tracking_uri, parent_run_id, trial_id)
+        if existing is None:
+            self.run_id = _create_trial_run(
+                self.mlflow, parent_run_id, trial_id, config, roles, study_name
+            )
+            self.last_step = -1
+        else:
+            self.run_id = existing.info.run_id
+            self.mlflow.update_run(self.run_id, status="RUNNING")
+            for key in ("error", "outcome"):
+                if key in existing.data.tags:
+                    self.mlflow.delete_tag(self.run_id, key)
+            history = self.mlflow.get_metric_history(self.run_id, STEP_KEY)
+            self.last_step = max((m.step for m in history), default=-1)
+
+    def log(self, iteration: int, metrics: dict[str, float]) -> None:
+        if iteration <= self.last_step:
+            return  # already logged before a retry or resume: the replayed curve is the same
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(key, float(value), now, iteration)
+            for key, value in metrics.items()
+            if key in METRIC_KEYS
+        ]
+        self.mlflow.log_batch(self.run_id, metrics=batch)
+        self.last_step = iteration
+
+    def finish(self, outcome: str) -> None:
+        self.mlflow.set_tag(self.run_id, "outcome", outcome)
+        self.mlflow.set_terminated(self.run_id, status="FINISHED")
+
+    def fail(self, error: BaseException | str) -> None:
+        self.mlflow.set_tag(self.run_id, "error", one_line(error))
+        self.mlflow.set_terminated(self.run_id, status="FAILED")
+
+
+def _create_trial_run(
+    mlflow: MlflowClient,
+    parent_run_id: str,
+    trial_id: str,
+    config: TrialConfig,
+    roles: dict[str, str],
+    study_name: str,
+) -> str:
+    parent = mlflow.get_run(parent_run_id)
+    tags = {
+        "mlflow.parentRunId": parent_run_id,
+        "study.name": study_name,
+        "study.kind": TRIAL,
+        "study.trial_id": trial_id,
+        "task": config.task,
+        "method": config.method,
+        "seed": str(config.seed),
+        **{f"role.{param}": role for param, role in roles.items()},
+    }
+    run = mlflow.create_run(parent.info.experiment_id, run_name=trial_id, tags=tags)
+    params = [Param(key, value) for key, value in flatten(config).items()]
+    mlflow.log_batch(run.info.run_id, params=params)
+    return run.info.run_id
+
+
+def find_trial_run(tracking_uri: str, parent_run_id: str, trial_id: str) -> Any | None:
+    mlflow = client(tracking_uri)
+    experiment_id = mlflow.get_run(parent_run_id).info.experiment_id
+    runs = mlflow.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
+            f"and tags.`study.trial_id` = '{trial_id}'"
+        ),
+        run_view_type=ViewType.ACTIVE_ONLY,
+        order_by=["attributes.start_time ASC"],
+    )
+    return runs[0] if runs else None
+
+
+def record_failure(
+    tracking_uri: str,
+    parent_run_id: str,
+    trial_id: str,
+    error: str,
+    config: TrialConfig,
+    roles: dict[str, str],
+    study_name: str,
+) -> None:
+    """Mark a trial FAILED from the driver: its process died before it could say so itself."""
+    mlflow = client(tracking_uri)
+    run = find_trial_run(tracking_uri, parent_run_id, trial_id)
+    if run is None:
+        run_id = _create_trial_run(mlflow, parent_run_id, trial_id, config, roles, study_name)
+    elif run.info.status == "FAILED" and "error" in run.data.tags:
+        return
+    else:
+        run_id = run.info.run_id
+    mlflow.set_tag(run_id, "error", one_line(error))
+    mlflow.set_terminated(run_id, status="FAILED")
+
+
+@dataclass
+class TrialSummary:
+    trial_id: str
+    state: str  # completed | diverged | failed | running
+    method: str
+    p_detach: float
+    params: dict[str, str]
+    best_val_accuracy: float
+    error: str
+
+
+@dataclass
+class StudySummary:
+    name: str
+    n_trials: int
+    trials: list[TrialSummary]
+
+    def count(self, state: str) -> int:
+        return sum(trial.state == state for trial in self.trials)
+
+    @property
+    def pending(self) -> int:
+        finished = self.count(COMPLETED) + self.count(DIVERGED) + self.count(FAILED)
+        return max(self.n_trials - finished, 0)
+
+
+def trial_state(status: str, tags: dict[str, str]) -> str:
+    if status == "FINISHED":
+        return DIVERGED if tags.get("outcome") == DIVERGED else COMPLETED
+    if status in ("FAILED", "KILLED"):
+        return FAILED
+    return RUNNING
+
+
+def summarize(tracking_uri: str, name: str) -> StudySummary | None:
+    """The study's trials as MLflow holds them; None when the store has no such study."""
+    parent = find_parent(tracking_uri, name)
+    if parent is None:
+        return None
+    mlflow = client(tracking_uri)
+    children = _search_all(
+        mlflow,
+        parent.info.experiment_id,
+        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`study.kind` = 'trial'",
+    )
+    trials = []
+    for run in children:
+        tags, params = run.data.tags, run.data.params
+        best = run.data.metrics.get("best/val_accuracy", math.nan)
+        trials.append(
+            TrialSummary(
+                trial_id=tags.get("study.trial_id", run.info.run_name or run.info.run_id),
+                state=trial_state(run.info.status, tags),
+                method=params.get("method", "?"),
+                p_detach=float(params.get("p_detach", "0")),
+                params=dict(params),
+                best_val_accuracy=best,
+                error=tags.get("error", ""),
+            )
+        )
+    trials.sort(key=lambda trial: trial.trial_id)
+    return StudySummary(name, int(parent.data.tags.get("study.n_trials", len(trials))), trials)
+
+
+def list_studies(tracking_uri: str) -> list[StudySummary]:
+    """Every experiment in the store that holds a study (a parent run), by name."""
+    mlflow = client(tracking_uri)
+    summaries = []
+    for experiment in mlflow.search_experiments(view_type=ViewType.ACTIVE_ONLY):
+        summary = summarize(tracking_uri, experiment.name)
+        if summary is not None:
+            summaries.append(summary)
+    return sorted(summaries, key=lambda summary: summary.name)
+
+
+def _search_all(mlflow: MlflowClient, experiment_id: str, filter_string: str) -> list[Any]:
+    runs, token = [], None
+    while True:
+        page = mlflow.search_runs(
+            [experiment_id],
+            filter_string=filter_string,
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=1000,
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def serve_ui(output_dir: Path, port: int, echo: Any = print) -> int:
+    """Run the MLflow UI for the embedded store of `output_dir` on 127.0.0.1 until Ctrl-C."""
+    if not has_store(output_dir):
+        missing = output_dir.absolute() / "mlflow.db"
+        raise ConfigError(f"--output {output_dir}: no MLflow store there ({missing} is missing)")
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", store_uri(output_dir),
+        "--default-artifact-root", artifact_dir(output_dir).as_uri(),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+    ]  # fmt: skip
+    echo(f"MLflow UI for {output_dir}: http://127.0.0.1:{port}  (Ctrl-C to stop)")
+    try:
+        return subprocess.run(command).returncode
+    except KeyboardInterrupt:
+        return 0

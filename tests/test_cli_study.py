@@ -1,0 +1,102 @@
+"""The study subcommands as a user runs them: plan, run, ls, resume, ui, and their errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import REPO, free_port, stop_process_group, wait_for_http
+
+from study import tracking
+from study.cli import main
+
+QUICK = REPO / "search_spaces" / "quick.yaml"
+STUDY = str(Path(sys.executable).parent / "study")
+
+
+def study(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run(
+        [STUDY, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+    )
+
+
+def test_plan_prints_the_trial_count(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", str(QUICK)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("quick: 6 trials, searcher grid")
+    assert "t0005  method=h_detach p_detach=0.25 seed=2" in out
+    assert main(["plan", str(QUICK), "--smoke"]) == 0
+    assert capsys.readouterr().out.startswith("quick (smoke): 2 trials")
+
+
+def test_bad_space_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    bad = REPO / "tests" / "bad_spaces" / "clip_norm_off.yaml"
+    for command in ("plan", "run"):
+        assert main([command, str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        assert err.startswith(f"study {command}: error: {bad}: field fixed.clip_norm: got False")
+
+
+def test_input_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(tmp_path / "none.yaml")]) == 2
+    assert "none.yaml: no such file" in capsys.readouterr().err
+    assert main(["resume", "ghost", "--output", str(tmp_path)]) == 2
+    assert "no study 'ghost' in" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["run", str(QUICK), "--max-concurrent", "0"])
+    assert exited.value.code == 2
+    assert main(["ls", "--output", str(tmp_path)]) == 0
+    assert "no studies in" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_quick_smoke_from_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "studies"
+    ran = study("run", str(QUICK), "--smoke", "--output", str(output))
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    lines = ran.stdout.splitlines()
+    assert lines[0].startswith("running quick (smoke): 2 trials")
+    assert [line[:12] for line in lines if line.startswith("[")] in (
+        ["[1/2] t0000 ", "[2/2] t0001 "],
+        ["[1/2] t0001 ", "[2/2] t0000 "],
+    )
+    assert "quick: 2 trials: 2 completed, 0 diverged, 0 failed, 0 pending" in lines
+    assert lines[-1] == f"MLflow UI: study ui --output {output}"
+    assert ran.stderr == ""  # Ray's and MLflow's chatter stays out of the user's terminal
+
+    assert main(["ls", "--output", str(output)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == ["quick", "2", "2", "0", "0", "0"]
+
+    port = free_port()
+    ui = subprocess.Popen(
+        [STUDY, "ui", "--output", str(output), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", timeout=90, process=ui)
+        url = (
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=quick"
+        )
+        with urllib.request.urlopen(url, timeout=10) as response:
+            experiment = json.load(response)["experiment"]
+        assert experiment["name"] == "quick"
+        # The UI shows the parent run's spec.yaml through the server, as a browser fetches it.
+        parent = tracking.find_parent(tracking.store_uri(output), "quick").info.run_id
+        url = f"http://127.0.0.1:{port}/get-artifact?path=spec.yaml&run_uuid={parent}"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert "name: copying" in response.read().decode()
+    finally:
+        stop_process_group(ui)
+    assert f"http://127.0.0.1:{port}" in ui.stdout.read().splitlines()[0]

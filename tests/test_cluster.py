@@ -1,0 +1,101 @@
+"""Cluster path: `study run --address` on a real two-node Ray cluster, logging to MLflow."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import free_port, stop_process_group, tiny_copying, write_space
+
+RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+pytestmark = pytest.mark.slow
+
+
+def start_node(args: list[str], log: Path) -> subprocess.Popen:
+    """`ray start --block` in its own process group, so the test can stop exactly this node
+    (`ray stop` would also stop the in-process Ray other tests share)."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.Popen(
+        [RAY, "start", "--block", "--num-cpus=1", "--disable-usage-stats", *args],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
+
+
+def wait_for_nodes(address: str, count: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    probe = (
+        f"import ray; ray.init(address={address!r}, logging_level='ERROR'); "
+        "print(sum(n['Alive'] for n in ray.nodes()))"
+    )
+    while time.monotonic() < deadline:
+        result = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+        )
+        if result.returncode == 0 and result.stdout.strip().splitlines()[-1:] == [str(count)]:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"the Ray cluster at {address} did not reach {count} nodes")
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    # A short temp dir: Ray's socket paths must fit in 107 bytes, pytest's tmp_path may not.
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    head = start_node(
+        ["--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+         f"--temp-dir={temp_dir}"],
+        tmp_path / "head.log",
+    )  # fmt: skip
+    nodes = [head]
+    try:
+        wait_for_nodes(address, 1)
+        nodes.append(
+            start_node([f"--address={address}", "--node-ip-address=127.0.0.1"],
+                       tmp_path / "worker.log")
+        )  # fmt: skip
+        wait_for_nodes(address, 2)
+        yield address
+    finally:
+        for node in reversed(nodes):
+            stop_process_group(node, timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_study_spreads_trials_over_the_nodes_and_logs_every_run(
+    tmp_path: Path, two_node_cluster: str, mlflow_server: str
+) -> None:
+    # 4 trials of one CPU each on two one-CPU nodes, long enough (a few seconds) to overlap:
+    # the second concurrent trial has nowhere to go but the other node.
+    spec = tiny_copying(
+        resources={"cpus": 1, "max_concurrent": 2}, fixed={"iterations": 400, "eval_every": 200}
+    )
+    space = write_space(tmp_path, "cluster_smoke", spec)
+    output = tmp_path / "out"  # one machine here, so one folder both nodes reach
+    result = subprocess.run(
+        [sys.executable, "-m", "study.cli", "run", str(space), "--address", two_node_cluster,
+         "--tracking-uri", mlflow_server, "--output", str(output)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("cluster_smoke")
+    runs = client.search_runs([experiment.experiment_id], "tags.`study.kind` = 'trial'")
+    assert len(runs) == 4
+    assert all(run.info.status == "FINISHED" for run in runs)
+    assert all(client.get_metric_history(run.info.run_id, "val/accuracy") for run in runs)
+    nodes = {run.data.tags.get("ray.node_id") for run in runs}
+    assert len(nodes) == 2 and None not in nodes, nodes

@@ -1,0 +1,340 @@
+"""Studies on real Ray (2 CPUs) and real MLflow: end to end, failure, Optuna, server, resume."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FASHION_MNIST, tiny_copying, write_space
+from mlflow import MlflowClient
+
+from study import runner, space, tracking
+from study.config import ConfigError
+from study.spec import StudySpec, load_spec
+from study.train import train
+
+LINE = r"^\[\d+/{total}\] t\d{{4}} .+: (completed|diverged|failed)"
+STUDY = str(Path(sys.executable).parent / "study")
+
+
+def without_ray_address() -> dict[str, str]:
+    """The environment for a `study` subprocess: its own local Ray, whatever the shell says."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def run(spec: StudySpec, output: Path, **options: object) -> tuple[int, list[str]]:
+    lines: list[str] = []
+    code = runner.run_study(spec, output, echo=lines.append, **options)
+    return code, lines
+
+
+def children(uri: str, name: str) -> dict[str, object]:
+    """The study's child runs by trial id (asserting there is one run per trial id)."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id], "tags.`study.kind` = 'trial'")
+    by_id = {run.data.tags["study.trial_id"]: run for run in runs}
+    assert len(by_id) == len(runs), "a trial has more than one MLflow run"
+    return dict(sorted(by_id.items()))
+
+
+def steps(uri: str, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+@pytest.mark.slow
+def test_smoke_study_end_to_end(tmp_path: Path) -> None:
+    spec = load_spec(write_space(tmp_path, "smoke4", tiny_copying()))
+    output = tmp_path / "out"
+    code, lines = run(spec, output)
+    assert code == 0, lines
+
+    uri = tracking.store_uri(output)
+    client = MlflowClient(uri)
+    parent = tracking.find_parent(uri, "smoke4")
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "smoke4"
+    tags = parent.data.tags
+    assert tags["study.n_trials"] == "4" and tags["study.target"] == "0.99"
+    assert tags["study.spec_hash"] == spec.spec_hash() and tags["study.version"]
+    assert "study.git_commit" in tags  # the tests run in a git checkout
+    spec_file = client.download_artifacts(parent.info.run_id, "spec.yaml", str(tmp_path))
+    assert Path(spec_file).read_text() == spec.to_yaml()
+    assert client.get_experiment_by_name("smoke4").artifact_location.endswith("mlartifacts/smoke4")
+
+    planned = {t.trial_id: t.config for t in space.plan_trials(spec)}
+    runs = children(uri, "smoke4")
+    assert list(runs) == list(planned) == ["t0000", "t0001", "t0002", "t0003"]
+    for trial_id, run_ in runs.items():
+        assert run_.info.run_name == trial_id
+        assert run_.info.status == "FINISHED" and run_.data.tags["outcome"] == "completed"
+        assert run_.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run_.data.tags["role.method"] == "scientific"
+        assert run_.data.params == tracking.flatten(planned[trial_id])
+        for key in ("train/loss", "train/grad_norm", "val/loss", "val/accuracy"):
+            assert steps(uri, run_.info.run_id, key) == [10, 20], key
+        assert "test/accuracy" not in run_.data.metrics  # copying has no test split
+
+    progress = [line for line in lines if line.startswith("[")]
+    assert len(progress) == 4
+    assert all(re.match(LINE.format(total=4), line) for line in progress)
+    assert any(line.startswith("smoke4: 4 trials: 4 completed") for line in lines)
+    assert lines[-1] == f"MLflow UI: study ui --output {output.absolute()}"
+    assert (output / "ray" / "smoke4" / runner.STATE_FILE).is_file()
+    assert (output / "ray" / "smoke4" / "t0000").is_dir()
+
+    with pytest.raises(ConfigError, match="already exists.*study resume smoke4"):
+        run(spec, output)
+
+    # Resume without Tune's snapshot (a driver killed in its first moments): the trials MLflow
+    # does not hold as finished run again, each in its own run, no step logged twice.
+    for snapshot in (output / "ray" / "smoke4").glob("experiment_state-*.json"):
+        snapshot.unlink()
+    tracking.reopen_run(uri, runs["t0003"].info.run_id)
+    lines.clear()
+    assert runner.resume_study("smoke4", output, echo=lines.append) == 0
+    assert [line[:11] for line in lines if line.startswith("[")] == ["[4/4] t0003"]
+    again = children(uri, "smoke4")
+    assert list(again) == list(runs)
+    assert again["t0003"].info.status == "FINISHED"
+    assert steps(uri, again["t0003"].info.run_id, "val/accuracy") == [10, 20]
+    assert tracking.find_parent(uri, "smoke4").info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_failing_trial_is_recorded_while_others_complete(tmp_path: Path) -> None:
+    body = {
+        "task": {"name": "pixel_mnist", "dataset": "fashion_mnist", "subset": 20},
+        "model": {"hidden_size": 4},
+        "fixed": {"iterations": 2, "eval_every": 1, "batch_size": 10},
+        # One grid point reads a folder that does not exist: train() raises ConfigError.
+        "scientific": {"data_dir": [str(FASHION_MNIST), str(tmp_path / "missing")]},
+        "resources": {"cpus": 1, "max_concurrent": 2, "max_failures": 1},
+    }
+    spec = load_spec(write_space(tmp_path, "failing", body))
+    code, lines = run(spec, tmp_path / "out")
+    assert code == 1
+
+    uri = tracking.store_uri(tmp_path / "out")
+    runs = children(uri, "failing")
+    assert list(runs) == ["t0000", "t0001"]  # the retry reused its run
+    good, bad = runs["t0000"], runs["t0001"]
+    assert good.info.status == "FINISHED" and good.data.tags["outcome"] == "completed"
+    assert steps(uri, good.info.run_id, "test/accuracy") == [1, 2]
+    assert bad.info.status == "FAILED"
+    assert bad.data.tags["error"].startswith("ConfigError: task_options.data_dir:")
+    assert "\n" not in bad.data.tags["error"]
+    assert tracking.find_parent(uri, "failing").info.status == "FAILED"
+    assert any("t0001" in line and "retrying" in line for line in lines), lines
+    # Either trial may finish first: the failing one does not wait for the data to load.
+    failed = r"\[[12]/2\] t0001 .*: failed: ConfigError: task_options.data_dir: "
+    assert any(re.match(failed, line) for line in lines), lines
+    assert any("failed t0001: ConfigError" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_optuna_tunes_nuisance_inside_each_cell(tmp_path: Path) -> None:
+    body = tiny_copying(
+        nuisance={"lr": {"min": 1.0e-3, "max": 3.0e-2, "scaling": "log"}},
+        replicates={"seeds": 1},
+        search={"searcher": "optuna", "samples_per_cell": 2, "seed": 3},
+    )
+    spec = load_spec(write_space(tmp_path, "tuned", body))
+    code, lines = run(spec, tmp_path / "out")
+    assert code == 0, lines
+
+    uri = tracking.store_uri(tmp_path / "out")
+    runs = children(uri, "tuned")
+    assert list(runs) == ["t0000", "t0001", "t0002", "t0003"]
+    assert [runs[t].data.params["method"] for t in runs] == [
+        "none",
+        "none",
+        "h_detach",
+        "h_detach",
+    ]
+    for run_ in runs.values():
+        assert 1.0e-3 <= float(run_.data.params["lr"]) <= 3.0e-2
+        assert run_.data.tags["role.lr"] == "nuisance"
+        assert run_.info.status == "FINISHED"
+    assert runs["t0000"].data.params["lr"] != runs["t0001"].data.params["lr"]
+    assert tracking.find_parent(uri, "tuned").data.tags["study.n_trials"] == "4"
+    assert sorted(p.name for p in (tmp_path / "out" / "ray" / "tuned").glob("cell*")) == [
+        "cell000",
+        "cell001",
+    ]
+
+
+@pytest.mark.slow
+def test_logs_to_an_mlflow_server(tmp_path: Path, mlflow_server: str) -> None:
+    # Plain SGD at lr 1e38 overflows within two steps: a diverged trial, which is an outcome.
+    body = tiny_copying(
+        fixed={"optimizer": "sgd", "clip_norm": None},
+        scientific={"lr": [1.0e-2, 1.0e38]},
+        replicates={"seeds": 1},
+    )
+    body["scientific"] = {"lr": [1.0e-2, 1.0e38]}
+    path = write_space(tmp_path, "served", body)
+    ran = subprocess.run(
+        [
+            STUDY,
+            "run",
+            str(path),
+            "--output",
+            str(tmp_path / "out"),
+            "--tracking-uri",
+            mlflow_server,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=without_ray_address(),
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    lines = ran.stdout.splitlines()
+    assert not (tmp_path / "out" / "mlflow.db").exists()
+    runs = children(mlflow_server, "served")
+    assert list(runs) == ["t0000", "t0001"]
+    completed, diverged = runs["t0000"], runs["t0001"]
+    assert completed.data.tags["outcome"] == "completed"
+    assert steps(mlflow_server, completed.info.run_id, "val/accuracy") == [10, 20]
+    assert diverged.info.status == "FINISHED" and diverged.data.tags["outcome"] == "diverged"
+    assert steps(mlflow_server, diverged.info.run_id, "train/loss") == [2]
+    assert any("t0001 lr=1e+38 seed=0: diverged" in line for line in lines)
+    parent = tracking.find_parent(mlflow_server, "served")
+    assert parent.info.status == "FINISHED"
+    artifacts = MlflowClient(mlflow_server).list_artifacts(parent.info.run_id)
+    assert [a.path for a in artifacts] == ["spec.yaml"]
+    assert lines[-1] == f"MLflow UI: open {mlflow_server} in a browser"
+    # `study resume` finds the server again from the study's state file.
+    assert runner.StudyState.load(tmp_path / "out", "served").tracking_uri == mlflow_server
+
+
+def _session_processes(session: int) -> list[int]:
+    """Processes of the session whose leader we started (the driver, Ray's daemons, workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":  # field 6 of stat: session id
+            found.append(int(entry.name))
+    return found
+
+
+def _kill_session(session: int) -> None:
+    for pid in _session_processes(session):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 30
+    while _session_processes(session) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _session_processes(session), "Ray processes outlived the killed driver"
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_of_the_driver(tmp_path: Path) -> None:
+    body = tiny_copying(
+        fixed={"iterations": 200, "eval_every": 10},
+        resources={"max_failures": 0},
+    )
+    path = write_space(tmp_path, "killed", body)
+    output = tmp_path / "out"
+    study = [STUDY]
+    env = without_ray_address()
+    # Tune snapshots its experiment state every 10 s or more; these trials last a few seconds,
+    # so snapshot often to make sure the interrupted trial resumes from a checkpoint.
+    env["TUNE_GLOBAL_CHECKPOINT_S"] = "0.5"
+    log = open(tmp_path / "run.log", "w")  # noqa: SIM115 (closed below)
+    driver = subprocess.Popen(
+        [*study, "run", str(path), "--output", str(output)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,  # its own session: every process it starts can be found
+    )
+    uri = tracking.store_uri(output)
+    midway = None
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.5)
+            # The state file is written once the driver has created the store: reading a
+            # fresh SQLite file while MLflow migrates it would break the migration.
+            if not (output / "ray" / "killed" / runner.STATE_FILE).exists():
+                continue
+            summary = tracking.summarize(uri, "killed")
+            if summary is None or not summary.count("completed"):
+                continue
+            runs = children(uri, "killed")
+            running = [
+                t
+                for t, r in runs.items()
+                if r.info.status == "RUNNING" and len(steps(uri, r.info.run_id, "train/loss")) >= 5
+            ]
+            if running:
+                midway = running[0]
+                break
+        assert midway is not None, (tmp_path / "run.log").read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        _kill_session(driver.pid)
+        log.close()
+    before = children(uri, "killed")
+    assert before[midway].info.status == "RUNNING"
+    logged_before = steps(uri, before[midway].info.run_id, "train/loss")
+    assert 0 < len(logged_before) < 20
+
+    resumed = subprocess.run(
+        [*study, "resume", "killed", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        start_new_session=True,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming killed: 4 trials" in resumed.stdout
+    assert "killed: 4 trials: 4 completed" in resumed.stdout
+
+    runs = children(uri, "killed")
+    assert list(runs) == [f"t{i:04d}" for i in range(4)]
+    expected_steps = list(range(10, 201, 10))
+    for run_ in runs.values():
+        assert run_.info.status == "FINISHED"
+        for key in ("train/loss", "val/accuracy", "best/val_accuracy"):
+            assert steps(uri, run_.info.run_id, key) == expected_steps, (run_.info.run_name, key)
+
+    # The interrupted trial continued from a checkpoint (Tune counts its iterations since the
+    # restore from 1 again) and drew the same curve as an uninterrupted run.
+    results = (output / "ray" / "killed" / midway / "result.json").read_text().splitlines()
+    rows = [json.loads(line) for line in results]
+    restores = [row for row in rows if row["iterations_since_restore"] == 1]
+    assert any(row["training_iteration"] > 1 for row in restores), rows
+    config = next(t.config for t in space.plan_trials(load_spec(path)) if t.trial_id == midway)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the trial
+    try:
+        reference = train(config).curve
+    finally:
+        torch.set_num_threads(threads)
+    history = MlflowClient(uri).get_metric_history(runs[midway].info.run_id, "val/accuracy")
+    logged = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert logged == [point["val/accuracy"] for point in reference]
+    losses = MlflowClient(uri).get_metric_history(runs[midway].info.run_id, "train/loss")
+    logged_loss = [m.value for m in sorted(losses, key=lambda m: m.step)]
+    assert logged_loss == pytest.approx([p["train/loss"] for p in reference], rel=1e-6)

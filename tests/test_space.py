@@ -1,0 +1,141 @@
+"""Expanding a StudySpec: grid order and dedupe, random draws, Optuna cells, roles, plan text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO, tiny_copying, write_space
+
+from study import space
+from study.spec import Range, load_spec
+
+SEARCH_SPACES = sorted((REPO / "search_spaces").rglob("*.yaml"))
+
+
+def test_grid_seeds_vary_fastest_and_method_none_collapses(tmp_path: Path) -> None:
+    body = tiny_copying(
+        scientific={"method": ["none", "h_detach"], "p_detach": [0.25, 0.5]},
+        nuisance={"lr": [1.0e-3, 1.0e-2]},
+    )
+    spec = load_spec(write_space(tmp_path, "grid", body))
+    trials = space.plan_trials(spec)
+    # none x {0.25, 0.5} collapses to one p_detach=0 point: (1 + 2) methods x 2 lr x 2 seeds.
+    assert len(trials) == 12 == space.n_trials(spec)
+    assert [t.trial_id for t in trials] == [f"t{i:04d}" for i in range(12)]
+    assert [t.config.seed for t in trials[:4]] == [0, 1, 0, 1]
+    assert [t.config.lr for t in trials[:4]] == [1.0e-3, 1.0e-3, 1.0e-2, 1.0e-2]
+    none = [t for t in trials if t.config.method == "none"]
+    assert len(none) == 4 and {t.config.p_detach for t in none} == {0.0}
+    assert {t.config.p_detach for t in trials if t.config.method == "h_detach"} == {0.25, 0.5}
+    assert trials[0].point == {"method": "none", "p_detach": 0.0, "lr": 1.0e-3, "seed": 0}
+    # Fixed values and task options reach every config.
+    assert all(t.config.iterations == 20 and t.config.task_options["T"] == 5 for t in trials)
+    assert all(t.config.hidden_size == 8 for t in trials)
+
+
+def test_task_option_axis_goes_into_task_options(tmp_path: Path) -> None:
+    body = tiny_copying(scientific={"T": [5, 7]}, replicates={"seeds": 1})
+    body["task"] = {"name": "copying", "train_size": 500, "val_size": 100}
+    body["scientific"] = {"T": [5, 7]}
+    spec = load_spec(write_space(tmp_path, "t_axis", body))
+    trials = space.plan_trials(spec)
+    assert [t.config.task_options["T"] for t in trials] == [5, 7]
+    assert trials[0].config.task_options["train_size"] == 500
+    assert space.roles(spec)["task_options.T"] == "scientific"
+
+
+def test_random_draws_are_seeded_in_range_and_shared_by_cells(tmp_path: Path) -> None:
+    body = tiny_copying(
+        nuisance={
+            "lr": {"min": 1.0e-4, "max": 1.0e-2, "scaling": "log"},
+            "batch_size": [10, 20],
+        },
+        search={"searcher": "random", "samples_per_cell": 3, "seed": 11},
+    )
+    spec = load_spec(write_space(tmp_path, "random", body))
+    trials = space.plan_trials(spec)
+    assert len(trials) == 2 * 3 * 2  # methods x samples x seeds
+    for trial in trials:
+        assert 1.0e-4 <= trial.config.lr <= 1.0e-2
+        assert trial.config.batch_size in (10, 20)
+    by_method: dict[str, list[float]] = {}
+    for trial in trials:
+        by_method.setdefault(trial.config.method, []).append(trial.config.lr)
+    assert by_method["none"] == by_method["h_detach"]  # same nuisance points for each method
+    assert len(set(by_method["none"])) == 3
+    again = space.plan_trials(load_spec(write_space(tmp_path, "random", body)))
+    assert [t.config for t in again] == [t.config for t in trials]
+
+
+def test_optuna_cells_number_trials_study_wide(tmp_path: Path) -> None:
+    body = tiny_copying(
+        scientific={"method": ["none", "h_detach"]},
+        nuisance={"lr": {"min": 1.0e-3, "max": 1.0e-1, "scaling": "log"}, "p_detach": [0.25, 0.5]},
+        search={"searcher": "optuna", "samples_per_cell": 3},
+    )
+    body["scientific"] = {"method": ["none", "h_detach"]}
+    spec = load_spec(write_space(tmp_path, "optuna", body))
+    cells = space.plan_cells(spec)
+    assert len(cells) == 4  # 2 methods x 2 seeds
+    assert [c.first_trial for c in cells] == [0, 3, 6, 9]
+    assert cells[1].trial_ids() == ["t0003", "t0004", "t0005"]
+    assert "p_detach" not in cells[0].domains  # method none never detaches
+    assert set(cells[2].domains) == {"lr", "p_detach"}
+    assert space.n_trials(spec) == 12
+    with pytest.raises(ValueError):
+        space.plan_trials(spec)
+    base = space.cell_config(spec, cells[2], {})
+    sampled = space.sample_config(base.to_dict(), {"lr": 0.05, "p_detach": 0.5}, ["T"])
+    assert (sampled.method, sampled.lr, sampled.p_detach, sampled.seed) == (
+        "h_detach",
+        0.05,
+        0.5,
+        0,
+    )
+    none = space.sample_config(space.cell_config(spec, cells[0], {}).to_dict(), {"lr": 0.01}, [])
+    assert none.p_detach == 0.0
+
+
+def test_roles_cover_every_flattened_param(tmp_path: Path) -> None:
+    spec = load_spec(
+        write_space(tmp_path, "roles", tiny_copying(nuisance={"batch_size": [10, 20]}))
+    )
+    roles = space.roles(spec)
+    assert roles["method"] == roles["p_detach"] == "scientific"
+    assert roles["batch_size"] == "nuisance"
+    assert roles["lr"] == roles["task"] == roles["task_options.train_size"] == "fixed"
+    assert roles["seed"] == "replicate"
+    config = space.plan_trials(spec)[0].config
+    flat_keys = {
+        "task",
+        "seed",
+        *config.to_dict(),
+        *(f"task_options.{o}" for o in config.task_options),
+    }
+    flat_keys.discard("task_options")
+    assert flat_keys <= set(roles)
+
+
+def test_plan_text_counts_trials(tmp_path: Path) -> None:
+    spec = load_spec(write_space(tmp_path, "plan", tiny_copying()))
+    text = space.plan_text(spec)
+    assert text.splitlines()[0].startswith("plan: 4 trials, searcher grid")
+    assert "t0003  method=h_detach p_detach=0.5 seed=1" in text
+
+
+@pytest.mark.parametrize("path", SEARCH_SPACES, ids=lambda p: p.stem)
+def test_every_shipped_space_plans_its_smoke_variant(path: Path) -> None:
+    spec = load_spec(path, smoke=True)
+    text = space.plan_text(spec)
+    count = space.n_trials(spec)
+    assert 1 <= count <= 8, "a smoke variant should stay a handful of trials"
+    assert f": {count} trials" in text.splitlines()[0]
+    assert space.n_trials(load_spec(path)) >= count
+
+
+def test_format_value() -> None:
+    assert space.format_value(None) == "none"
+    assert space.format_value(1.0e-3) == "0.001"
+    assert space.format_value(True) == "true"
+    assert space.format_value(Range(1e-4, 1e-2, "log")) == "log[0.0001, 0.01]"

@@ -1,0 +1,129 @@
+"""Search-space YAML loading: casting, smoke merge, and a corpus of bad files with their errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO, tiny_copying, write_space
+
+from study.config import ConfigError
+from study.spec import Range, load_spec
+
+BAD_SPACES = sorted((Path(__file__).parent / "bad_spaces").glob("*.yaml"))
+SEARCH_SPACES = sorted((REPO / "search_spaces").rglob("*.yaml"))
+
+
+def expected_error(path: Path) -> str:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# error: "), f"{path.name}: first line must be '# error: ...'"
+    return first.removeprefix("# error: ")
+
+
+@pytest.mark.parametrize("path", BAD_SPACES, ids=lambda p: p.stem)
+def test_bad_space_gives_its_one_line_error(path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_spec(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: ")
+    assert expected_error(path) in message
+
+
+def test_bad_corpus_is_not_empty() -> None:
+    assert len(BAD_SPACES) >= 30
+
+
+@pytest.mark.parametrize("path", SEARCH_SPACES, ids=lambda p: p.stem)
+def test_shipped_spaces_are_valid_with_and_without_smoke(path: Path) -> None:
+    full, smoke = load_spec(path), load_spec(path, smoke=True)
+    assert full.name == smoke.name == path.stem
+    assert smoke.smoke and not full.smoke
+    assert full.spec_hash() != smoke.spec_hash() or full.raw == smoke.raw
+
+
+def test_paper_has_one_space_per_figure_2_to_8() -> None:
+    figures = sorted(p.name.split("_")[0] for p in (REPO / "search_spaces" / "paper").glob("*"))
+    assert figures == [f"fig{n}" for n in range(2, 9)]
+
+
+def test_yaml_traps_are_cast(tmp_path: Path) -> None:
+    text = """
+task: {name: copying, T: 10}
+fixed: {lr: 1e-4, clip_norm: null, iterations: 1e3, anneal_last: null}
+scientific: {p_detach: ['0.25', 5e-1], method: [h_detach]}
+"""
+    path = tmp_path / "traps.yaml"
+    path.write_text(text)
+    spec = load_spec(path)
+    assert spec.fixed["lr"] == pytest.approx(1e-4) and isinstance(spec.fixed["lr"], float)
+    assert spec.fixed["clip_norm"] is None
+    assert spec.fixed["iterations"] == 1000 and isinstance(spec.fixed["iterations"], int)
+    assert spec.scientific["p_detach"] == [0.25, 0.5]
+
+
+def test_sections_roles_and_defaults(tmp_path: Path) -> None:
+    spec = load_spec(
+        write_space(
+            tmp_path,
+            "roles",
+            {
+                "task": {"name": "copying", "T": 10},
+                "model": {"hidden_size": 32},
+                "fixed": {"lr": 1.0e-3},
+                "scientific": {"method": ["none", "h_detach"]},
+                "nuisance": {"batch_size": [50, 100]},
+            },
+        )
+    )
+    assert spec.name == "roles"
+    assert spec.task == "copying" and spec.task_options == {"T": 10}
+    assert spec.fixed == {"hidden_size": 32, "lr": 1.0e-3}
+    assert spec.seeds == (0,)
+    assert spec.search.searcher == "grid" and spec.search.metric == "val/accuracy"
+    assert spec.target is None
+    assert spec.role_of("method") == "scientific"
+    assert spec.role_of("batch_size") == "nuisance"
+    assert spec.role_of("lr") == spec.role_of("clip_norm") == "fixed"
+
+
+def test_ranges_and_task_option_axes(tmp_path: Path) -> None:
+    spec = load_spec(
+        write_space(
+            tmp_path,
+            "ranges",
+            {
+                "task": {"name": "copying"},
+                "scientific": {"T": [10, 20]},
+                "nuisance": {"lr": {"min": "1e-4", "max": 1.0e-2, "scaling": "log"}},
+                "search": {"searcher": "optuna", "samples_per_cell": 3, "seed": 7},
+                "replicates": {"seeds": [3, 5]},
+            },
+        )
+    )
+    assert spec.nuisance["lr"] == Range(1e-4, 1e-2, "log")
+    assert spec.scientific["T"] == [10, 20]
+    assert spec.seeds == (3, 5)
+
+
+def test_smoke_overrides_merge_section_by_section(tmp_path: Path) -> None:
+    path = write_space(
+        tmp_path,
+        "merge",
+        tiny_copying(
+            smoke={"fixed": {"iterations": 2}, "replicates": {"seeds": 1}, "target": 0.5}
+        ),
+    )
+    full, smoke = load_spec(path), load_spec(path, smoke=True)
+    assert full.fixed["iterations"] == 20 and smoke.fixed["iterations"] == 2
+    assert smoke.fixed["lr"] == full.fixed["lr"]  # untouched keys of a merged section stay
+    assert full.seeds == (0, 1) and smoke.seeds == (0,)
+    assert smoke.target == 0.5 and full.target is None
+    assert "smoke" not in full.raw and "smoke" not in smoke.raw
+    assert full.spec_hash() != smoke.spec_hash()
+    assert load_spec(path).spec_hash() == full.spec_hash()
+
+
+def test_missing_file_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.yaml: no such file$"):
+        load_spec(tmp_path / "nope.yaml")

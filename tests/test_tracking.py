@@ -1,0 +1,135 @@
+"""MLflow bookkeeping on a real SQLite store: params, child runs, resumed steps, summaries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from study import tracking
+from study.config import ConfigError, TrialConfig
+
+ROLES = {"method": "scientific", "lr": "nuisance", "seed": "replicate", "task_options.T": "fixed"}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> tuple[str, str]:
+    """A fresh embedded store with one study 'demo' of 3 planned trials; (uri, parent run id)."""
+    uri = tracking.store_uri(tmp_path)
+    experiment = tracking.ensure_experiment(uri, "demo", (tmp_path / "mlartifacts").as_uri())
+    parent = tracking.start_parent(uri, experiment, "demo", {"study.n_trials": "3"}, "a: 1\n")
+    return uri, parent
+
+
+def config(**changes: object) -> TrialConfig:
+    base = TrialConfig(task="copying", task_options={"T": 5}, method="h_detach", p_detach=0.25)
+    return base.replace(**changes)
+
+
+def test_flatten_uses_dotted_task_options_and_none() -> None:
+    flat = tracking.flatten(config(clip_norm=None))
+    assert flat["task_options.T"] == "5"
+    assert flat["clip_norm"] == "none" and flat["anneal_last"] == "none"
+    assert flat["p_detach"] == "0.25" and flat["method"] == "h_detach"
+    assert "task_options" not in flat
+
+
+def test_store_layout(tmp_path: Path) -> None:
+    assert tracking.store_uri(tmp_path) == f"sqlite:///{tmp_path.absolute()}/mlflow.db"
+    assert tracking.artifact_dir(tmp_path) == tmp_path.absolute() / "mlartifacts"
+
+
+def test_parent_run_has_tags_and_spec_artifact(store: tuple[str, str], tmp_path: Path) -> None:
+    uri, parent_id = store
+    parent = tracking.find_parent(uri, "demo")
+    assert parent is not None and parent.info.run_id == parent_id
+    assert parent.info.run_name == "demo"
+    assert parent.data.tags["study.kind"] == "parent"
+    assert parent.data.tags["study.name"] == "demo"
+    client = MlflowClient(uri)
+    assert [a.path for a in client.list_artifacts(parent_id)] == ["spec.yaml"]
+    experiment = client.get_experiment_by_name("demo")
+    assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()
+    # Idempotent: the driver calls it again on resume.
+    assert tracking.ensure_experiment(uri, "demo", None) == experiment.experiment_id
+
+
+def test_trial_run_resumes_without_duplicates(store: tuple[str, str]) -> None:
+    uri, parent_id = store
+    run = tracking.TrialRun(uri, parent_id, "t0000", config(), ROLES, "demo")
+    run.log(10, {"train/loss": 2.0, "val/accuracy": 0.1, "iteration": 10.0})
+    run.log(20, {"train/loss": 1.5, "val/accuracy": 0.2})
+    # The driver dies; the retried trial replays from an older checkpoint (step 10).
+    again = tracking.TrialRun(uri, parent_id, "t0000", config(), ROLES, "demo")
+    assert again.run_id == run.run_id and again.last_step == 20
+    again.log(10, {"train/loss": 9.0})
+    again.log(20, {"train/loss": 9.0})
+    again.log(30, {"train/loss": 1.0, "val/accuracy": 0.3, "test/accuracy": 0.25})
+    again.finish("completed")
+
+    client = MlflowClient(uri)
+    finished = client.get_run(run.run_id)
+    assert finished.info.status == "FINISHED"
+    assert finished.info.run_name == "t0000"
+    tags = finished.data.tags
+    assert tags["mlflow.parentRunId"] == parent_id
+    assert tags["study.kind"] == "trial" and tags["study.trial_id"] == "t0000"
+    assert (tags["task"], tags["method"], tags["seed"]) == ("copying", "h_detach", "0")
+    assert tags["role.lr"] == "nuisance" and tags["role.seed"] == "replicate"
+    assert tags["outcome"] == "completed"
+    assert finished.data.params["task_options.T"] == "5"
+    history = client.get_metric_history(run.run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(10, 2.0), (20, 1.5), (30, 1.0)]
+    assert "iteration" not in finished.data.metrics  # only the study's metric names are logged
+
+
+def test_failed_trial_and_retry(store: tuple[str, str]) -> None:
+    uri, parent_id = store
+    run = tracking.TrialRun(uri, parent_id, "t0001", config(), ROLES, "demo")
+    run.fail(ConfigError("task_options.data_dir: /nope lacks train-images\nmore detail"))
+    client = MlflowClient(uri)
+    failed = client.get_run(run.run_id)
+    assert failed.info.status == "FAILED"
+    assert (
+        failed.data.tags["error"] == "ConfigError: task_options.data_dir: /nope lacks train-images"
+    )
+    retry = tracking.TrialRun(uri, parent_id, "t0001", config(), ROLES, "demo")
+    assert retry.run_id == run.run_id
+    reopened = client.get_run(run.run_id)
+    assert reopened.info.status == "RUNNING" and "error" not in reopened.data.tags
+    retry.finish("diverged")
+    assert tracking.summarize(uri, "demo").trials[0].state == "diverged"
+
+
+def test_record_failure_creates_or_marks_the_run(store: tuple[str, str]) -> None:
+    uri, parent_id = store
+    tracking.record_failure(
+        uri, parent_id, "t0002", "ActorDiedError: worker died", config(), ROLES, "demo"
+    )
+    run = tracking.find_trial_run(uri, parent_id, "t0002")
+    assert run.info.status == "FAILED" and run.data.tags["error"] == "ActorDiedError: worker died"
+    assert run.data.params["method"] == "h_detach"
+
+
+def test_summary_and_list_count_pending(store: tuple[str, str]) -> None:
+    uri, parent_id = store
+    done = tracking.TrialRun(uri, parent_id, "t0000", config(), ROLES, "demo")
+    done.log(10, {"train/loss": 1.0, "best/val_accuracy": 0.75})
+    done.finish("completed")
+    tracking.TrialRun(uri, parent_id, "t0001", config(seed=1), ROLES, "demo")  # interrupted
+    summary = tracking.summarize(uri, "demo")
+    assert summary is not None and summary.n_trials == 3
+    assert [t.state for t in summary.trials] == ["completed", "running"]
+    assert summary.trials[0].best_val_accuracy == 0.75
+    assert (summary.count("completed"), summary.count("failed"), summary.pending) == (1, 0, 2)
+    # An experiment without a parent run is not a study.
+    tracking.ensure_experiment(uri, "not-a-study", None)
+    assert [s.name for s in tracking.list_studies(uri)] == ["demo"]
+    assert tracking.summarize(uri, "missing") is None
+
+
+def test_one_line() -> None:
+    assert tracking.one_line(ValueError("first\nsecond")) == "ValueError: first"
+    assert tracking.one_line(RuntimeError()) == "RuntimeError"
+    assert tracking.one_line("  boom \n trace") == "boom"
