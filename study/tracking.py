@@ -295,7 +295,7 @@ def summarize(tracking_uri: str, name: str) -> StudySummary | None:
     if parent is None:
         return None
     mlflow = client(tracking_uri)
-    children = _search_all(
+    children = search_all_runs(
         mlflow,
         parent.info.experiment_id,
         f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`study.kind` = 'trial'",
@@ -330,7 +330,8 @@ def list_studies(tracking_uri: str) -> list[StudySummary]:
     return sorted(summaries, key=lambda summary: summary.name)
 
 
-def _search_all(mlflow: MlflowClient, experiment_id: str, filter_string: str) -> list[Any]:
+def search_all_runs(mlflow: MlflowClient, experiment_id: str, filter_string: str) -> list[Any]:
+    """All active runs of an experiment matching the filter, following MLflow's pages."""
     runs, token = [], None
     while True:
         page = mlflow.search_runs(

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 from mlflow import MlflowClient
-from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 
 from study.config import ConfigError
+from study.tracking import search_all_runs
 
 # Cell axes of the robustness grid (task x method x p x lr x clip); seeds are the replicates.
 CELL_PARAMS = ("task", "method", "p_detach", "lr", "clip_norm")
@@ -97,7 +97,7 @@ def load_study(name: str, tracking_uri: str) -> Study:
     if experiment is None:
         raise ConfigError(f"{where}: no such experiment (run `study run` first?)")
 
-    parents = _search(client, experiment.experiment_id, "tags.`study.kind` = 'parent'")
+    parents = search_all_runs(client, experiment.experiment_id, "tags.`study.kind` = 'parent'")
     if not parents:
         raise ConfigError(f"{where}: the experiment has no parent run tagged study.kind=parent")
     # One parent per study by contract; if a study was restarted from scratch, the newest wins.
@@ -111,7 +111,7 @@ def load_study(name: str, tracking_uri: str) -> Study:
             f"{where}: parent run lacks a valid study.n_trials or study.target tag"
         ) from None
 
-    children = _search(
+    children = search_all_runs(
         client,
         experiment.experiment_id,
         f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`study.kind` = 'trial'",
@@ -135,23 +135,6 @@ def _check_sqlite_file_exists(tracking_uri: str, where: str) -> None:
         path = Path(tracking_uri[len(prefix) :])
         if not path.is_file():
             raise ConfigError(f"{where}: no MLflow database at {path}")
-
-
-def _search(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
-    """All active runs matching the filter, following MLflow's pages."""
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            [experiment_id],
-            filter_string=filter_string,
-            run_view_type=ViewType.ACTIVE_ONLY,
-            max_results=1000,
-            page_token=token,
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 def _trial(client: MlflowClient, run) -> Trial:
