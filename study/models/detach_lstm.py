@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -204,17 +205,20 @@ class DetachLSTM(nn.Module):
         if not torch.is_grad_enabled():
             # Evaluation: no backward, so no masks matter; torch's fused LSTM (oneDNN on CPU,
             # cuDNN on GPU) is faster and keeps no per-step buffers.
-            output, h_n, c_n = torch.lstm(
-                x,
-                (h0.unsqueeze(0), c0.unsqueeze(0)),
-                list(self.parameters()),
-                True,
-                1,
-                0.0,
-                False,
-                False,
-                False,
-            )
+            with warnings.catch_warnings():
+                # cuDNN would like one flat weight buffer; evaluation is rare, the copy is cheap.
+                warnings.filterwarnings("ignore", message="RNN module weights")
+                output, h_n, c_n = torch.lstm(
+                    x,
+                    (h0.unsqueeze(0), c0.unsqueeze(0)),
+                    list(self.parameters()),
+                    True,
+                    1,
+                    0.0,
+                    False,
+                    False,
+                    False,
+                )
             return output, (h_n, c_n)
         if x.is_cuda:
             return self._device_forward(x, h0, c0, detach_h, detach_c)
