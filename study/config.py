@@ -58,8 +58,10 @@ class TrialConfig:
         return dataclasses.replace(self, **changes)
 
 
-_FLOAT_FIELDS = {"p_detach", "lr", "clip_norm"}
-_INT_FIELDS = {"anneal_last", "hidden_size", "batch_size", "seed", "iterations", "eval_every"}
+# Field types for casting YAML scalars; spec.py validates search spaces with the same sets.
+FLOAT_FIELDS = ("p_detach", "lr", "clip_norm")
+INT_FIELDS = ("anneal_last", "hidden_size", "batch_size", "seed", "iterations", "eval_every")
+NULLABLE_FIELDS = ("clip_norm", "anneal_last")  # null means off: no clipping, no annealing
 
 
 def _prefix(where: str) -> str:
@@ -70,7 +72,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     """Cast YAML's loose scalars: PyYAML reads `1e-4` as a string and `off` as False."""
     if value is None:
         return None
-    if key in _FLOAT_FIELDS:
+    if key in FLOAT_FIELDS:
         if isinstance(value, bool):
             raise ConfigError(f"{_prefix(where)}{key}: must be a number or null, got {value!r}")
         try:
@@ -79,7 +81,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             if key == "clip_norm" and str(value).lower() in {"none", "null", "off"}:
                 return None
             raise ConfigError(f"{_prefix(where)}{key}: must be a number, got {value!r}") from None
-    if key in _INT_FIELDS:
+    if key in INT_FIELDS:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ConfigError(f"{_prefix(where)}{key}: must be an integer, got {value!r}")
         try:

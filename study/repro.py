@@ -6,9 +6,9 @@ import hashlib
 
 import torch
 
-# Each stream gets its own generator so that changing one knob never shifts another's draws:
-# a different p_detach must not change the batches a model sees, nor its initial weights.
-STREAMS = ("init", "data_order", "detach")
+# Each source of randomness (init, data order, detach draws, pMNIST permutation, copying data)
+# gets its own stream, so changing one knob never shifts another's draws: a different p_detach
+# must not change the batches a model sees, nor its initial weights.
 
 
 def derive_seed(seed: int, stream: str) -> int:
@@ -22,8 +22,3 @@ def make_generator(seed: int, stream: str, device: str | torch.device = "cpu") -
     generator = torch.Generator(device=device)
     generator.manual_seed(derive_seed(seed, stream))
     return generator
-
-
-def trial_generators(seed: int) -> dict[str, torch.Generator]:
-    """The generators of one training run, keyed by stream name."""
-    return {stream: make_generator(seed, stream) for stream in STREAMS}

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from study.config import ConfigError, TrialConfig
+from study.config import FLOAT_FIELDS, INT_FIELDS, NULLABLE_FIELDS, ConfigError, TrialConfig
 
 SECTIONS = (
     "task",
@@ -37,9 +37,6 @@ PARAMS = tuple(
     for f in dataclasses.fields(TrialConfig)
     if f.name not in ("task", "task_options", "seed")
 )
-_FLOAT_PARAMS = ("p_detach", "lr", "clip_norm")
-_INT_PARAMS = ("anneal_last", "hidden_size", "batch_size", "iterations", "eval_every")
-_NULLABLE = ("clip_norm", "anneal_last")
 DEFAULT_MAX_FAILURES = 2
 
 
@@ -441,17 +438,17 @@ class _Checker:
     def value(self, field: str, param: str, value: Any) -> Any:
         """Cast one value of a TrialConfig parameter (task options are checked by the task)."""
         if value is None:
-            if param in _NULLABLE:
+            if param in NULLABLE_FIELDS:
                 return None
             raise self.error(field, "null is only allowed for clip_norm and anneal_last")
-        if isinstance(value, bool) and param in (*_FLOAT_PARAMS, *_INT_PARAMS):
+        if isinstance(value, bool) and param in (*FLOAT_FIELDS, *INT_FIELDS):
             raise self.error(field, _bool_hint(value, param))
-        if param in _FLOAT_PARAMS:
+        if param in FLOAT_FIELDS:
             try:
                 return float(value)
             except (TypeError, ValueError):
                 raise self.error(field, f"must be a number, got {value!r}") from None
-        if param in _INT_PARAMS:
+        if param in INT_FIELDS:
             return self.integer(field, value)
         if param in PARAMS and not isinstance(value, str):
             raise self.error(field, f"must be a string, got {value!r}")
@@ -478,7 +475,7 @@ class _Checker:
 
     def range(self, field: str, param: str, value: dict[str, Any]) -> Range:
         self.keys(field, value, ["min", "max", "scaling"])
-        if param not in _FLOAT_PARAMS and param not in _INT_PARAMS:
+        if param not in FLOAT_FIELDS and param not in INT_FIELDS:
             raise self.error(field, "only numeric parameters can be sampled from {min, max}")
         for key in ("min", "max"):
             if key not in value:

@@ -59,17 +59,12 @@ def test_batches_are_pixels_in_unit_range_read_at_the_last_step(tmp_path: Path) 
     task = PixelMNIST(data_dir=str(write_idx_folder(tmp_path / "idx")), val_size=6)
     x, y = task.train_batch(0, 8, seed=0)
     assert x.shape == (784, 8, 1) and x.min() >= 0 and x.max() <= 1
-    expected = torch.tensor([y_i for y_i in y.tolist()])
-    assert torch.allclose(x[0, :, 0] * 255, x[-1, :, 0] * 255)  # uniform images
-    assert ((x[0, :, 0] * 255).round().long() % 10).tolist() == expected.tolist()
-    logits = torch.zeros(784, 8, 10)
-    logits[-1] = torch.nn.functional.one_hot(y, 10).float()
-    _, correct, count = task.loss_and_metrics(task_logits_last(logits), y)
-    assert (correct, count) == (8, 8)
-
-
-def task_logits_last(logits: torch.Tensor) -> torch.Tensor:
-    return logits[-1:].clone()
+    image_index = (x[0, :, 0] * 255).round().long()  # image i has every pixel equal to i
+    assert torch.equal(x[0], x[-1]) and (image_index % 10).tolist() == y.tolist()
+    # The classifier's last-step read-out is (1, B, classes); only that step is scored.
+    right = torch.nn.functional.one_hot(y, 10).float().unsqueeze(0)
+    assert task.loss_and_metrics(right, y)[1:] == (8, 8)
+    assert task.loss_and_metrics(right.roll(1, dims=-1), y)[1] == 0
 
 
 def test_epoch_order_covers_every_training_image_once(tmp_path: Path) -> None:
