@@ -115,3 +115,18 @@ def tiny_copying(**overrides: Any) -> dict[str, Any]:
         for param in spec.get(section, {}):
             spec["fixed"].pop(param, None)
     return spec
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def cell_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Run a test once with the compiled LSTM cells (lstm_cells.c) and once with torch ops."""
+    import torch
+
+    from study.models import cpu_cells
+
+    monkeypatch.setenv(cpu_cells.ENV_SWITCH, request.param)
+    cpu_cells._compiled_cells.cache_clear()
+    in_use = cpu_cells.cells_for(torch.zeros(1))
+    assert isinstance(in_use, cpu_cells.CompiledCells) == (request.param == "compiled")
+    yield request.param
+    cpu_cells._compiled_cells.cache_clear()

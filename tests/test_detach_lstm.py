@@ -53,7 +53,9 @@ def masks_for(kind: str, generator: torch.Generator) -> tuple:
 
 @pytest.mark.parametrize("input_size", [1, 3])
 @pytest.mark.parametrize("kind", ["none", "h", "c"])
-def test_masked_gradients_equal_autograd_reference(input_size: int, kind: str) -> None:
+def test_masked_gradients_equal_autograd_reference(
+    input_size: int, kind: str, cell_kind: str
+) -> None:
     generator = torch.Generator().manual_seed(input_size * 10 + len(kind))
     model = DetachLSTM(input_size, HIDDEN).double()
     model.reset_parameters(generator)
@@ -96,7 +98,7 @@ def test_wrong_masks_give_different_gradients() -> None:
         assert max((a - b).abs().max().item() for a, b in zip(got, want, strict=True)) > 1e-6
 
 
-def test_matches_nn_lstm_outputs_and_gradients_without_masks() -> None:
+def test_matches_nn_lstm_outputs_and_gradients_without_masks(cell_kind: str) -> None:
     torch.manual_seed(0)
     reference = nn.LSTM(3, HIDDEN).double()
     model = DetachLSTM(3, HIDDEN).double()

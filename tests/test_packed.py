@@ -37,7 +37,9 @@ CASES = [
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("case", CASES)
-def test_packed_cpu_members_are_bit_identical_to_solo(case: tuple, threads: int) -> None:
+def test_packed_cpu_members_are_bit_identical_to_solo(
+    case: tuple, threads: int, cell_kind: str
+) -> None:
     steps, batch, input_size, hidden, classes, count, readout, p_h, p_c = case
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

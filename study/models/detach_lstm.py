@@ -4,19 +4,142 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from study.models.cpu_cells import cells_for
 from study.models.device_lstm import device_lstm, keep_factors
+from study.models.workspace import Workspace
+
+
+@dataclass
+class Tape:
+    """What the CPU forward of one sequence keeps for its backward (T steps, batch B, hidden H)."""
+
+    hs: torch.Tensor  # (T+1, B, H): hs[t] = h_{t-1}, hs[0] = h0
+    cs: torch.Tensor  # (T+1, B, H): cs[t] = c_{t-1}
+    tanh_cs: torch.Tensor  # (T, B, H): tanh(c_t)
+    gates: torch.Tensor  # (T, B, 4H): the activated i, f, g, o
+
+    @classmethod
+    def take(
+        cls, workspace: Workspace, members: int, shape: tuple[int, int, int], like: torch.Tensor
+    ) -> Tape:
+        """Buffers for K sequences of shape (T, B, H), stacked member-major: (K, T+1, B, H)..."""
+        steps, batch, hidden = shape
+        return cls(
+            workspace.take(members, (steps + 1, batch, hidden), like),
+            workspace.take(members, (steps + 1, batch, hidden), like),
+            workspace.take(members, (steps, batch, hidden), like),
+            workspace.take(members, (steps, batch, 4 * hidden), like),
+        )
+
+    def member(self, k: int) -> Tape:
+        """Member k's tape of a stacked one."""
+        return Tape(self.hs[k], self.cs[k], self.tanh_cs[k], self.gates[k])
+
+
+def masked_lstm_forward(
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    tape: Tape,
+) -> None:
+    """A plain LSTM forward on a CPU, filling `tape`: x (T, B, I), nn.LSTM's four weights.
+
+    h-detach changes gradients only (paper Sec. 4: "the forward pass is unchanged"). Per step:
+    one GEMM (torch) and one pass of pointwise work (study.models.cpu_cells).
+    """
+    weight_ih, weight_hh, bias_ih, bias_hh = weights
+    steps, batch, input_size = x.shape
+    tape.hs[0].copy_(h0)
+    tape.cs[0].copy_(c0)
+    # All input projections in one GEMM, both biases folded in, written into the gate buffer;
+    # each step then adds its recurrent GEMM in place.
+    torch.addmm(
+        bias_ih + bias_hh,
+        x.reshape(steps * batch, input_size),
+        weight_ih.t(),
+        out=tape.gates.view(steps * batch, -1),
+    )
+    weight_hh_t = weight_hh.t()
+    cells = cells_for(x)
+    # Per-step views made in one C++ call each (unbind), not T Python indexings.
+    step_views = zip(
+        tape.gates.unbind(0),
+        tape.hs[:-1].unbind(0),
+        tape.hs[1:].unbind(0),
+        tape.cs[:-1].unbind(0),
+        tape.cs[1:].unbind(0),
+        tape.tanh_cs.unbind(0),
+        strict=True,
+    )
+    for gates, h_prev, h_next, c_prev, c_next, tanh_c in step_views:
+        gates.addmm_(h_prev, weight_hh_t)
+        cells.forward(gates, c_prev, c_next, tanh_c, h_next)
+
+
+def masked_lstm_backward(
+    x: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor],
+    tape: Tape,
+    grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    detach: tuple[list[bool] | None, list[bool] | None],
+    grad_gates: torch.Tensor,
+    needs: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, ...]:
+    """Masked BPTT for `masked_lstm_forward`: gradients of (x, h0, c0, W_ih, W_hh, bias).
+
+    `grads` are those of (output, h_n, c_n), None when unused; `detach` the per-step h- and
+    c-detach flags; `grad_gates` (T, B, 4H) receives d loss / d gate pre-activations; `needs`
+    says which of the six gradients to form (the others come back None).
+    """
+    weight_ih, weight_hh = weights
+    grad_output, dh, dc = (None if g is None else g.contiguous() for g in grads)
+    steps, batch, input_size = x.shape
+    hidden = weight_hh.shape[1]
+    detach_h = detach[0] or [False] * steps
+    detach_c = detach[1] or [False] * steps
+    cells = cells_for(x)
+    dh_next, dc_next = x.new_empty(batch, hidden), x.new_empty(batch, hidden)
+    grad_output_s = grad_output.unbind(0) if grad_output is not None else [None] * steps
+    step_views = zip(
+        tape.gates.unbind(0),
+        tape.cs[:-1].unbind(0),
+        tape.tanh_cs.unbind(0),
+        grad_output_s,
+        grad_gates.unbind(0),
+        strict=True,
+    )
+    for t, (act, c_prev, tanh_c, grad_out, grad_gate) in reversed(list(enumerate(step_views))):
+        cells.backward(act, c_prev, tanh_c, dh, grad_out, dc, grad_gate, dc_next)
+        # c-detach cuts c_{t-1} -> c_t; h-detach cuts h_{t-1} -> gates_t (GEMM skipped).
+        dc = None if detach_c[t] else dc_next
+        dh = None if detach_h[t] else torch.mm(grad_gate, weight_hh, out=dh_next)
+
+    flat_grad = grad_gates.view(steps * batch, 4 * hidden)
+    grad_x = grad_h0 = grad_c0 = grad_w_ih = grad_w_hh = grad_bias = None
+    if needs[0]:
+        grad_x = torch.mm(flat_grad, weight_ih).view(steps, batch, input_size)
+    if needs[1]:
+        grad_h0 = dh if dh is not None else x.new_zeros(batch, hidden)
+    if needs[2]:
+        grad_c0 = dc if dc is not None else x.new_zeros(batch, hidden)
+    # Weight gradients are not masked: W_hh still multiplies the (detached) h_{t-1}.
+    if needs[3]:
+        grad_w_ih = torch.mm(flat_grad.t(), x.reshape(steps * batch, input_size))
+    if needs[4]:
+        grad_w_hh = torch.mm(flat_grad.t(), tape.hs[:-1].reshape(steps * batch, hidden))
+    if needs[5]:
+        grad_bias = flat_grad.sum(0)
+    return grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias
 
 
 class _MaskedLSTMFunction(torch.autograd.Function):
-    """The whole sequence as one autograd node: forward once, hand-written masked BPTT.
-
-    h-detach changes gradients only (paper Sec. 4: "the forward pass is unchanged"), so the forward
-    is a plain LSTM and the masks act only in the backward recursion below.
-    """
+    """The whole sequence as one autograd node: forward once, hand-written masked BPTT."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -30,60 +153,18 @@ class _MaskedLSTMFunction(torch.autograd.Function):
         bias_hh: torch.Tensor,
         detach_h: list[bool] | None,
         detach_c: list[bool] | None,
+        workspace: Workspace,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        steps, batch, input_size = x.shape
-        hidden = weight_hh.shape[1]
-        hs = x.new_empty(steps + 1, batch, hidden)  # hs[t] = h_{t-1}; hs[0] = h0
-        cs = x.new_empty(steps + 1, batch, hidden)
-        tanh_cs = x.new_empty(steps, batch, hidden)
-        hs[0].copy_(h0)
-        cs[0].copy_(c0)
-        two_h, three_h = 2 * hidden, 3 * hidden
-        # tanh(z) = 2 sigmoid(2z) - 1: doubling the g rows lets one sigmoid over all four gates
-        # replace a slow strided tanh. The doubled copies are made once per sequence.
-        gate_scale = x.new_ones(4 * hidden, 1)
-        gate_scale[two_h:three_h] = 2.0
-        weight_hh_t = (weight_hh * gate_scale).t()
-        # All input projections in one GEMM, written straight into the gate buffer; both biases
-        # folded in once. Each step then adds its recurrent GEMM in place.
-        gates = torch.addmm(
-            (bias_ih + bias_hh) * gate_scale.squeeze(1),
-            x.reshape(steps * batch, input_size),
-            (weight_ih * gate_scale).t(),
-        ).view(steps, batch, 4 * hidden)
-        # Per-step views made in one C++ call each (unbind) instead of T Python indexings: at
-        # 784 steps (pixel MNIST) the Python overhead per op is what separates us from oneDNN.
-        one, minus_one = x.new_ones(()), -x.new_ones(())
-        step_views = zip(
-            gates.unbind(0),
-            gates[..., :hidden].unbind(0),
-            gates[..., hidden:two_h].unbind(0),
-            gates[..., two_h:three_h].unbind(0),
-            gates[..., three_h:].unbind(0),
-            hs[:-1].unbind(0),
-            hs[1:].unbind(0),
-            cs[:-1].unbind(0),
-            cs[1:].unbind(0),
-            tanh_cs.unbind(0),
-            strict=True,
-        )
-        for gate, i, f, g, o, h_prev, h_next, c_prev, c_next, tanh_c in step_views:
-            gate.addmm_(h_prev, weight_hh_t)  # gate becomes the activated i, f, g, o
-            gate.sigmoid_()
-            torch.addcmul(minus_one, g, one, value=2.0, out=g)  # g = 2 sigmoid(2z) - 1
-            torch.mul(f, c_prev, out=c_next)
-            c_next.addcmul_(i, g)
-            # tanh(c) = 2 sigmoid(2c) - 1 again: three fast ops beat one slow torch.tanh here.
-            torch.mul(c_next, 2.0, out=tanh_c).sigmoid_()
-            torch.addcmul(minus_one, tanh_c, one, value=2.0, out=tanh_c)
-            torch.mul(o, tanh_c, out=h_next)
+        steps, batch, _ = x.shape
+        tape = Tape.take(workspace, 1, (steps, batch, weight_hh.shape[1]), x).member(0)
+        masked_lstm_forward(x, h0, c0, (weight_ih, weight_hh, bias_ih, bias_hh), tape)
         # Unused outputs (h_n for copying, the sequence for a last-step read-out) arrive as None
         # rather than zeros, so the backward skips adding them.
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight_ih, weight_hh, hs, cs, gates, tanh_cs)
-        ctx.detach_h = detach_h
-        ctx.detach_c = detach_c
-        return hs[1:], hs[steps], cs[steps]
+        ctx.save_for_backward(x, weight_ih, weight_hh, tape.hs, tape.cs, tape.tanh_cs, tape.gates)
+        ctx.detach = (detach_h, detach_c)
+        ctx.workspace = workspace
+        return tape.hs[1:], tape.hs[steps], tape.cs[steps]
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -92,68 +173,20 @@ class _MaskedLSTMFunction(torch.autograd.Function):
         grad_h_n: torch.Tensor | None,
         grad_c_n: torch.Tensor | None,
     ) -> tuple[torch.Tensor | None, ...]:
-        x, weight_ih, weight_hh, hs, cs, gates, tanh_cs = ctx.saved_tensors
-        steps, batch, input_size = x.shape
-        hidden = weight_hh.shape[1]
-        two_h, three_h = 2 * hidden, 3 * hidden
-        detach_h = ctx.detach_h or [False] * steps
-        detach_c = ctx.detach_c or [False] * steps
-        # The local derivatives are formed step by step inside the loop, while that step's
-        # (B, 4H) block is in cache: vectorised over all T they cost more in memory traffic.
-        local = torch.empty_like(gates)  # becomes d loss / d gate pre-activations
-        one = gates.new_ones(())
-        # Per-step views, each list made in one C++ call (see forward).
-        gate_s, tanh_s, c_prev_s = gates.unbind(0), tanh_cs.unbind(0), cs[:-1].unbind(0)
-        i_s, f_s = gates[..., :hidden].unbind(0), gates[..., hidden:two_h].unbind(0)
-        g_s, o_s = gates[..., two_h:three_h].unbind(0), gates[..., three_h:].unbind(0)
-        local_s = local.unbind(0)
-        local_i, local_f = local[..., :hidden].unbind(0), local[..., hidden:two_h].unbind(0)
-        local_g, local_o = local[..., two_h:three_h].unbind(0), local[..., three_h:].unbind(0)
-        local_cell = local[..., :three_h].view(steps, batch, 3, hidden).unbind(0)
-        grad_output_s = grad_output.unbind(0) if grad_output is not None else None
-        dh = grad_h_n  # gradient reaching h_t from later steps (None = zero)
-        dc = grad_c_n
-        for t in range(steps - 1, -1, -1):
-            gate, i, f, g, o, tanh_c = gate_s[t], i_s[t], f_s[t], g_s[t], o_s[t], tanh_s[t]
-            dh_t = grad_output_s[t] if grad_output_s is not None else None
-            if dh is not None:
-                dh_t = dh if dh_t is None else dh_t + dh
-            if dh_t is None:
-                dh_t = tanh_c.new_zeros(batch, hidden)
-            # dc_t = dc + dh_t * o * (1 - tanh(c_t)^2)
-            dtanh = torch.addcmul(one, tanh_c, tanh_c, value=-1.0).mul_(o)
-            dc_t = torch.addcmul(dc, dh_t, dtanh) if dc is not None else dh_t * dtanh
-            # sigmoid' = s (1 - s) for i, f, o in one op; tanh' = 1 - g^2 for g.
-            torch.addcmul(gate, gate, gate, value=-1.0, out=local_s[t])
-            torch.addcmul(one, g, g, value=-1.0, out=local_g[t])
-            local_i[t].mul_(g)  # d c / d i = g
-            local_f[t].mul_(c_prev_s[t])  # d c / d f = c_{t-1}
-            local_g[t].mul_(i)  # d c / d g = i
-            local_o[t].mul_(tanh_c).mul_(dh_t)  # d h / d o = tanh(c_t), scaled by dh_t
-            # i, f, g columns are scaled by dc_t: one broadcast multiply for the three.
-            local_cell[t].mul_(dc_t.unsqueeze(1))
-            # c-detach cuts c_{t-1} -> c_t; h-detach cuts h_{t-1} -> gates_t (GEMM skipped).
-            dc = None if detach_c[t] else dc_t.mul_(f)
-            dh = None if detach_h[t] else torch.mm(local_s[t], weight_hh)
-
-        grad_gates = local.view(steps * batch, 4 * hidden)
+        x, weight_ih, weight_hh, *saved = ctx.saved_tensors
+        tape = Tape(*saved)
         needs = ctx.needs_input_grad
-        grad_x = grad_h0 = grad_c0 = None
-        grad_w_ih = grad_w_hh = grad_bias = None
-        if needs[0]:
-            grad_x = torch.mm(grad_gates, weight_ih).view(steps, batch, input_size)
-        if needs[1]:
-            grad_h0 = dh if dh is not None else hs.new_zeros(batch, hidden)
-        if needs[2]:
-            grad_c0 = dc if dc is not None else cs.new_zeros(batch, hidden)
-        # Weight gradients are not masked: W_hh still multiplies the (detached) h_{t-1}.
-        if needs[3]:
-            grad_w_ih = torch.mm(grad_gates.t(), x.reshape(steps * batch, input_size))
-        if needs[4]:
-            grad_w_hh = torch.mm(grad_gates.t(), hs[:-1].reshape(steps * batch, hidden))
-        if needs[5] or needs[6]:
-            grad_bias = grad_gates.sum(0)
-        return (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_bias, None, None)
+        grads = masked_lstm_backward(
+            x,
+            (weight_ih, weight_hh),
+            tape,
+            (grad_output, grad_h_n, grad_c_n),
+            ctx.detach,
+            ctx.workspace.take(1, tuple(tape.gates.shape), x)[0],
+            (*needs[:5], needs[5] or needs[6]),
+        )
+        grad_bias = grads[5]
+        return (*grads, grad_bias, None, None, None)
 
 
 def _as_step_flags(mask: torch.Tensor | None, steps: int, name: str) -> list[bool] | None:
@@ -181,6 +214,8 @@ class DetachLSTM(nn.Module):
         self.bias_ih_l0 = nn.Parameter(torch.empty(4 * hidden_size))
         self.bias_hh_l0 = nn.Parameter(torch.empty(4 * hidden_size))
         self.reset_parameters()
+        # The CPU path's per-sequence buffers, reused from step to step (not module state).
+        self.workspace = Workspace()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Uniform(-1/sqrt(H), 1/sqrt(H)) for every parameter, as torch and the authors do."""
@@ -232,6 +267,7 @@ class DetachLSTM(nn.Module):
             self.bias_hh_l0,
             _as_step_flags(detach_h, steps, "detach_h"),
             _as_step_flags(detach_c, steps, "detach_c"),
+            self.workspace,
         )
         return output, (h_n.unsqueeze(0), c_n.unsqueeze(0))
 
