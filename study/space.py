@@ -41,8 +41,20 @@ class Cell:
         return [trial_id(self.first_trial + k) for k in range(self.n_samples)]
 
 
+@dataclass(frozen=True)
+class Pack:
+    """Trials of a grid or random study trained together as one batched model (one Ray trial)."""
+
+    pack_id: str
+    trials: list[PlannedTrial]
+
+
 def trial_id(number: int) -> str:
     return f"t{number:04d}"
+
+
+def pack_id(number: int) -> str:
+    return f"p{number:04d}"
 
 
 def trial_number(name: str) -> int:
@@ -94,6 +106,30 @@ def plan_trials(spec: StudySpec) -> list[PlannedTrial]:
             shown = {**_effective(point, config), "seed": seed}
             trials.append(PlannedTrial(trial_id(len(trials)), config, shown))
     return trials
+
+
+def plan_packs(spec: StudySpec) -> list[Pack]:
+    """The trials grouped into packs of at most resources.pack members, in plan order.
+
+    A trial joins the newest unfilled pack of its group, else opens one; packs are numbered by
+    their first trial. With pack 1 every trial is a pack of one.
+    """
+    from study.packed_train import pack_key  # torch-heavy, as the task checks already are
+
+    size = spec.resources.pack
+    packs: list[list[PlannedTrial]] = []
+    open_packs: dict[str, list[PlannedTrial]] = {}
+    for trial in plan_trials(spec):
+        # Task options join the key: members with other options (T, data) may differ in shape,
+        # which only building the task would tell.
+        options = sorted(trial.config.task_options.items())
+        group = json.dumps([pack_key(trial.config), options], default=str)
+        members = open_packs.get(group)
+        if members is None or len(members) == size:
+            members = open_packs[group] = []
+            packs.append(members)
+        members.append(trial)
+    return [Pack(pack_id(number), members) for number, members in enumerate(packs)]
 
 
 def _random_draws(spec: StudySpec) -> list[dict[str, Any]]:
@@ -197,6 +233,16 @@ def plan_text(spec: StudySpec) -> str:
             span = ids[0] if len(ids) == 1 else f"{ids[0]}..{ids[-1]}"
             point = format_point({**cell.point, "seed": cell.seed})
             lines.append(f"  {span}  {point}: {cell.n_samples} samples")
+    elif spec.resources.pack > 1:
+        packs = plan_packs(spec)
+        lines.append(
+            f"  {count} trials in {len(packs)} packs of <= {spec.resources.pack} "
+            "(one batched model and one Ray trial per pack):"
+        )
+        pack_of = {t.trial_id: p.pack_id for p in packs for t in p.trials}
+        for trial in plan_trials(spec):
+            point = format_point(trial.point)
+            lines.append(f"  {trial.trial_id}  {pack_of[trial.trial_id]}  {point}")
     else:
         for trial in plan_trials(spec):
             lines.append(f"  {trial.trial_id}  {format_point(trial.point)}")

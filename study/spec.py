@@ -68,6 +68,7 @@ class Resources:
     gpus: float = 0.0
     max_concurrent: int | None = None
     max_failures: int = DEFAULT_MAX_FAILURES
+    pack: int = 1  # trials trained together as one batched model (study.packed_train)
 
 
 @dataclass(frozen=True)
@@ -256,7 +257,14 @@ def _build(raw: dict[str, Any], name: str, where: str, smoke: bool) -> StudySpec
             resources_raw.get("max_failures", DEFAULT_MAX_FAILURES),
             minimum=0,
         ),
+        pack=check.integer("resources.pack", resources_raw.get("pack", 1), minimum=1),
     )
+    if resources.pack > 1 and search.searcher == "optuna":
+        raise check.error(
+            "resources.pack",
+            "the optuna searcher suggests one trial at a time, so pack must be 1; "
+            "packing needs search.searcher grid or random",
+        )
     target = raw.get("target")
     if target is not None:
         target = check.number("target", target)

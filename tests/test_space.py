@@ -124,6 +124,59 @@ def test_plan_text_counts_trials(tmp_path: Path) -> None:
     assert "t0003  method=h_detach p_detach=0.5 seed=1" in text
 
 
+def test_packs_group_shareable_trials_in_plan_order(tmp_path: Path) -> None:
+    # batch_size is a shape: the two batch sizes never share a pack, lr and the method may.
+    body = tiny_copying(
+        scientific={"method": ["none", "h_detach"], "p_detach": [0.25, 0.5]},
+        nuisance={"batch_size": [10, 20]},
+        resources={"pack": 3},
+    )
+    spec = load_spec(write_space(tmp_path, "packs", body))
+    packs = space.plan_packs(spec)
+    members = {p.pack_id: [t.trial_id for t in p.trials] for p in packs}
+    assert members == {
+        "p0000": ["t0000", "t0001", "t0004"],
+        "p0001": ["t0002", "t0003", "t0006"],
+        "p0002": ["t0005", "t0008", "t0009"],
+        "p0003": ["t0007", "t0010", "t0011"],
+    }
+    for pack in packs:
+        assert len({t.config.batch_size for t in pack.trials}) == 1
+    assert space.plan_packs(spec) == packs  # deterministic
+    text = space.plan_text(spec)
+    assert "  12 trials in 4 packs of <= 3 (one batched model" in text
+    assert "  t0004  p0000  method=h_detach p_detach=0.25 batch_size=10 seed=0" in text
+    assert text.splitlines()[0].startswith("packs: 12 trials, searcher grid")
+
+
+def test_packs_split_by_task_options_and_follow_random_draws(tmp_path: Path) -> None:
+    body = tiny_copying(
+        scientific={"T": [5, 7]},
+        nuisance={"lr": {"min": 1.0e-3, "max": 1.0e-2}},
+        search={"searcher": "random", "samples_per_cell": 2},
+        resources={"pack": 8},
+    )
+    body["task"] = {"name": "copying", "train_size": 500, "val_size": 100}
+    body["scientific"] = {"T": [5, 7]}
+    spec = load_spec(write_space(tmp_path, "random_packs", body))
+    packs = space.plan_packs(spec)
+    assert [[t.trial_id for t in p.trials] for p in packs] == [
+        ["t0000", "t0001", "t0002", "t0003"],
+        ["t0004", "t0005", "t0006", "t0007"],
+    ]
+    assert [p.trials[0].config.task_options["T"] for p in packs] == [5, 7]
+    assert len({t.config.lr for t in packs[0].trials}) == 2  # the two draws share a pack
+
+
+def test_pack_one_is_a_pack_per_trial_and_plans_as_before(tmp_path: Path) -> None:
+    spec = load_spec(write_space(tmp_path, "solo", tiny_copying()))
+    assert spec.resources.pack == 1
+    packs = space.plan_packs(spec)
+    assert [[t.trial_id for t in p.trials] for p in packs] == [[f"t{i:04d}"] for i in range(4)]
+    text = space.plan_text(spec)
+    assert "pack" not in text and "  t0000  method=none p_detach=0 seed=0" in text
+
+
 @pytest.mark.parametrize("path", SEARCH_SPACES, ids=lambda p: p.stem)
 def test_every_shipped_space_plans_its_smoke_variant(path: Path) -> None:
     spec = load_spec(path, smoke=True)

@@ -127,3 +127,13 @@ def test_smoke_overrides_merge_section_by_section(tmp_path: Path) -> None:
 def test_missing_file_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"nope\.yaml: no such file$"):
         load_spec(tmp_path / "nope.yaml")
+
+
+def test_pack_defaults_to_one_and_works_with_grid_and_random(tmp_path: Path) -> None:
+    assert load_spec(write_space(tmp_path, "solo", tiny_copying())).resources.pack == 1
+    body = tiny_copying(
+        nuisance={"lr": {"min": 1.0e-3, "max": 1.0e-2}},
+        search={"searcher": "random", "samples_per_cell": 2},
+        resources={"pack": "4"},
+    )
+    assert load_spec(write_space(tmp_path, "random", body)).resources.pack == 4
