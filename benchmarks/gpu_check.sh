@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# One short GPU check (under 6 minutes on an H100): the device, the CUDA tests, the step and
-# packing benchmarks. Needs torch (+ torchvision, pytest) only: no Ray, MLflow or Optuna, so
-# pytest runs without tests/conftest.py. Run from anywhere: bash benchmarks/gpu_check.sh
+# One short GPU check (about 5 minutes on an H100, at most ~7.6 by the stage limits): the device,
+# the CUDA tests (graphs and the Triton LSTM kernels), the step benchmark, a Triton tuning sweep,
+# the packing benchmark. Triton compiles each kernel variant once (a few seconds each) in the
+# first stage that uses it; later stages reuse triton's on-disk cache. Needs torch (+ its
+# bundled triton, torchvision, pytest) only: no Ray, MLflow or Optuna, so pytest runs without
+# tests/conftest.py. Run from anywhere: bash benchmarks/gpu_check.sh
 # Logs go to $OUT (if set) or a temporary folder; the exit status is non-zero if a stage failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,10 +28,11 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to $out/N
 stage device 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm \
     --format=csv,noheader; $py -c 'import torch; print(\"torch\", torch.__version__, \
 \"cuda\", torch.version.cuda, torch.cuda.get_device_name())'"
-stage tests 120 "$py" -m pytest -m cuda -q -rs -p no:cacheprovider --noconftest \
-    tests/test_cuda_graph.py
-stage lstm_step 150 "$py" benchmarks/lstm_step_cuda.py --rounds 5 --members 16
-stage packing 80 "$py" benchmarks/packing.py --device cuda --rounds 2 --members 16
+stage tests 140 "$py" -m pytest -m cuda -q -rs -p no:cacheprovider --noconftest \
+    tests/test_cuda_graph.py tests/test_triton_lstm.py
+stage lstm_step 170 "$py" benchmarks/lstm_step_cuda.py --rounds 5 --members 16
+stage triton_sweep 45 "$py" benchmarks/lstm_step_cuda.py --shapes none --triton-sweep --rounds 3
+stage packing 70 "$py" benchmarks/packing.py --device cuda --rounds 2 --members 16
 
 echo "logs: $out"
 if [ -n "$failed" ]; then

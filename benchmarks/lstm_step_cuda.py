@@ -1,24 +1,28 @@
-"""ms per training step on CUDA: h-detach eager and graphed vs cuDNN nn.LSTM and the authors' loop.
+"""ms per training step on CUDA: h-detach (per-step, Triton) vs cuDNN nn.LSTM and the authors' loop
 
 Run from the repository root: `PYTHONPATH=. python benchmarks/lstm_step_cuda.py`. Needs torch only
 (no Ray, MLflow or data sets: inputs are random, shaped as the paper's tasks). Every number comes
-from this one run, so the ratios compare like with like. Medians over rounds.
+from this one run, so the ratios compare like with like. Medians over rounds. `--triton-sweep`
+times the Triton kernels' block size, warps and precision at the pixel-MNIST shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import os
 import random
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from study.config import TrialConfig
-from study.models import SequenceClassifier
+from study.models import SequenceClassifier, triton_lstm
 from study.models.cuda_graph import GraphedStep
 from study.packed_train import _Pack
 from study.tasks.base import Task
@@ -30,6 +34,52 @@ SHAPES = [
     ("pixel MNIST", 784, 100, 100, 10, "last"),
 ]
 P_DETACH = 0.25
+# How the masked LSTM runs: the eager per-step kernels (one GEMM + one fused cell per step), or
+# the persistent Triton kernels with tl.dot in full fp32 ("ieee", the default: torch's
+# allow_tf32 is False), TF32 (as cuDNN's default), or 3xTF32.
+PATHS = {
+    "per-step": {triton_lstm.ENV_SWITCH: "0"},
+    "Triton fp32-ieee": {triton_lstm.ENV_PRECISION: "ieee"},
+    "Triton tf32": {triton_lstm.ENV_PRECISION: "tf32"},
+    "Triton 3xtf32": {triton_lstm.ENV_PRECISION: "tf32x3"},
+}
+
+
+@contextmanager
+def lstm_path(name: str, **env: str) -> Iterator[None]:
+    """Run the masked LSTM as PATHS[name] (plus env overrides); TF32 GEMMs on the tf32 path."""
+    settings = {**PATHS[name], **env}
+    saved = {key: os.environ.get(key) for key in settings}
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32
+    os.environ.update(settings)
+    torch.backends.cuda.matmul.allow_tf32 = name == "Triton tf32"
+    triton_lstm._failed.clear()
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved_tf32
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def path_note(name: str, graphed: GraphedStep | None = None) -> str:
+    """What went wrong in a row, so a fallback is never read as a speed."""
+    notes = []
+    if name.startswith("Triton") and triton_lstm._failed:
+        notes.append("FELL BACK to per-step")
+    if graphed is not None and graphed.device.type == "cuda" and not graphed.captured:
+        notes.append("capture failed: eager")
+    return f" [{'; '.join(notes)}]" if notes else ""
+
+
+def release() -> None:
+    """Free the last rows' packs and graphs (a pack and its GraphedStep form a cycle)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class RandomTask(Task):
@@ -161,12 +211,36 @@ def measure_shape(
             time_steps(forward_backward(cudnn, cudnn_forward), steps, rounds),
         )
     )
-    model = SequenceClassifier(1, hidden, classes).to(device)
+    fp32_cudnn = forward_backward(cudnn, cudnn_forward)
+    saved_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    rows.append(("nn.LSTM (cuDNN), allow_tf32=False", time_steps(fp32_cudnn, steps, rounds)))
+    torch.backends.cudnn.allow_tf32 = saved_tf32
+
+    template = SequenceClassifier(1, hidden, classes).to(device)
     mask = (torch.rand(seq_len) < P_DETACH).to(device)
-    eager = forward_backward(model, lambda: model(x, mask, readout=readout))
-    rows.append(("DetachLSTM p=0.25, eager", time_steps(eager, steps, rounds)))
-    graphed = GraphedStep(eager, [], device)
-    rows.append(("DetachLSTM p=0.25, CUDA graph", time_steps(graphed, steps, rounds)))
+
+    def detach_lstm_step() -> Callable:
+        # A fresh copy per row: a model whose parameters already took part in an eager backward
+        # on the default stream must not be captured on another stream (stale AccumulateGrad).
+        model = SequenceClassifier(1, hidden, classes).to(device)
+        model.load_state_dict(template.state_dict())
+        return forward_backward(model, lambda: model(x, mask, readout=readout))
+
+    cuda = device.type == "cuda"
+    with lstm_path("per-step"):
+        rows.append(
+            ("DetachLSTM p=0.25, per-step, eager", time_steps(detach_lstm_step(), steps, rounds))
+        )
+        graphed = GraphedStep(detach_lstm_step(), [], device)
+        ms = time_steps(graphed, steps, rounds)
+        rows.append(("DetachLSTM p=0.25, per-step, CUDA graph" + path_note("", graphed), ms))
+    for name in ("Triton fp32-ieee", "Triton tf32") if cuda else ():
+        with lstm_path(name):
+            graphed = GraphedStep(detach_lstm_step(), [], device)
+            ms = time_steps(graphed, steps, rounds)
+            rows.append((f"DetachLSTM p=0.25, {name}, CUDA graph" + path_note(name, graphed), ms))
+    release()
 
     optimizer = torch.optim.Adam(cudnn.parameters(), lr=1e-3)
 
@@ -178,18 +252,77 @@ def measure_shape(
 
     rows.append(("STEP nn.LSTM + clip + Adam, eager", time_steps(cudnn_train_step, steps, rounds)))
     task_shape = (seq_len, batch, hidden, classes, readout)
-    solo = time_steps(pack_step(task_shape, 1, device), steps, rounds)
-    rows.append(("STEP h-detach trial (study step, graphed)", solo))
-    packed = time_steps(pack_step(task_shape, members, device), steps, rounds)
-    rows.append((f"STEP {members} packed h-detach trials, per trial", packed / members))
+    default = "Triton fp32-ieee" if cuda else "per-step"
+    with lstm_path(default):
+        solo = time_steps(pack_step(task_shape, 1, device), steps, rounds)
+        rows.append(
+            (f"STEP h-detach trial (study step, graphed), {default}" + path_note(default), solo)
+        )
+        release()
+        packed = time_steps(pack_step(task_shape, members, device), steps, rounds)
+        note = path_note(default)
+    # The smoke test looks for this label: the study's default path.
+    rows.append((f"STEP {members} packed h-detach trials, per trial" + note, packed / members))
+    release()
+    for name in ("Triton tf32", "per-step") if cuda else ():
+        with lstm_path(name):
+            packed = time_steps(pack_step(task_shape, members, device), steps, rounds)
+            rows.append(
+                (f"STEP {members} packed, per trial, {name}" + path_note(name), packed / members)
+            )
+        release()
     return rows
+
+
+def triton_sweep(rounds: int, device: torch.device) -> None:
+    """Forward + backward at the pixel-MNIST shape, graphed, per Triton configuration."""
+    _, seq_len, batch, hidden, classes, readout = SHAPES[1]
+    x = torch.rand(seq_len, batch, 1, device=device)
+    y = torch.randint(0, classes, (batch,), device=device)
+    mask = (torch.rand(seq_len) < P_DETACH).to(device)
+    template = SequenceClassifier(1, hidden, classes).to(device)
+    lstm, head = nn.LSTM(1, hidden).to(device), nn.Linear(hidden, classes).to(device)
+    parameters = [*lstm.parameters(), *head.parameters()]
+
+    def cudnn_step() -> tuple:
+        _, (h_n, _) = lstm(x)
+        return torch.autograd.grad(_loss(head(h_n), y, readout), parameters)
+
+    cudnn = time_steps(cudnn_step, 5, rounds)
+    print(f"\nTriton sweep, pixel MNIST (T={seq_len}, B={batch}, H={hidden}), forward + backward")
+    print(f"nn.LSTM (cuDNN, TF32 default): {cudnn:.2f} ms")
+    print(f"{'precision':<18}{'BLOCK_B':>8}{'warps':>7}{'ms':>9}{'/ cuDNN':>9}")
+    configs = [
+        (name, b, w)
+        for name in ("Triton fp32-ieee", "Triton tf32")
+        for b, w in ((16, 4), (16, 8), (16, 16), (32, 8))
+    ]
+    configs.append(("Triton 3xtf32", 16, 8))
+    for name, block_b, warps in configs:
+        model = SequenceClassifier(1, hidden, classes).to(device)
+        model.load_state_dict(template.state_dict())
+        params = list(model.parameters())
+
+        def step(model: nn.Module = model, params: list = params) -> tuple:
+            return torch.autograd.grad(_loss(model(x, mask, readout=readout), y, readout), params)
+
+        env = {triton_lstm.ENV_BLOCK_B: str(block_b), triton_lstm.ENV_WARPS: str(warps)}
+        with lstm_path(name, **env):
+            graphed = GraphedStep(step, [], device)
+            ms = time_steps(graphed, 5, rounds)
+            note = path_note(name, graphed)
+        print(f"{name:<18}{block_b:>8}{warps:>7}{ms:>9.2f}{ms / cudnn:>9.2f}{note}", flush=True)
+        release()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--members", type=int, default=16, help="trials per pack")
-    parser.add_argument("--shapes", default="all", choices=["all", "copying", "mnist"])
+    parser.add_argument("--shapes", default="all", choices=["all", "copying", "mnist", "none"])
+    parser.add_argument(
+        "--triton-sweep", action="store_true", help="time Triton configurations (pixel MNIST)"
+    )
     parser.add_argument(
         "--smoke", action="store_true", help="tiny shapes, one round; runs on a CPU too"
     )
@@ -214,13 +347,20 @@ def main() -> None:
         cudnn = rows["nn.LSTM (cuDNN), no detach"]
         cudnn_step = rows["STEP nn.LSTM + clip + Adam, eager"]
         print(f"\n{name}: T={seq_len}, B={batch}, H={hidden}; median ms per step")
-        print(f"{'implementation':<48}{'ms':>9}{'/ cuDNN':>9}{'/ cuDNN STEP':>14}")
+        print(f"{'implementation':<64}{'ms':>9}{'/ cuDNN':>9}{'/ cuDNN STEP':>14}")
         for label, ms in rows.items():
-            print(f"{label:<48}{ms:>9.2f}{ms / cudnn:>9.2f}{ms / cudnn_step:>14.2f}")
-        print(f"({time.perf_counter() - started:.0f} s)")
+            print(f"{label:<64}{ms:>9.2f}{ms / cudnn:>9.2f}{ms / cudnn_step:>14.2f}")
+        print(f"({time.perf_counter() - started:.0f} s)", flush=True)
+    if args.triton_sweep and cuda:
+        triton_sweep(1 if args.smoke else args.rounds, device)
+    if args.shapes == "none":
+        return
     print(
         "\nRows without STEP: forward + loss + backward. STEP rows: the whole training step "
         "(+ clipping and Adam; the study step also makes the batch on the host and copies it in)."
+        "\nnn.LSTM (cuDNN) uses TF32 by default (torch.backends.cudnn.allow_tf32); Triton "
+        "fp32-ieee is full fp32 (the study default), Triton tf32 uses TF32 in the kernels and "
+        "GEMMs (what torch.backends.cuda.matmul.allow_tf32=True selects)."
         "\nTargets (issue 5): DetachLSTM graphed <= 1.5 x cuDNN; packed per trial <= 0.5 x "
         "cuDNN STEP."
     )

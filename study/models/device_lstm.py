@@ -50,6 +50,41 @@ def _cell_backward(
     return torch.cat([grad_i, grad_f, grad_g, grad_o], dim=1), dc * f
 
 
+def _input_gates(
+    x: torch.Tensor, weight_ih: torch.Tensor, bias_ih: torch.Tensor, bias_hh: torch.Tensor
+) -> torch.Tensor:
+    """All input projections at once, both biases folded in: (T, K, B, 4H), contiguous."""
+    bias = (bias_ih + bias_hh).unsqueeze(1)  # (K, 1, 4H)
+    if x.shape[-1] == 1:
+        return torch.addcmul(bias, x, weight_ih.transpose(1, 2)).contiguous()
+    return torch.matmul(x, weight_ih.transpose(1, 2)).add_(bias).contiguous()
+
+
+def _parameter_grads(
+    needs: tuple[bool, ...],
+    gates: torch.Tensor,
+    x: torch.Tensor,
+    weight_ih: torch.Tensor,
+    all_h: torch.Tensor,
+    grad_h0: torch.Tensor | None,
+    grad_c0: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of every DeviceMaskedLSTM input from the gate gradients gates (T, K, B, 4H)."""
+    grad_x = grad_w_ih = grad_w_hh = grad_bias = None
+    if needs[0]:
+        grad_x = torch.matmul(gates, weight_ih)
+    # Weight gradients are not masked: W_hh still multiplies the (detached) h_{t-1}.
+    if needs[3]:
+        grad_w_ih = torch.einsum("tkbg,tkbi->kgi", gates, x)
+    if needs[4]:
+        grad_w_hh = torch.einsum("tkbg,tkbh->kgh", gates, all_h[:-1])
+    if needs[5] or needs[6]:
+        grad_bias = gates.sum(dim=(0, 2))
+    grad_h0 = grad_h0 if needs[1] else None
+    grad_c0 = grad_c0 if needs[2] else None
+    return (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_bias, None, None)
+
+
 class DeviceMaskedLSTM(torch.autograd.Function):
     """K independent LSTMs over one sequence; masks are (T, K) "keep" factors on the device.
 
@@ -75,15 +110,9 @@ class DeviceMaskedLSTM(torch.autograd.Function):
         keep_c: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = x.contiguous()  # time-major in memory, so the projections below are too
-        steps, members, batch, input_size = x.shape
+        steps, members, batch, _ = x.shape
         rows = members * batch
-        bias = (bias_ih + bias_hh).unsqueeze(1)  # (K, 1, 4H)
-        # All input projections at once, both biases folded in: (T, K, B, 4H).
-        if input_size == 1:
-            gates_x = torch.addcmul(bias, x, weight_ih.transpose(1, 2))
-        else:
-            gates_x = torch.matmul(x, weight_ih.transpose(1, 2)).add_(bias)
-        gates_x = gates_x.contiguous()
+        gates_x = _input_gates(x, weight_ih, bias_ih, bias_hh)
         weight_hh_t = weight_hh.transpose(1, 2)
         hs, cs, workspaces = [h0], [c0], []
         for t in range(steps):
@@ -98,7 +127,11 @@ class DeviceMaskedLSTM(torch.autograd.Function):
         all_h = torch.stack(hs)  # (T+1, K, B, H): all_h[t] = h_{t-1}
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight_ih, weight_hh, all_h, keep_h, keep_c)
-        ctx.cs = cs
+        # c_n is an output: on ctx itself it would close a reference cycle (node -> ctx -> c_n ->
+        # node) that keeps the graph, and with it the parameters' AccumulateGrad nodes and their
+        # recorded stream, alive until Python's cycle collector runs. A later CUDA-graph capture
+        # on another stream then meets a stale default-stream AccumulateGrad and is invalidated.
+        ctx.cs = [*cs[:-1], cs[steps].detach()]
         ctx.workspaces = workspaces
         return all_h[1:], all_h[steps], cs[steps]
 
@@ -109,11 +142,28 @@ class DeviceMaskedLSTM(torch.autograd.Function):
         grad_h_n: torch.Tensor | None,
         grad_c_n: torch.Tensor | None,
     ) -> tuple[torch.Tensor | None, ...]:
-        x, weight_ih, weight_hh, all_h, keep_h, keep_c = ctx.saved_tensors
-        cs, workspaces = ctx.cs, ctx.workspaces
-        steps, members, batch, input_size = x.shape
+        return DeviceMaskedLSTM.eager_backward(
+            ctx.needs_input_grad,
+            ctx.saved_tensors,
+            ctx.cs,
+            ctx.workspaces,
+            (grad_output, grad_h_n, grad_c_n),
+        )
+
+    @staticmethod
+    def eager_backward(
+        needs: tuple[bool, ...],
+        saved: tuple[torch.Tensor | None, ...],
+        cs: list[torch.Tensor],
+        workspaces: list[torch.Tensor],
+        grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    ) -> tuple[torch.Tensor | None, ...]:
+        """The backward step loop from the forward's state: saved = (x, weight_ih, weight_hh,
+        all_h, keep_h, keep_c), cs = [c_0 .. c_T], workspaces = each step's i|f|g|o."""
+        x, weight_ih, weight_hh, all_h, keep_h, keep_c = saved
+        grad_output, grad_h_n, grad_c_n = grads
+        steps, members, batch, _ = x.shape
         rows = members * batch
-        needs = ctx.needs_input_grad
         if grad_output is not None:
             grad_output = grad_output.contiguous()
         grad_hy = grad_h_n
@@ -152,21 +202,9 @@ class DeviceMaskedLSTM(torch.autograd.Function):
             if keep_c is not None:
                 grad_cy = grad_cy.mul_(keep_c[t].view(members, 1, 1))
         gates = torch.stack(grad_gates).view(steps, members, batch, -1)  # (T, K, B, 4H)
-        grad_x = grad_h0 = grad_c0 = grad_w_ih = grad_w_hh = grad_bias = None
-        if needs[0]:
-            grad_x = torch.matmul(gates, weight_ih)
-        if needs[1]:
-            grad_h0 = grad_hy
-        if needs[2]:
-            grad_c0 = grad_cy if grad_cy is not None else torch.zeros_like(cs[0])
-        # Weight gradients are not masked: W_hh still multiplies the (detached) h_{t-1}.
-        if needs[3]:
-            grad_w_ih = torch.einsum("tkbg,tkbi->kgi", gates, x)
-        if needs[4]:
-            grad_w_hh = torch.einsum("tkbg,tkbh->kgh", gates, all_h[:-1])
-        if needs[5] or needs[6]:
-            grad_bias = gates.sum(dim=(0, 2))
-        return (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_bias, None, None)
+        if grad_cy is None and needs[2]:
+            grad_cy = torch.zeros_like(cs[0])
+        return _parameter_grads(needs, gates, x, weight_ih, all_h, grad_hy, grad_cy)
 
 
 def keep_factors(
@@ -188,5 +226,15 @@ def device_lstm(
     keep_h: torch.Tensor | None,
     keep_c: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Apply DeviceMaskedLSTM: x (T, K, B, I), h0/c0 (K, B, H), stacked nn.LSTM weights."""
+    """Apply the masked LSTM: x (T, K, B, I), h0/c0 (K, B, H), stacked nn.LSTM weights.
+
+    On CUDA with fp32 and H <= 256 this is the persistent Triton kernel pair (one launch per
+    direction for the whole sequence); otherwise, or without Triton, DeviceMaskedLSTM's step
+    loop. Both compute the same function.
+    """
+    if x.is_cuda:
+        from study.models import triton_lstm  # imports triton: only on the CUDA path
+
+        if triton_lstm.supports(x, h0, c0, weights):
+            return triton_lstm.triton_lstm(x, h0, c0, weights, keep_h, keep_c)
     return DeviceMaskedLSTM.apply(x, h0, c0, *weights, keep_h, keep_c)

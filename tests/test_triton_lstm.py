@@ -1,0 +1,313 @@
+"""The Triton LSTM kernels: against the eager path in Triton's CPU interpreter, and on a GPU."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import warnings
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+import study.models.cuda_graph as cuda_graph
+from study.models.device_lstm import DeviceMaskedLSTM, device_lstm
+
+REPO = Path(__file__).resolve().parent.parent
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytest.importorskip("triton", reason="needs triton")
+TOLERANCE = 1e-5
+
+# (T, K, B, H, I, masks, grad_output, grad_h_n, grad_c_n): B=19 is no multiple of BLOCK_B, H=10
+# pads to 16 columns, and the absent gradients exercise set_materialize_grads(False).
+CASES = [
+    (7, 2, 5, 10, 1, "hc", True, True, True),
+    (7, 2, 19, 32, 3, "none", True, False, False),
+    (7, 2, 19, 10, 3, "h", False, True, True),
+    (7, 2, 5, 32, 1, "c", True, False, True),
+    (7, 1, 19, 10, 1, "hc", False, False, True),
+]
+
+
+def _inputs(case: tuple, device: str = "cpu", seed: int = 0) -> dict:
+    steps, members, batch, hidden, input_size, masks, *present = case
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * scale).to(device)
+
+    def keep(kind: str) -> torch.Tensor | None:
+        if kind not in masks:
+            return None
+        return (torch.rand(steps, members, generator=generator) > 0.4).float().to(device)
+
+    bound = hidden**-0.5
+    return {
+        "x": rand(steps, members, batch, input_size),
+        "h0": rand(members, batch, hidden, scale=0.5),
+        "c0": rand(members, batch, hidden, scale=0.5),
+        "weights": [
+            rand(members, 4 * hidden, input_size, scale=bound),
+            rand(members, 4 * hidden, hidden, scale=bound),
+            rand(members, 4 * hidden, scale=bound),
+            rand(members, 4 * hidden, scale=bound),
+        ],
+        "keep_h": keep("h"),
+        "keep_c": keep("c"),
+        "grads": [
+            rand(steps, members, batch, hidden) if present[0] else None,
+            rand(members, batch, hidden) if present[1] else None,
+            rand(members, batch, hidden) if present[2] else None,
+        ],
+    }
+
+
+def _run(function, inputs: dict, keep_h: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Outputs and the gradients of every input (None where an output gets no gradient)."""
+    leaves = [inputs["x"], inputs["h0"], inputs["c0"], *inputs["weights"]]
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    keep_h = inputs["keep_h"] if keep_h is None else keep_h
+    outputs = function(*leaves, keep_h, inputs["keep_c"])
+    loss = sum(
+        (out * g).sum() for out, g in zip(outputs, inputs["grads"], strict=True) if g is not None
+    )
+    grads = torch.autograd.grad(loss, leaves)
+    return [t.detach() for t in (*outputs, *grads)]
+
+
+def _max_error(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> float:
+    return max((a - b).abs().max().item() for a, b in zip(ours, theirs, strict=True))
+
+
+def _interpreter_report() -> dict:
+    """Runs in a child process with TRITON_INTERPRET=1: max |Triton - eager| per case.
+
+    Both product paths run: "ieee" (operands read back from memory in slices) and "tf32"
+    (operands in registers; the interpreter computes it in fp32).
+    """
+    from study.models import triton_lstm
+
+    report: dict = {}
+    for precision in ("ieee", "tf32"):
+        os.environ[triton_lstm.ENV_PRECISION] = precision
+        for case in CASES:
+            inputs = _inputs(case)
+            args = (inputs["x"], inputs["h0"], inputs["c0"], inputs["weights"])
+            assert triton_lstm.supports(*args)
+            expected = _run(DeviceMaskedLSTM.apply, inputs)
+            actual = _run(triton_lstm.TritonMaskedLSTM.apply, inputs)
+            report[f"{precision} {case}"] = _max_error(actual, expected)
+        # Two register tiles per state (H > CHUNK), as for 128 < H <= 256 on a GPU, made small.
+        triton_lstm.CHUNK = 16
+        inputs = _inputs((5, 2, 19, 20, 2, "hc", True, True, True))
+        expected = _run(DeviceMaskedLSTM.apply, inputs)
+        actual = _run(triton_lstm.TritonMaskedLSTM.apply, inputs)
+        report[f"{precision} two tiles"] = _max_error(actual, expected)
+        triton_lstm.CHUNK = 128
+    os.environ.pop(triton_lstm.ENV_PRECISION)
+    # A deliberately wrong h-detach mask must not match.
+    inputs = _inputs(CASES[0])
+    expected = _run(DeviceMaskedLSTM.apply, inputs)
+    wrong = _run(triton_lstm.TritonMaskedLSTM.apply, inputs, keep_h=1 - inputs["keep_h"])
+    report["wrong mask"] = _max_error(wrong, expected)
+    # A backward kernel that fails to compile: the eager loop takes over from the saved state.
+    triton_lstm._backward_kernel = None  # subscripting it raises TypeError
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fallback = _run(triton_lstm.TritonMaskedLSTM.apply, inputs)
+    report["backward fallback"] = _max_error(fallback, expected)
+    report["fallback warnings"] = [str(w.message) for w in caught]
+    return report
+
+
+@pytest.fixture(scope="module")
+def interpreter_report() -> dict:
+    result = subprocess.run(
+        [sys.executable, __file__],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+@pytest.mark.parametrize("case", [str(case) for case in CASES] + ["two tiles"])
+def test_interpreted_kernels_match_the_eager_path(
+    interpreter_report: dict, precision: str, case: str
+) -> None:
+    assert interpreter_report[f"{precision} {case}"] < TOLERANCE
+
+
+def test_interpreted_kernels_with_a_wrong_mask_do_not_match(interpreter_report: dict) -> None:
+    assert interpreter_report["wrong mask"] > 100 * TOLERANCE
+
+
+def test_backward_compile_failure_falls_back_to_the_eager_loop(interpreter_report: dict) -> None:
+    assert interpreter_report["backward fallback"] < TOLERANCE
+    messages = interpreter_report["fallback warnings"]
+    assert len(messages) == 1 and "eager CUDA path" in messages[0]
+
+
+def test_forward_failure_falls_back_and_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without the interpreter a kernel cannot take CPU tensors: launching raises, as a
+    # compile failure would on a GPU, and the eager path must take over.
+    from study.models import triton_lstm
+
+    monkeypatch.setattr(cuda_graph, "_said", set())
+    monkeypatch.setattr(triton_lstm, "_failed", set())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    inputs = _inputs(CASES[0])
+    expected = _run(DeviceMaskedLSTM.apply, inputs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            actual = _run(triton_lstm.TritonMaskedLSTM.apply, inputs)
+            assert _max_error(actual, expected) == 0
+    assert sum("Triton LSTM kernel failed" in str(w.message) for w in caught) == 1
+
+
+def test_cpu_tensors_and_other_dtypes_keep_the_eager_path(monkeypatch) -> None:
+    from study.models import triton_lstm
+
+    inputs = _inputs(CASES[0])
+    args = (inputs["x"], inputs["h0"], inputs["c0"], inputs["weights"])
+    assert not triton_lstm.supports(*args)  # a CPU tensor, no interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_lstm.supports(*args)
+    assert not triton_lstm.supports(args[0].double(), *args[1:])
+    monkeypatch.setenv(triton_lstm.ENV_SWITCH, "0")
+    assert not triton_lstm.supports(*args)
+
+
+def test_the_eager_path_frees_its_graph_without_the_cycle_collector() -> None:
+    # A graph kept alive by a reference cycle keeps the parameters' AccumulateGrad nodes, made
+    # on the eager step's stream, which invalidated a later CUDA-graph capture of that model.
+    inputs = _inputs(CASES[0])
+    leaves = [t.requires_grad_() for t in inputs["weights"]]
+    gc.disable()
+    try:
+        outputs = DeviceMaskedLSTM.apply(
+            inputs["x"], inputs["h0"], inputs["c0"], *leaves, None, None
+        )
+        refs = [weakref.ref(output) for output in outputs]
+        del outputs
+        assert all(ref() is None for ref in refs)
+    finally:
+        gc.enable()
+
+
+# --- on a GPU ---------------------------------------------------------------------------------
+
+# The benchmark shapes (copying T=100 and pixel MNIST) and a packed one, as (T, K, B, H, I).
+GPU_SHAPES = [(120, 1, 100, 128, 1), (784, 1, 100, 100, 1), (120, 16, 100, 128, 1)]
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=["copying", "mnist", "copying-K16"])
+def test_triton_matches_the_eager_path_on_cuda(shape: tuple, monkeypatch) -> None:
+    from study.models import triton_lstm
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    case = (*shape, "hc", True, True, True)
+    inputs = _inputs(case, device="cuda", seed=1)
+    assert triton_lstm.supports(inputs["x"], inputs["h0"], inputs["c0"], inputs["weights"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a kernel that fell back fails the test
+        actual = _run(triton_lstm.TritonMaskedLSTM.apply, inputs)
+    expected = _run(DeviceMaskedLSTM.apply, inputs)
+    for ours, theirs in zip(actual, expected, strict=True):
+        # Gradients summed over 784 steps and 100 rows: compare relative to their size.
+        scale = theirs.abs().max().item()
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * max(scale, 1.0))
+    wrong = _run(triton_lstm.TritonMaskedLSTM.apply, inputs, keep_h=1 - inputs["keep_h"])
+    assert not torch.allclose(wrong[7], expected[7], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.cuda
+@CUDA
+def test_triton_tf32_is_close_to_ieee_on_cuda(monkeypatch) -> None:
+    case = (120, 1, 100, 128, 1, "h", True, False, False)
+    inputs = _inputs(case, device="cuda", seed=2)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    ieee = _run(device_lstm_apply, inputs)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    tf32 = _run(device_lstm_apply, inputs)
+    for ours, theirs in zip(tf32, ieee, strict=True):
+        scale = theirs.abs().max().item()
+        torch.testing.assert_close(ours, theirs, rtol=1e-2, atol=1e-2 * max(scale, 1.0))
+
+
+def device_lstm_apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, keep_h, keep_c):
+    return device_lstm(x, h0, c0, (w_ih, w_hh, b_ih, b_hh), keep_h, keep_c)
+
+
+@pytest.mark.cuda
+@CUDA
+def test_the_study_step_runs_triton_inside_its_cuda_graph(monkeypatch) -> None:
+    from study.config import TrialConfig
+    from study.models import triton_lstm
+    from study.packed_train import _Pack, train_packed
+    from study.train import _Trial
+
+    monkeypatch.setattr(cuda_graph, "_said", set())
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # evaluation uses cuDNN
+    calls = []
+    original = triton_lstm.triton_lstm
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(triton_lstm, "triton_lstm", counted)
+    base = dict(
+        task="copying",
+        task_options={"T": 10, "train_size": 400, "val_size": 60},
+        hidden_size=100,
+        batch_size=20,
+        iterations=20,
+        eval_every=10,
+        device="cuda",
+    )
+    configs = [
+        TrialConfig(**base, method="h_detach", p_detach=0.5, seed=1),
+        TrialConfig(**base, method="c_detach", p_detach=0.25, seed=2),
+        TrialConfig(**base, seed=3),
+    ]
+    device = torch.device("cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed capture or kernel fails
+        pack = _Pack([_Trial(config, device) for config in configs], device)
+        pack.step(0)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for iteration in range(1, 4):
+                pack.step(iteration)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert pack.graphed is not None and pack.graphed.captured and calls
+        ours = train_packed(configs)
+    monkeypatch.setenv(triton_lstm.ENV_SWITCH, "0")
+    eager = train_packed(configs)
+    for a, b in zip(ours, eager, strict=True):
+        assert a.status == b.status and len(a.curve) == len(b.curve)
+        for point_a, point_b in zip(a.curve, b.curve, strict=True):
+            for key, value in point_b.items():
+                if key.endswith("accuracy"):
+                    assert abs(point_a[key] - value) <= 0.05, key
+                else:
+                    assert point_a[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
+
+
+if __name__ == "__main__":  # the interpreter child of interpreter_report
+    sys.path.insert(0, str(REPO))
+    print(json.dumps(_interpreter_report()))
