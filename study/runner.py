@@ -1,4 +1,4 @@
-"""Ray Tune: the trainable around train(), Tuners and searchers, resume (the only ray import)."""
+"""Ray Tune: trainable around train() and train_packed(), Tuners, resume (the only ray import)."""
 
 from __future__ import annotations
 
@@ -23,15 +23,17 @@ from ray.tune.search.optuna import OptunaSearch
 
 from study import console, space, tracking
 from study.config import ConfigError, TrialConfig
+from study.packed_train import train_packed
 from study.spec import Range, StudySpec, spec_from_mapping
 from study.tasks import TASKS
-from study.train import COMPLETED, DIVERGED, Progress, train
+from study.train import COMPLETED, DIVERGED, RUNNING, Progress, Reporter, train
 
 STATE_FILE = "study.json"  # our own record of a study, next to Ray's state in DIR/ray/NAME
-CHECKPOINT_FILE = "trial.pt"
+CHECKPOINT_FILE = "trial.pt"  # a trial's {"status", "state"}; a pack's {"members": {id: ...}}
 # Two, not one: if the driver dies, Tune's experiment snapshot may still name the previous one.
 CHECKPOINTS_KEPT = 2
 Echo = Callable[[str], None]
+Tags = dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -85,82 +87,214 @@ class StudyState:
 
 
 def _trainable(config: dict[str, Any]) -> None:
-    """One trial: train() with every evaluation logged to MLflow and reported to Tune."""
+    """One Ray trial: a trial, or a pack of trials trained as one batched model, with every
+    evaluation logged to each trial's MLflow run and reported to Tune."""
     study = config["study"]
     # Ray reserves `cpus` cores for the trial; torch would otherwise use every core on the node.
     torch.set_num_threads(max(1, int(study["cpus"])))
-    trial_id = tune.get_context().get_trial_name()
+    node = ray.get_runtime_context().get_node_id()
+    members = [
+        _Member(study, trial_id, trial_config, tags, node)
+        for trial_id, trial_config, tags in _members_of(
+            config, tune.get_context().get_trial_name()
+        )
+    ]
+    try:
+        if "pack" in config:
+            _train_pack_and_report(members, study["mode"])
+        else:
+            _train_and_report(members[0])
+    except Exception as error:
+        for member in members:
+            if not member.finished:
+                member.run.fail(error)
+        raise
+    for member in members:
+        if not member.finished:
+            member.finish()
+
+
+def _members_of(config: dict[str, Any], ray_trial: str) -> list[tuple[str, TrialConfig, Tags]]:
+    """(trial id, config, extra MLflow tags) of each trial a Ray trial runs."""
+    if "pack" in config:
+        pack = config["pack"]
+        tags = {"study.pack": pack["id"], "study.pack_size": str(pack["size"])}
+        return [(m["id"], TrialConfig.from_dict(m["config"]), tags) for m in pack["members"]]
     if "nuisance" in config:
         trial_config = space.sample_config(
-            config["trial"]["config"], config["nuisance"], study["task_options"]
+            config["trial"]["config"], config["nuisance"], config["study"]["task_options"]
         )
     else:
         trial_config = TrialConfig.from_dict(config["trial"]["config"])
-    run = tracking.TrialRun(
-        study["tracking_uri"],
-        study["parent_run_id"],
-        trial_id,
-        trial_config,
-        study["roles"],
-        study["name"],
-    )
-    # Which Ray node ran the trial (the last attempt's, after a retry): shows a study's spread.
-    run.mlflow.set_tag(run.run_id, "ray.node_id", ray.get_runtime_context().get_node_id())
-    try:
-        outcome = _train_and_report(trial_config, run, study["metric"])
-    except Exception as error:
-        run.fail(error)
-        raise
-    run.finish(outcome)
+    return [(ray_trial, trial_config, {})]
 
 
-def _train_and_report(config: TrialConfig, run: tracking.TrialRun, metric: str) -> str:
-    state, status = _restore()
-    if status in (COMPLETED, DIVERGED):
-        return status  # it had finished when the driver died; nothing left to train
-    latest: dict[str, Any] = {}
+class _Member:
+    """One trial inside a Ray trial (alone or packed): its MLflow run and what Tune hears of it."""
+
+    def __init__(
+        self, study: dict[str, Any], trial_id: str, config: TrialConfig, tags: Tags, node: str
+    ) -> None:
+        self.trial_id = trial_id
+        self.config = config
+        self.metric = study["metric"]
+        self.run = tracking.TrialRun(
+            study["tracking_uri"],
+            study["parent_run_id"],
+            trial_id,
+            config,
+            study["roles"],
+            study["name"],
+            tags,
+        )
+        # Which Ray node ran the trial (the last attempt's, after a retry): shows a study's spread.
+        self.run.mlflow.set_tag(self.run.run_id, "ray.node_id", node)
+        self.status = RUNNING
+        self.iteration = -1
+        self.latest: dict[str, Any] = {}
+        self.checkpoint: Callable[[], dict[str, Any]] | None = None
+        self.finished = False
+
+    def record(self, progress: Progress) -> None:
+        self.latest.update(progress.metrics)
+        if progress.status == DIVERGED:
+            # A searcher must not rank a diverged trial by its old values.
+            self.latest[self.metric] = math.nan
+        self.run.log(progress.iteration, progress.metrics)
+        self.iteration, self.status = progress.iteration, progress.status
+        self.checkpoint = progress.checkpoint
+
+    def result(self) -> dict[str, Any]:
+        # Tune checks that every result holds the searcher's metric.
+        return {
+            self.metric: math.nan,
+            **self.latest,
+            "iteration": self.iteration,
+            "outcome": self.status,
+        }
+
+    def finish(self) -> None:
+        self.run.finish(self.status)
+        self.finished = True
+
+
+def _train_and_report(member: _Member) -> None:
+    saved = _restore()
+    if saved is not None and saved["status"] in (COMPLETED, DIVERGED):
+        member.status = saved["status"]  # it had finished when the driver died
+        return
 
     def report(progress: Progress) -> None:
-        latest.update(progress.metrics)
-        if progress.status == DIVERGED:
-            latest[metric] = math.nan  # a searcher must not rank a diverged trial by old values
-        run.log(progress.iteration, progress.metrics)
-        with tempfile.TemporaryDirectory() as folder:
-            saved = {"status": progress.status, "state": progress.checkpoint()}
-            torch.save(saved, Path(folder) / CHECKPOINT_FILE)
-            tune.report(
-                # Tune checks that every result holds the searcher's metric.
-                {
-                    metric: math.nan,
-                    **latest,
-                    "iteration": progress.iteration,
-                    "outcome": progress.status,
-                },
-                checkpoint=tune.Checkpoint.from_directory(folder),
-            )
+        member.record(progress)
+        _report(member.result(), {"status": progress.status, "state": progress.checkpoint()})
 
-    return train(config, report, resume_from=state).status
+    resume_from = saved["state"] if saved is not None else None
+    member.status = train(member.config, report, resume_from=resume_from).status
 
 
-def _restore() -> tuple[dict[str, Any] | None, str | None]:
+def _train_pack_and_report(members: list[_Member], mode: str) -> None:
+    """train_packed over the members still running; one Tune report per evaluation, once every
+    running member has reported it, with a checkpoint holding each member's state."""
+    saved = (_restore() or {}).get("members", {})
+    for member in members:
+        if member.trial_id in saved:
+            restored = saved[member.trial_id]
+            member.status, member.iteration = restored["status"], restored["iteration"]
+            member.latest = dict(restored["latest"])
+    running = [member for member in members if member.status == RUNNING]
+    unreported = False
+
+    def report_pack() -> None:
+        nonlocal unreported
+        states = {
+            member.trial_id: {
+                "status": member.status,
+                "iteration": member.iteration,
+                "latest": member.latest,
+                # Finished members are not trained again: their state is not needed.
+                "state": member.checkpoint() if member.status == RUNNING else None,
+            }
+            for member in members
+        }
+        _report(_pack_result(members, mode), {"members": states})
+        unreported = False
+
+    def reporter(member: _Member) -> Reporter:
+        def report(progress: Progress) -> None:
+            nonlocal unreported
+            member.record(progress)
+            unreported = True
+            if progress.status == DIVERGED:
+                member.finish()  # its run says so now; the others go on
+            elif all(
+                other.iteration == progress.iteration
+                for other in running
+                if other.status != DIVERGED
+            ):
+                report_pack()
+
+        return report
+
+    if running:
+        train_packed(
+            [member.config for member in running],
+            [reporter(member) for member in running],
+            [
+                saved[member.trial_id]["state"] if member.trial_id in saved else None
+                for member in running
+            ],
+        )
+    if unreported:  # every member left diverged between two evaluations
+        report_pack()
+
+
+def _pack_result(members: list[_Member], mode: str) -> dict[str, Any]:
+    """What Tune sees of a pack: its best member's metric, its outcome (running until every
+    member has finished) and each member's own result under its trial id."""
+    metric = members[0].metric
+    values = [member.latest.get(metric, math.nan) for member in members]
+    finite = [value for value in values if not math.isnan(value)]
+    statuses = {member.status for member in members}
+    if RUNNING in statuses:
+        outcome = RUNNING
+    else:
+        outcome = COMPLETED if COMPLETED in statuses else DIVERGED
+    result = {
+        metric: (max if mode == "max" else min)(finite) if finite else math.nan,
+        "iteration": max(member.iteration for member in members),
+        "outcome": outcome,
+    }
+    for member in members:
+        result.update({f"{member.trial_id}/{k}": v for k, v in member.result().items()})
+    return result
+
+
+def _report(result: dict[str, Any], saved: dict[str, Any]) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(saved, Path(folder) / CHECKPOINT_FILE)
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _restore() -> dict[str, Any] | None:
+    """The last checkpoint's {"status", "state"} (a trial) or {"members": {id: ...}} (a pack)."""
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        return None, None
+        return None
     try:
         with checkpoint.as_directory() as folder:
-            saved = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True)
+            return torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True)
     except (FileNotFoundError, OSError):
         # A stale snapshot can name a checkpoint already rotated away. Training is deterministic
         # and MLflow skips logged steps, so starting over costs time, not correctness.
-        return None, None
-    return saved["state"], saved["status"]
+        return None
 
 
 class _TrialNamer:
-    """Names Ray trials by our trial ids (t0007), so folders, logs and MLflow runs agree.
+    """Names Ray trials by our trial ids (t0007) or pack ids (p0003), so folders, logs and MLflow
+    runs agree.
 
-    A grid trial carries its id; an Optuna trial gets the cell's first id plus its sample number
-    (Tune's experiment tag starts with a 1-based counter).
+    A grid trial or pack carries its id; an Optuna trial gets the cell's first id plus its sample
+    number (Tune's experiment tag starts with a 1-based counter).
     """
 
     def __init__(self, first_trial: int | None = None) -> None:
@@ -168,7 +302,7 @@ class _TrialNamer:
 
     def __call__(self, trial: Any) -> str:
         if self.first_trial is None:
-            return trial.config["trial"]["id"]
+            return trial.config["pack" if "pack" in trial.config else "trial"]["id"]
         counter = int(str(trial.experiment_tag).split("_", 1)[0])
         return space.trial_id(self.first_trial + counter - 1)
 
@@ -177,39 +311,68 @@ class _TrialNamer:
 
 
 class _Reporter:
-    """Prints one line per finished trial, numbered across sessions of the study."""
+    """Prints one line per finished trial (each member of a pack), numbered across sessions."""
 
-    def __init__(self, state: StudyState, total: int, finished: set[str], echo: Echo) -> None:
+    def __init__(
+        self, state: StudyState, total: int, finished: set[str], done: set[str], echo: Echo
+    ) -> None:
         self.state = state
         self.total = total
         self.finished = set(finished)
+        # Packed trials that completed or diverged in an earlier session: their pack can run
+        # again for its other members, and must not print them twice.
+        self.done_before = set(done)
         self.echo = echo
 
     def error(self, trial: Any) -> str:
-        """The error the trial recorded in MLflow itself, else the one Ray kept."""
-        run = tracking.find_trial_run(
-            self.state.tracking_uri, self.state.parent_run_id, str(trial)
-        )
-        if run is not None and run.data.tags.get("error"):
-            return run.data.tags["error"]
+        """The error the trial (a pack: its first member that has one) recorded in MLflow
+        itself, else the one Ray kept."""
+        for trial_id, _, _ in _members_of(trial.config, str(trial)):
+            run = tracking.find_trial_run(
+                self.state.tracking_uri, self.state.parent_run_id, trial_id
+            )
+            if run is not None and run.data.tags.get("error"):
+                return run.data.tags["error"]
         return _trial_error(trial)
 
-    def line(self, trial: Any, outcome: str, error: str = "") -> None:
-        name = str(trial)
-        self.finished.add(name)
+    def lines(self, trial: Any, error: str | None = None) -> None:
+        """The lines of a Ray trial that ended: completed, or failed with `error`."""
         result = trial.last_result or {}
-        point = {**trial.config["trial"]["point"], **trial.config.get("nuisance", {})}
-        best = result.get("best/val_accuracy")
+        if "pack" not in trial.config:
+            outcome = result.get("outcome", COMPLETED) if error is None else tracking.FAILED
+            point = {**trial.config["trial"]["point"], **trial.config.get("nuisance", {})}
+            self._line(str(trial), point, outcome, result.get("best/val_accuracy"), result, error)
+            return
+        for member in trial.config["pack"]["members"]:
+            trial_id = member["id"]
+            if trial_id in self.done_before:
+                continue
+            outcome = result.get(f"{trial_id}/outcome", COMPLETED)
+            if error is not None and outcome not in (COMPLETED, DIVERGED):
+                outcome = tracking.FAILED  # the pack failed while this member was running
+            best = result.get(f"{trial_id}/best/val_accuracy")
+            self._line(trial_id, member["point"], outcome, best, result, error)
+
+    def _line(
+        self,
+        trial_id: str,
+        point: dict[str, Any],
+        outcome: str,
+        best: float | None,
+        result: dict[str, Any],
+        error: str | None,
+    ) -> None:
+        self.finished.add(trial_id)
         self.echo(
             console.trial_line(
                 len(self.finished),
                 self.total,
-                name,
+                trial_id,
                 point,
                 outcome,
                 best,
                 result.get("time_total_s"),
-                error,
+                error or "",
             )
         )
 
@@ -222,11 +385,11 @@ _reporter: _Reporter | None = None
 class _ProgressCallback(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if _reporter is not None:
-            _reporter.line(trial, (trial.last_result or {}).get("outcome", COMPLETED))
+            _reporter.lines(trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if _reporter is not None:
-            _reporter.line(trial, tracking.FAILED, _reporter.error(trial))
+            _reporter.lines(trial, _reporter.error(trial))
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if _reporter is not None:
@@ -304,10 +467,10 @@ def _execute(
     verb = "resuming" if resuming else "running"
     echo(
         f"{verb} {spec.name}{' (smoke)' if spec.smoke else ''}: {total} trials "
-        f"({len(finished)} finished), {spec.search.searcher} search; "
+        f"({len(finished)} finished), {spec.search.searcher} search{_packs_label(spec)}; "
         f"MLflow {_store_label(state.tracking_uri)}, Ray state {state.experiment_dir}"
     )
-    _reporter = _Reporter(state, total, finished, echo)
+    _reporter = _Reporter(state, total, finished, done, echo)
     try:
         with _ray_session(address, spec):
             if spec.search.searcher == "optuna":
@@ -342,17 +505,36 @@ def _fit_grid(
     else:
         # No Tune state yet (the driver died at once): start over with the trials MLflow does
         # not hold as completed or diverged (failed ones are retried, as Tune's restore does).
-        trials = [t for t in space.plan_trials(spec) if t.trial_id not in done]
-        if not trials:
+        axis, points = _grid_points(spec, done)
+        if not points:
             return
-        grid = [{"id": t.trial_id, "config": t.config.to_dict(), "point": t.point} for t in trials]
         tuner = tune.Tuner(
             trainable,
-            param_space={"study": _context(state), "trial": tune.grid_search(grid)},
+            param_space={"study": _context(state), axis: tune.grid_search(points)},
             tune_config=_tune_config(spec, max_concurrent, _TrialNamer()),
             run_config=_run_config(state, spec.name, state.ray_dir),
         )
     _reconcile(state, tuner.fit())
+
+
+def _grid_points(spec: StudySpec, done: set[str]) -> tuple[str, list[dict[str, Any]]]:
+    """The Tune grid: one point per trial ("trial"), or per pack ("pack") when resources.pack > 1,
+    leaving out the trials in `done`."""
+
+    def planned(trial: space.PlannedTrial) -> dict[str, Any]:
+        return {"id": trial.trial_id, "config": trial.config.to_dict(), "point": trial.point}
+
+    if spec.resources.pack == 1:
+        return "trial", [planned(t) for t in space.plan_trials(spec) if t.trial_id not in done]
+    packs = [
+        {
+            "id": pack.pack_id,
+            "size": len(pack.trials),
+            "members": [planned(t) for t in pack.trials if t.trial_id not in done],
+        }
+        for pack in space.plan_packs(spec)
+    ]
+    return "pack", [pack for pack in packs if pack["members"]]
 
 
 def _fit_cell(
@@ -425,6 +607,7 @@ def _context(state: StudyState) -> dict[str, Any]:
         "parent_run_id": state.parent_run_id,
         "roles": space.roles(spec),
         "metric": spec.search.metric,
+        "mode": spec.search.mode,
         "cpus": spec.resources.cpus,
         "task_options": list(spec.task_option_names),
     }
@@ -466,23 +649,18 @@ def _reconcile(state: StudyState, results: Any) -> None:
     for result in results:
         if result.error is None:
             continue
-        config = result.config
-        if "nuisance" in config:
-            trial_config = space.sample_config(
-                config["trial"]["config"], config["nuisance"], list(spec.task_option_names)
-            )
-        else:
-            trial_config = TrialConfig.from_dict(config["trial"]["config"])
         error = getattr(result.error, "cause", None) or result.error
-        tracking.record_failure(
-            state.tracking_uri,
-            state.parent_run_id,
-            Path(result.path).name,
-            tracking.one_line(error),
-            trial_config,
-            space.roles(spec),
-            spec.name,
-        )
+        for trial_id, trial_config, tags in _members_of(result.config, Path(result.path).name):
+            tracking.record_failure(
+                state.tracking_uri,
+                state.parent_run_id,
+                trial_id,
+                tracking.one_line(error),
+                trial_config,
+                space.roles(spec),
+                spec.name,
+                tags,
+            )
 
 
 @contextlib.contextmanager
@@ -518,6 +696,12 @@ def _ray_session(address: str | None, spec: StudySpec) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def _packs_label(spec: StudySpec) -> str:
+    if spec.resources.pack == 1:
+        return ""
+    return f", {len(space.plan_packs(spec))} packs of <= {spec.resources.pack}"
 
 
 def _parent_tags(spec: StudySpec) -> dict[str, str]:

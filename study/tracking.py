@@ -155,12 +155,13 @@ class TrialRun:
         config: TrialConfig,
         roles: dict[str, str],
         study_name: str,
+        tags: dict[str, str] | None = None,
     ) -> None:
         self.mlflow = client(tracking_uri)
         existing = find_trial_run(tracking_uri, parent_run_id, trial_id)
         if existing is None:
             self.run_id = _create_trial_run(
-                self.mlflow, parent_run_id, trial_id, config, roles, study_name
+                self.mlflow, parent_run_id, trial_id, config, roles, study_name, tags
             )
             self.last_step = -1
         else:
@@ -200,6 +201,7 @@ def _create_trial_run(
     config: TrialConfig,
     roles: dict[str, str],
     study_name: str,
+    extra_tags: dict[str, str] | None = None,
 ) -> str:
     parent = mlflow.get_run(parent_run_id)
     tags = {
@@ -211,6 +213,7 @@ def _create_trial_run(
         "method": config.method,
         "seed": str(config.seed),
         **{f"role.{param}": role for param, role in roles.items()},
+        **(extra_tags or {}),
     }
     run = mlflow.create_run(parent.info.experiment_id, run_name=trial_id, tags=tags)
     params = [Param(key, value) for key, value in flatten(config).items()]
@@ -241,13 +244,21 @@ def record_failure(
     config: TrialConfig,
     roles: dict[str, str],
     study_name: str,
+    tags: dict[str, str] | None = None,
 ) -> None:
-    """Mark a trial FAILED from the driver: its process died before it could say so itself."""
+    """Mark a trial FAILED from the driver: its process died before it could say so itself.
+
+    A run already FINISHED keeps its outcome: a packed trial can diverge before its pack fails.
+    """
     mlflow = client(tracking_uri)
     run = find_trial_run(tracking_uri, parent_run_id, trial_id)
     if run is None:
-        run_id = _create_trial_run(mlflow, parent_run_id, trial_id, config, roles, study_name)
-    elif run.info.status == "FAILED" and "error" in run.data.tags:
+        run_id = _create_trial_run(
+            mlflow, parent_run_id, trial_id, config, roles, study_name, tags
+        )
+    elif run.info.status == "FINISHED" or (
+        run.info.status == "FAILED" and "error" in run.data.tags
+    ):
         return
     else:
         run_id = run.info.run_id

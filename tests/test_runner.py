@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from conftest import FASHION_MNIST, tiny_copying, write_space
 from mlflow import MlflowClient
 
 from study import runner, space, tracking
-from study.config import ConfigError
+from study.config import ConfigError, TrialConfig
 from study.spec import StudySpec, load_spec
 from study.train import train
 
@@ -49,6 +51,26 @@ def children(uri: str, name: str) -> dict[str, object]:
 
 def steps(uri: str, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def solo_curve(config: TrialConfig) -> list[dict[str, float]]:
+    """The trial's curve from train() alone, on one thread as in its Ray trial."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(config).curve
+    finally:
+        torch.set_num_threads(threads)
+
+
+def as_logged(value: float) -> float:
+    """MLflow stores an infinite metric as the largest finite float."""
+    return math.copysign(sys.float_info.max, value) if math.isinf(value) else value
+
+
+def logged_curve(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    history = MlflowClient(uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in history)
 
 
 @pytest.mark.slow
@@ -244,10 +266,58 @@ def _kill_session(session: int) -> None:
     assert not _session_processes(session), "Ray processes outlived the killed driver"
 
 
+def running_with_steps(uri: str, name: str, count: int) -> str | None:
+    """A trial whose run is RUNNING with at least `count` evaluations logged, if any."""
+    for trial_id, run_ in children(uri, name).items():
+        if run_.info.status != "RUNNING":
+            continue
+        if len(steps(uri, run_.info.run_id, "train/loss")) >= count:
+            return trial_id
+    return None
+
+
+def kill_driver_when(
+    path: Path, output: Path, env: dict[str, str], ready: Callable[[], str | None]
+) -> str:
+    """Run `study run PATH` and SIGKILL its whole session once `ready()` names a trial."""
+    log_path = output.parent / "run.log"
+    log = open(log_path, "w")  # noqa: SIM115 (closed below)
+    driver = subprocess.Popen(
+        [STUDY, "run", str(path), "--output", str(output)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,  # its own session: every process it starts can be found
+    )
+    found = None
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.5)
+            # The state file is written once the driver has created the store: reading a
+            # fresh SQLite file while MLflow migrates it would break the migration.
+            if not (output / "ray" / path.stem / runner.STATE_FILE).exists():
+                continue
+            found = ready()
+            if found is not None:
+                break
+        assert found is not None, log_path.read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        _kill_session(driver.pid)
+        log.close()
+    return found
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_of_the_driver(tmp_path: Path) -> None:
+    # A wider model and batch than tiny_copying's: a trial must outlast the poll that finds it
+    # midway and the kill that follows.
     body = tiny_copying(
-        fixed={"iterations": 200, "eval_every": 10},
+        model={"hidden_size": 64},
+        fixed={"iterations": 400, "eval_every": 20, "batch_size": 50},
         resources={"max_failures": 0},
     )
     path = write_space(tmp_path, "killed", body)
@@ -257,43 +327,15 @@ def test_resume_after_sigkill_of_the_driver(tmp_path: Path) -> None:
     # Tune snapshots its experiment state every 10 s or more; these trials last a few seconds,
     # so snapshot often to make sure the interrupted trial resumes from a checkpoint.
     env["TUNE_GLOBAL_CHECKPOINT_S"] = "0.5"
-    log = open(tmp_path / "run.log", "w")  # noqa: SIM115 (closed below)
-    driver = subprocess.Popen(
-        [*study, "run", str(path), "--output", str(output)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,  # its own session: every process it starts can be found
-    )
     uri = tracking.store_uri(output)
-    midway = None
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and driver.poll() is None:
-            time.sleep(0.5)
-            # The state file is written once the driver has created the store: reading a
-            # fresh SQLite file while MLflow migrates it would break the migration.
-            if not (output / "ray" / "killed" / runner.STATE_FILE).exists():
-                continue
-            summary = tracking.summarize(uri, "killed")
-            if summary is None or not summary.count("completed"):
-                continue
-            runs = children(uri, "killed")
-            running = [
-                t
-                for t, r in runs.items()
-                if r.info.status == "RUNNING" and len(steps(uri, r.info.run_id, "train/loss")) >= 5
-            ]
-            if running:
-                midway = running[0]
-                break
-        assert midway is not None, (tmp_path / "run.log").read_text()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-        _kill_session(driver.pid)
-        log.close()
+
+    def one_completed_one_midway() -> str | None:
+        summary = tracking.summarize(uri, "killed")
+        if summary is None or not summary.count("completed"):
+            return None
+        return running_with_steps(uri, "killed", 5)
+
+    midway = kill_driver_when(path, output, env, one_completed_one_midway)
     before = children(uri, "killed")
     assert before[midway].info.status == "RUNNING"
     logged_before = steps(uri, before[midway].info.run_id, "train/loss")
@@ -313,7 +355,7 @@ def test_resume_after_sigkill_of_the_driver(tmp_path: Path) -> None:
 
     runs = children(uri, "killed")
     assert list(runs) == [f"t{i:04d}" for i in range(4)]
-    expected_steps = list(range(10, 201, 10))
+    expected_steps = list(range(20, 401, 20))
     for run_ in runs.values():
         assert run_.info.status == "FINISHED"
         for key in ("train/loss", "val/accuracy", "best/val_accuracy"):
@@ -326,15 +368,130 @@ def test_resume_after_sigkill_of_the_driver(tmp_path: Path) -> None:
     restores = [row for row in rows if row["iterations_since_restore"] == 1]
     assert any(row["training_iteration"] > 1 for row in restores), rows
     config = next(t.config for t in space.plan_trials(load_spec(path)) if t.trial_id == midway)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the trial
-    try:
-        reference = train(config).curve
-    finally:
-        torch.set_num_threads(threads)
+    reference = solo_curve(config)
     history = MlflowClient(uri).get_metric_history(runs[midway].info.run_id, "val/accuracy")
     logged = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert logged == [point["val/accuracy"] for point in reference]
     losses = MlflowClient(uri).get_metric_history(runs[midway].info.run_id, "train/loss")
     logged_loss = [m.value for m in sorted(losses, key=lambda m: m.step)]
     assert logged_loss == pytest.approx([p["train/loss"] for p in reference], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_packed_study_trains_each_member_as_its_solo_run(tmp_path: Path, ray_cluster) -> None:
+    # Adam at lr 1e36 overflows at the second step: t0001 diverges inside p0000 while its two
+    # pack mates train on; p0001 holds t0003 alone, which diverges too.
+    body = tiny_copying(
+        fixed={"iterations": 40, "clip_norm": None},
+        nuisance={"lr": [1.0e-2, 1.0e36]},
+        replicates={"seeds": 1},
+        resources={"pack": 3},
+    )
+    spec = load_spec(write_space(tmp_path, "packed", body))
+    assert [[t.trial_id for t in p.trials] for p in space.plan_packs(spec)] == [
+        ["t0000", "t0001", "t0002"],
+        ["t0003"],
+    ]
+    output = tmp_path / "out"
+    code, lines = run(spec, output)
+    assert code == 0, lines
+    assert lines[0].startswith(
+        "running packed: 4 trials (0 finished), grid search, 2 packs of <= 3"
+    )
+
+    uri = tracking.store_uri(output)
+    planned = {t.trial_id: t.config for t in space.plan_trials(spec)}
+    runs = children(uri, "packed")
+    assert list(runs) == list(planned)
+    packs = {"t0000": "p0000", "t0001": "p0000", "t0002": "p0000", "t0003": "p0001"}
+    for trial_id, run_ in runs.items():
+        tags = run_.data.tags
+        assert run_.data.params == tracking.flatten(planned[trial_id])
+        assert run_.info.status == "FINISHED" and run_.info.run_name == trial_id
+        assert tags["study.pack"] == packs[trial_id]
+        assert tags["study.pack_size"] == ("3" if packs[trial_id] == "p0000" else "1")
+        assert tags["role.lr"] == "nuisance" and tags["role.method"] == "scientific"
+        reference = solo_curve(planned[trial_id])
+        for key in ("train/loss", "train/grad_norm", "val/loss", "val/accuracy"):
+            expected = [(p["iteration"], as_logged(p[key])) for p in reference if key in p]
+            assert logged_curve(uri, run_.info.run_id, key) == expected, (trial_id, key)
+    outcomes = {t: r.data.tags["outcome"] for t, r in runs.items()}
+    assert outcomes == {
+        "t0000": "completed",
+        "t0001": "diverged",
+        "t0002": "completed",
+        "t0003": "diverged",
+    }
+    assert steps(uri, runs["t0001"].info.run_id, "train/loss") == [2]
+    assert steps(uri, runs["t0002"].info.run_id, "val/accuracy") == [10, 20, 30, 40]
+
+    # One Ray trial per pack; Tune's last result holds each member's outcome and metrics.
+    experiment = output / "ray" / "packed"
+    assert sorted(p.name for p in experiment.iterdir() if p.is_dir()) == ["p0000", "p0001"]
+    last = json.loads((experiment / "p0000" / "result.json").read_text().splitlines()[-1])
+    assert (last["outcome"], last["iteration"]) == ("completed", 40)
+    assert last["t0001/outcome"] == "diverged" and last["t0002/outcome"] == "completed"
+    best = max(last["t0000/val/accuracy"], last["t0002/val/accuracy"])
+    assert last["val/accuracy"] == best
+    progress = [line for line in lines if line.startswith("[")]
+    assert sorted(line.split(" ")[1] for line in progress) == list(planned)
+    assert all(re.match(LINE.format(total=4), line) for line in progress)
+    assert any(line.startswith("packed: 4 trials: 2 completed, 2 diverged") for line in lines)
+
+
+@pytest.mark.slow
+def test_resume_a_packed_study_after_sigkill_of_the_driver(tmp_path: Path) -> None:
+    body = tiny_copying(
+        model={"hidden_size": 64},  # as in the test above
+        fixed={"iterations": 300, "eval_every": 10, "batch_size": 50},
+        resources={"pack": 2, "max_failures": 0},
+    )
+    path = write_space(tmp_path, "killed_packs", body)
+    spec = load_spec(path)
+    packs = {t.trial_id: p for p in space.plan_packs(spec) for t in p.trials}
+    output = tmp_path / "out"
+    env = without_ray_address()
+    env["TUNE_GLOBAL_CHECKPOINT_S"] = "0.5"  # as in the test above
+    uri = tracking.store_uri(output)
+    midway = kill_driver_when(
+        path, output, env, lambda: running_with_steps(uri, "killed_packs", 3)
+    )
+    pack = packs[midway]
+    assert len(pack.trials) == 2
+    before = children(uri, "killed_packs")
+    logged_before = steps(uri, before[midway].info.run_id, "train/loss")
+    assert 0 < len(logged_before) < 30
+
+    resumed = subprocess.run(
+        [STUDY, "resume", "killed_packs", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        start_new_session=True,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming killed_packs: 4 trials" in resumed.stdout
+    assert "killed_packs: 4 trials: 4 completed" in resumed.stdout
+
+    runs = children(uri, "killed_packs")  # still one run per trial
+    assert list(runs) == [f"t{i:04d}" for i in range(4)]
+    expected_steps = list(range(10, 301, 10))
+    for trial_id, run_ in runs.items():
+        assert run_.info.status == "FINISHED" and run_.data.tags["outcome"] == "completed"
+        assert run_.data.tags["study.pack"] == packs[trial_id].pack_id
+        for key in ("train/loss", "val/accuracy", "best/val_accuracy"):
+            assert steps(uri, run_.info.run_id, key) == expected_steps, (trial_id, key)
+
+    # The interrupted pack continued from its checkpoint, each member on its own solo curve.
+    results = (output / "ray" / "killed_packs" / pack.pack_id / "result.json").read_text()
+    rows = [json.loads(line) for line in results.splitlines()]
+    restores = [row for row in rows if row["iterations_since_restore"] == 1]
+    assert any(row["training_iteration"] > 1 for row in restores), rows
+    assert any(row["iteration"] > 10 for row in restores), rows  # not trained from scratch
+    for trial in pack.trials:
+        reference = solo_curve(trial.config)
+        run_id = runs[trial.trial_id].info.run_id
+        for key in ("train/loss", "val/accuracy"):
+            expected = [(p["iteration"], p[key]) for p in reference]
+            assert logged_curve(uri, run_id, key) == expected, (trial.trial_id, key)

@@ -11,6 +11,7 @@ from study import tracking
 from study.config import ConfigError, TrialConfig
 
 ROLES = {"method": "scientific", "lr": "nuisance", "seed": "replicate", "task_options.T": "fixed"}
+PACK_TAGS = {"study.pack": "p0001", "study.pack_size": "2"}
 
 
 @pytest.fixture
@@ -110,6 +111,20 @@ def test_record_failure_creates_or_marks_the_run(store: tuple[str, str]) -> None
     run = tracking.find_trial_run(uri, parent_id, "t0002")
     assert run.info.status == "FAILED" and run.data.tags["error"] == "ActorDiedError: worker died"
     assert run.data.params["method"] == "h_detach"
+    # A packed trial that diverged before its pack failed keeps its outcome; the others fail.
+    diverged = tracking.TrialRun(uri, parent_id, "t0003", config(), ROLES, "demo", PACK_TAGS)
+    diverged.finish("diverged")
+    for trial_id in ("t0003", "t0004"):
+        tracking.record_failure(
+            uri, parent_id, trial_id, "ActorDiedError: died", config(), ROLES, "demo", PACK_TAGS
+        )
+    kept = tracking.find_trial_run(uri, parent_id, "t0003")
+    assert kept.info.status == "FINISHED" and kept.data.tags["outcome"] == "diverged"
+    created = tracking.find_trial_run(uri, parent_id, "t0004")
+    assert created.info.status == "FAILED"
+    for run_ in (kept, created):
+        assert run_.data.tags["study.pack"] == "p0001"
+        assert run_.data.tags["study.pack_size"] == "2"
 
 
 def test_summary_and_list_count_pending(store: tuple[str, str]) -> None:
