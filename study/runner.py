@@ -347,7 +347,7 @@ class _Reporter:
             trial_id = member["id"]
             if trial_id in self.done_before:
                 continue
-            outcome = result.get(f"{trial_id}/outcome", COMPLETED)
+            outcome = result.get(f"{trial_id}/outcome", COMPLETED if error is None else RUNNING)
             if error is not None and outcome not in (COMPLETED, DIVERGED):
                 outcome = tracking.FAILED  # the pack failed while this member was running
             best = result.get(f"{trial_id}/best/val_accuracy")

@@ -495,3 +495,38 @@ def test_resume_a_packed_study_after_sigkill_of_the_driver(tmp_path: Path) -> No
         for key in ("train/loss", "val/accuracy"):
             expected = [(p["iteration"], p[key]) for p in reference]
             assert logged_curve(uri, run_id, key) == expected, (trial.trial_id, key)
+
+
+@pytest.mark.slow
+def test_failing_pack_fails_each_member_in_its_own_run(tmp_path: Path, ray_cluster) -> None:
+    body = {
+        "task": {"name": "pixel_mnist", "dataset": "fashion_mnist", "subset": 20},
+        "model": {"hidden_size": 4},
+        "fixed": {"iterations": 2, "eval_every": 1, "batch_size": 10},
+        # One data_dir is missing: train_packed raises ConfigError for its pack, twice (a retry).
+        "scientific": {"data_dir": [str(FASHION_MNIST), str(tmp_path / "missing")]},
+        "replicates": {"seeds": 2},
+        "resources": {"cpus": 1, "max_concurrent": 2, "max_failures": 1, "pack": 2},
+    }
+    spec = load_spec(write_space(tmp_path, "failing_pack", body))
+    assert [[t.trial_id for t in p.trials] for p in space.plan_packs(spec)] == [
+        ["t0000", "t0001"],
+        ["t0002", "t0003"],
+    ]
+    code, lines = run(spec, tmp_path / "out")
+    assert code == 1
+
+    uri = tracking.store_uri(tmp_path / "out")
+    runs = children(uri, "failing_pack")  # the retry reused each member's run
+    assert list(runs) == ["t0000", "t0001", "t0002", "t0003"]
+    for trial_id in ("t0000", "t0001"):
+        assert runs[trial_id].data.tags["outcome"] == "completed"
+        assert steps(uri, runs[trial_id].info.run_id, "test/accuracy") == [1, 2]
+    for trial_id in ("t0002", "t0003"):
+        run_ = runs[trial_id]
+        assert run_.info.status == "FAILED" and run_.data.tags["study.pack"] == "p0001"
+        assert run_.data.tags["error"].startswith("ConfigError: task_options.data_dir:")
+    assert any(line.startswith("      p0001: retrying after ConfigError") for line in lines)
+    for trial_id in ("t0002", "t0003"):
+        failed = rf"\[[1-4]/4\] {trial_id} .*: failed: ConfigError: task_options.data_dir: "
+        assert any(re.match(failed, line) for line in lines), lines
