@@ -65,6 +65,9 @@ def _add_trial_parser(commands: argparse._SubParsersAction) -> None:
     trial.add_argument("--iterations", type=int, default=defaults.iterations)
     trial.add_argument("--eval-every", type=int, default=defaults.eval_every)
     trial.add_argument("--device", default=defaults.device, help="cpu | cuda | auto")
+    trial.add_argument(
+        "--precision", default=defaults.precision, help="fp32 | tf32 (TF32 matmuls on CUDA)"
+    )
     trial.add_argument("--out", type=Path, help="write config, status and curve as JSON here")
     trial.set_defaults(handler=_run_trial)
 
@@ -90,6 +93,7 @@ def _trial_config(args: argparse.Namespace) -> TrialConfig:
                 "iterations": args.iterations,
                 "eval_every": args.eval_every,
                 "device": args.device,
+                "precision": args.precision,
             }
         )
     except ConfigError as error:

@@ -34,6 +34,9 @@ class TrialConfig:
     iterations: int = 1000
     eval_every: int = 100
     device: str = "cpu"
+    # fp32, or tf32: on CUDA, matmuls (and the Triton LSTM kernels) may use TF32 tensor cores, as
+    # cuDNN's nn.LSTM does by default in PyTorch. CPUs always compute in fp32.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         validate_trial_config(self)
@@ -125,6 +128,8 @@ def validate_trial_config(config: TrialConfig) -> None:
             raise ConfigError(f"{name}: must be >= 1, got {getattr(config, name)}")
     if config.anneal_last is not None and config.anneal_last < 0:
         raise ConfigError(f"anneal_last: must be >= 0 or null, got {config.anneal_last}")
+    if config.precision not in ("fp32", "tf32"):
+        raise ConfigError(f"precision: must be fp32 or tf32, got {config.precision!r}")
     if config.device not in ("cpu", "cuda", "auto") and not config.device.startswith("cuda:"):
         raise ConfigError(f"device: must be cpu, cuda, cuda:N or auto, got {config.device!r}")
     TASKS[config.task].check_options(config.task_options)

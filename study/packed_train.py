@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ SHARED_FIELDS = (
     "iterations",
     "eval_every",
     "device",
+    "precision",
 )
 # On a GPU the per-member loss flags are read back every this many steps (one host sync), not
 # every step: a diverged member costs at most this many wasted steps and still ends `diverged`
@@ -365,6 +367,22 @@ def _shared_tasks(configs: Sequence[TrialConfig]) -> list[Task]:
     return tasks
 
 
+@contextlib.contextmanager
+def cuda_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """On CUDA, TF32 for matmuls, cuDNN and the Triton LSTM kernels exactly when `precision` is
+    "tf32" (torch's own defaults differ: cuDNN allows TF32, matmuls do not); restored after."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    allow = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def train_packed(
     configs: Sequence[TrialConfig],
     reports: Sequence[Reporter | None] | None = None,
@@ -393,6 +411,15 @@ def train_packed(
             member.load(state)
     if len({member.iteration for member in members}) > 1:
         raise ConfigError("pack: resumed members must be at the same iteration")
+    with cuda_precision(first.precision, device):
+        return _run(members, reports, device)
+
+
+def _run(
+    members: list[_Trial], reports: list[Reporter | None], device: torch.device
+) -> list[TrialResult]:
+    """train_packed's loop: steps, divergence reads and evaluations of every member."""
+    count, first = len(members), members[0].config
     pack = _Pack(members, device)
 
     def send(k: int, status: str, point: dict[str, float]) -> None:

@@ -27,6 +27,7 @@ def test_yaml_strings_and_nulls_are_coerced() -> None:
         ({"task_options": {"T": 0}}, "task_options.T: must be >= 1"),
         ({"task_options": {"length": 5}}, "unknown option(s) length for task copying"),
         ({"method": "none", "p_detach": 0.5}, "method none never detaches"),
+        ({"precision": "fp16"}, "precision: must be fp32 or tf32, got 'fp16'"),
     ],
 )
 def test_bad_values_name_the_field(values: dict, message: str) -> None:

@@ -115,6 +115,14 @@ def test_sgd_pack_equals_solo_runs() -> None:
         assert result.curve == train(config).curve
 
 
+def test_tf32_precision_changes_nothing_on_a_cpu() -> None:
+    fp32 = TrialConfig(**BASE, eval_every=15, method="h_detach", p_detach=0.5)
+    tf32 = fp32.replace(precision="tf32")
+    with pytest.raises(ConfigError, match="precision must be equal across a pack"):
+        check_packable([fp32, tf32])
+    assert train_packed([tf32])[0].curve == train(fp32).curve
+
+
 def test_resume_crosses_between_packed_and_solo_runs() -> None:
     configs = [
         TrialConfig(**BASE, eval_every=10, method="h_detach", p_detach=0.5, seed=6),
