@@ -31,7 +31,7 @@ stage device 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total
 stage tests 140 "$py" -m pytest -m cuda -q -rs -p no:cacheprovider --noconftest \
     tests/test_cuda_graph.py tests/test_triton_lstm.py
 stage lstm_step 170 "$py" benchmarks/lstm_step_cuda.py --rounds 5 --members 16
-stage triton_sweep 45 "$py" benchmarks/lstm_step_cuda.py --shapes none --triton-sweep --rounds 3
+stage triton_sweep 60 "$py" benchmarks/lstm_step_cuda.py --shapes none --triton-sweep --rounds 3
 stage packing 70 "$py" benchmarks/packing.py --device cuda --rounds 2 --members 16
 
 echo "logs: $out"

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from study.models import DetachLSTM
+from study.models.cpu_cells import CompiledCells, cells_for
 
 SHAPES = {
     "copying (T=120, B=100, H=128)": (120, 100, 128),
@@ -133,6 +134,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}; torch {torch.__version__}; threads {torch.get_num_threads()}")
+    if device.type == "cpu":
+        cells = cells_for(torch.zeros(1))
+        kind = "compiled lstm_cells.c" if isinstance(cells, CompiledCells) else "torch ops"
+        print(f"DetachLSTM's CPU cells: {kind} (HDETACH_CPU_CELLS=torch for the fallback)")
     for label, shape in SHAPES.items():
         medians = time_interleaved(make_steps(shape, device), args.rounds, device)
         base = medians["nn.LSTM"]

@@ -24,7 +24,9 @@ from study.packed_train import train_packed
 from study.train import train
 
 
-def trial_configs(count: int, args: argparse.Namespace, device: str) -> list[TrialConfig]:
+def trial_configs(
+    count: int, args: argparse.Namespace, device: str, precision: str = "fp32"
+) -> list[TrialConfig]:
     """Distinct trials of one study: seeds, learning rates and detach probabilities vary."""
     options = {"T": 100, "val_size": args.val_size}
     return [
@@ -38,6 +40,7 @@ def trial_configs(count: int, args: argparse.Namespace, device: str) -> list[Tri
             iterations=args.iterations,
             eval_every=args.iterations,
             device=device,
+            precision=precision,
         )
         for k in range(count)
     ]
@@ -98,19 +101,20 @@ def cpu_arms(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
 
 
 def gpu_arms(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
-    """Arm name -> (trials, wall seconds) on the GPU, one round."""
-    configs = trial_configs(args.members, args, "cuda")
-    started = time.perf_counter()
-    for config in configs[: args.solo_trials]:
-        train(config)
-    solo = time.perf_counter() - started
-    started = time.perf_counter()
-    train_packed(configs)
-    packed = time.perf_counter() - started
-    return {
-        "1 trial at a time (graphed step)": (args.solo_trials, solo),
-        f"pack of {args.members} (graphed step)": (args.members, packed),
-    }
+    """Arm name -> (trials, wall seconds) on the GPU, one round, at both trial precisions."""
+    arms = {}
+    for precision in ("fp32", "tf32"):
+        configs = trial_configs(args.members, args, "cuda", precision)
+        started = time.perf_counter()
+        for config in configs[: args.solo_trials]:
+            train(config)
+        solo = time.perf_counter() - started
+        started = time.perf_counter()
+        train_packed(configs)
+        packed = time.perf_counter() - started
+        arms[f"1 trial at a time, {precision}"] = (args.solo_trials, solo)
+        arms[f"pack of {args.members}, {precision}"] = (args.members, packed)
+    return arms
 
 
 def main() -> None:

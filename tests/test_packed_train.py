@@ -123,6 +123,18 @@ def test_tf32_precision_changes_nothing_on_a_cpu() -> None:
     assert train_packed([tf32])[0].curve == train(fp32).curve
 
 
+@pytest.mark.parametrize("precision,allowed", [("fp32", False), ("tf32", True)])
+def test_cuda_precision_sets_tf32_for_the_run_and_restores_it(precision, allowed) -> None:
+    # Only flags are set, so this runs without a GPU.
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with packed_train.cuda_precision(precision, torch.device("cuda")):
+        assert torch.backends.cuda.matmul.allow_tf32 is allowed
+        assert torch.backends.cudnn.allow_tf32 is allowed
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == saved
+    with packed_train.cuda_precision(precision, torch.device("cpu")):
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == saved
+
+
 def test_resume_crosses_between_packed_and_solo_runs() -> None:
     configs = [
         TrialConfig(**BASE, eval_every=10, method="h_detach", p_detach=0.5, seed=6),

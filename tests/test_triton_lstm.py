@@ -270,7 +270,7 @@ def device_lstm_apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, keep_h, keep_c):
 def test_the_study_step_runs_triton_inside_its_cuda_graph(monkeypatch) -> None:
     from study.config import TrialConfig
     from study.models import triton_lstm
-    from study.packed_train import _Pack, train_packed
+    from study.packed_train import _Pack, cuda_precision, train_packed
     from study.train import _Trial
 
     monkeypatch.setattr(cuda_graph, "_said", set())
@@ -298,7 +298,7 @@ def test_the_study_step_runs_triton_inside_its_cuda_graph(monkeypatch) -> None:
         TrialConfig(**base, seed=3),
     ]
     device = torch.device("cuda")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), cuda_precision("tf32", device):  # as train_packed sets it
         warnings.simplefilter("error", RuntimeWarning)  # a failed capture or kernel fails
         pack = _Pack([_Trial(config, device) for config in configs], device)
         pack.step(0)

@@ -193,7 +193,7 @@ def _compiled_cells() -> CompiledCells | None:
         detail = getattr(error, "stderr", "") or str(error)
         say_once(
             f"could not build {SOURCE.name} ({detail.strip().splitlines()[-1]}); LSTM cells "
-            "run as torch ops, about 2x slower at 784 steps (install a C compiler, e.g. gcc)",
+            "run as torch ops, measured 1.7-1.9x slower per step (install a C compiler: gcc)",
             warn=True,
         )
         return None
