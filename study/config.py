@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +64,8 @@ class TrialConfig:
 FLOAT_FIELDS = ("p_detach", "lr", "clip_norm")
 INT_FIELDS = ("anneal_last", "hidden_size", "batch_size", "seed", "iterations", "eval_every")
 NULLABLE_FIELDS = ("clip_norm", "anneal_last")  # null means off: no clipping, no annealing
+# Adam's first step is lr / (1 - 0.9) per unit, passed to torch as a float32 scalar (max 3.4e38).
+MAX_LR = 1e36
 
 
 def _prefix(where: str) -> str:
@@ -117,8 +118,11 @@ def validate_trial_config(config: TrialConfig) -> None:
         raise ConfigError(
             f"p_detach: method none never detaches, so p_detach must be 0, got {config.p_detach}"
         )
-    if not (config.lr > 0 and math.isfinite(config.lr)):
-        raise ConfigError(f"lr: must be > 0, got {config.lr}")
+    if not 0 < config.lr <= MAX_LR:
+        raise ConfigError(
+            f"lr: must be > 0 and at most {MAX_LR:g} (larger steps overflow float32 in the "
+            f"optimizer), got {config.lr}"
+        )
     if config.clip_norm is not None and not config.clip_norm > 0:
         raise ConfigError(f"clip_norm: must be > 0 or null (no clipping), got {config.clip_norm}")
     if config.optimizer not in ("adam", "sgd"):

@@ -17,6 +17,8 @@ def test_yaml_strings_and_nulls_are_coerced() -> None:
     [
         ({"p_detach": 1.5, "method": "h_detach"}, "p_detach: must be in [0, 1]"),
         ({"lr": 0}, "lr: must be > 0"),
+        ({"lr": 1e38}, "lr: must be > 0 and at most 1e+36 (larger steps overflow float32"),
+        ({"lr": float("inf")}, "lr: must be > 0 and at most 1e+36"),
         ({"lr": "fast"}, "lr: must be a number"),
         ({"clip_norm": False}, "clip_norm: must be a number or null"),
         ({"task": "sorting"}, "task: unknown task 'sorting'; allowed: copying"),

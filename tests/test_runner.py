@@ -196,13 +196,13 @@ def test_optuna_tunes_nuisance_inside_each_cell(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_logs_to_an_mlflow_server(tmp_path: Path, mlflow_server: str) -> None:
-    # Plain SGD at lr 1e38 overflows within two steps: a diverged trial, which is an outcome.
+    # Plain SGD at lr 1e36 overflows within two steps: a diverged trial, which is an outcome.
     body = tiny_copying(
         fixed={"optimizer": "sgd", "clip_norm": None},
-        scientific={"lr": [1.0e-2, 1.0e38]},
+        scientific={"lr": [1.0e-2, 1.0e36]},
         replicates={"seeds": 1},
     )
-    body["scientific"] = {"lr": [1.0e-2, 1.0e38]}
+    body["scientific"] = {"lr": [1.0e-2, 1.0e36]}
     path = write_space(tmp_path, "served", body)
     ran = subprocess.run(
         [
