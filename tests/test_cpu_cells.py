@@ -106,7 +106,7 @@ def test_without_a_compiler_the_torch_cells_run_and_say_so_once(
             warnings.simplefilter("always")
             first = cpu_cells.cells_for(torch.zeros(1))
             second = cpu_cells.cells_for(torch.zeros(1))
-        assert isinstance(first, TorchCells) and second is first
+        assert type(first) is TorchCells and second is first
         messages = [str(w.message) for w in caught]
         assert len(messages) == 1 and "could not build lstm_cells.c" in messages[0]
         assert "install a C compiler" in messages[0]
@@ -118,10 +118,10 @@ def test_switch_selects_torch_cells(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(cpu_cells.ENV_SWITCH, "torch")
     cpu_cells._compiled_cells.cache_clear()
     try:
-        assert isinstance(cpu_cells.cells_for(torch.zeros(1)), TorchCells)
+        assert type(cpu_cells.cells_for(torch.zeros(1))) is TorchCells
     finally:
         cpu_cells._compiled_cells.cache_clear()
 
 
 def test_other_dtypes_use_torch_cells() -> None:
-    assert isinstance(cpu_cells.cells_for(torch.zeros(1, dtype=torch.bfloat16)), TorchCells)
+    assert type(cpu_cells.cells_for(torch.zeros(1, dtype=torch.bfloat16))) is TorchCells

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
@@ -28,8 +27,9 @@ ENV_SWITCH = "HDETACH_CPU_CELLS"
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-std=c11", "-shared", "-fPIC"]
 
 
-class Cells(Protocol):
-    """One LSTM step's pointwise work; every tensor is a contiguous (B, 4H) or (B, H) block."""
+class TorchCells:
+    """One LSTM step's pointwise work in torch ops: the fallback, and the reference the compiled
+    kernel is tested against. Every tensor is a contiguous (B, 4H) or (B, H) block."""
 
     def forward(
         self,
@@ -40,33 +40,6 @@ class Cells(Protocol):
         h_next: torch.Tensor,
     ) -> None:
         """Activate `gates` (pre-activations in, i|f|g|o out) and write c_t, tanh(c_t), h_t."""
-
-    def backward(
-        self,
-        act: torch.Tensor,
-        c_prev: torch.Tensor,
-        tanh_c: torch.Tensor,
-        dh: torch.Tensor | None,
-        grad_out: torch.Tensor | None,
-        dc: torch.Tensor | None,
-        dgates: torch.Tensor,
-        dc_out: torch.Tensor,
-    ) -> None:
-        """From the gradients reaching h_t (dh + grad_out) and c_t (dc; None = zero), write
-        d loss / d gate pre-activations and d loss / d c_{t-1} (dc_out may be dc)."""
-
-
-class TorchCells:
-    """The step in torch ops: the reference the compiled kernel is tested against."""
-
-    def forward(
-        self,
-        gates: torch.Tensor,
-        c_prev: torch.Tensor,
-        c_next: torch.Tensor,
-        tanh_c: torch.Tensor,
-        h_next: torch.Tensor,
-    ) -> None:
         i, f, g, o = gates.chunk(4, 1)
         i.sigmoid_(), f.sigmoid_(), g.tanh_(), o.sigmoid_()
         torch.addcmul(f * c_prev, i, g, out=c_next)
@@ -84,6 +57,8 @@ class TorchCells:
         dgates: torch.Tensor,
         dc_out: torch.Tensor,
     ) -> None:
+        """From the gradients reaching h_t (dh + grad_out) and c_t (dc; None = zero), write
+        d loss / d gate pre-activations and d loss / d c_{t-1} (dc_out may be dc)."""
         i, f, g, o = act.chunk(4, 1)
         dh_t = torch.zeros_like(tanh_c)
         for term in (dh, grad_out):
@@ -100,8 +75,8 @@ class TorchCells:
         torch.mul(dc_t, f, out=dc_out)
 
 
-class CompiledCells:
-    """The step as one call into lstm_cells.c (float32 and float64 tensors)."""
+class CompiledCells(TorchCells):
+    """TorchCells' step as one call into lstm_cells.c (float32 and float64 tensors)."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         pointers = [ctypes.c_void_p] * 5
@@ -168,7 +143,7 @@ class CompiledCells:
         return zeros.data_ptr()
 
 
-def cells_for(tensor: torch.Tensor) -> Cells:
+def cells_for(tensor: torch.Tensor) -> TorchCells:
     """The compiled cells for float32/float64 CPU tensors when they build here, else torch ops."""
     if tensor.dtype in (torch.float32, torch.float64) and not tensor.is_cuda:
         compiled = _compiled_cells()
