@@ -40,6 +40,17 @@ class Workspace:
     def __init__(self) -> None:
         self.buffers: list[tuple[torch.Tensor, int]] = []  # (buffer, its holders when free)
 
+    # Scratch memory, not state: a copied or pickled model (torch.save(model), deepcopy) starts
+    # with an empty workspace instead of carrying hundreds of MB of stale buffers.
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.buffers = []
+
+    def __deepcopy__(self, memo: dict) -> Workspace:
+        return Workspace()
+
     def take(self, members: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A (members, *shape) buffer of `like`'s dtype and device, member blocks aligned."""
         wanted = (members, *shape)
