@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One short GPU check (about 5 minutes on an H100, at most ~7.6 by the stage limits): the device,
-# the CUDA tests (graphs and the Triton LSTM kernels), the step benchmark, a Triton tuning sweep,
-# the packing benchmark. Triton compiles each kernel variant once (a few seconds each) in the
+# One short GPU check (150 s measured on an H100; at most ~7.8 minutes by the stage limits): the
+# device, the CUDA tests (graphs and the Triton LSTM kernels), the step benchmark, a Triton tuning
+# sweep, the packing benchmark. Triton compiles each kernel variant once (a few seconds each) in the
 # first stage that uses it; later stages reuse triton's on-disk cache. Needs torch (+ its
 # bundled triton, torchvision, pytest) only: no Ray, MLflow or Optuna, so pytest runs without
 # tests/conftest.py. Run from anywhere: bash benchmarks/gpu_check.sh
