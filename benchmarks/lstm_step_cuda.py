@@ -39,10 +39,14 @@ P_DETACH = 0.25
 # allow_tf32 is False), TF32 (as cuDNN's default), or 3xTF32.
 PATHS = {
     "per-step": {triton_lstm.ENV_SWITCH: "0"},
-    "Triton fp32-ieee": {triton_lstm.ENV_PRECISION: "ieee"},
-    "Triton tf32": {triton_lstm.ENV_PRECISION: "tf32"},
-    "Triton 3xtf32": {triton_lstm.ENV_PRECISION: "tf32x3"},
+    "Triton fp32-ieee": {triton_lstm.ENV_PRECISION: "ieee", triton_lstm.ENV_KERNEL: "rows"},
+    "Triton tf32": {triton_lstm.ENV_PRECISION: "tf32", triton_lstm.ENV_KERNEL: "rows"},
+    "Triton 3xtf32": {triton_lstm.ENV_PRECISION: "tf32x3", triton_lstm.ENV_KERNEL: "rows"},
+    # The hidden-split kernels (study/models/triton_split.py), one trial at a time.
+    "Triton split fp32-ieee": {triton_lstm.ENV_PRECISION: "ieee", triton_lstm.ENV_KERNEL: "split"},
+    "Triton split tf32": {triton_lstm.ENV_PRECISION: "tf32", triton_lstm.ENV_KERNEL: "split"},
 }
+SPLIT = ("Triton split fp32-ieee", "Triton split tf32")
 
 
 @contextmanager
@@ -52,7 +56,7 @@ def lstm_path(name: str, **env: str) -> Iterator[None]:
     saved = {key: os.environ.get(key) for key in settings}
     saved_tf32 = torch.backends.cuda.matmul.allow_tf32
     os.environ.update(settings)
-    torch.backends.cuda.matmul.allow_tf32 = name == "Triton tf32"
+    torch.backends.cuda.matmul.allow_tf32 = name.endswith(" tf32")
     triton_lstm._failed.clear()
     try:
         yield
@@ -190,17 +194,25 @@ def study_step(
     precision: str,
     rounds: int,
     steps: int,
-) -> float:
-    """ms per study training step of a pack of `members` at the trial field `precision`."""
+) -> tuple[float, str]:
+    """ms per study training step of a pack of `members` at the trial field `precision`, and
+    which LSTM kernels it ran."""
     triton_lstm._failed.clear()
+    triton_lstm.used.clear()
     with cuda_precision(precision, device):
         ms = time_steps(pack_step(shape, members, device, precision), steps, rounds)
     release()
-    return ms
+    kernels = sorted(triton_lstm.used) or ["per-step"]
+    kernels = [kernel if kernel == "per-step" else f"Triton {kernel}" for kernel in kernels]
+    return ms, ", ".join(kernels)
 
 
 def measure_shape(
-    shape: tuple[int, int, int, int, str], rounds: int, members: int, device: torch.device
+    shape: tuple[int, int, int, int, str],
+    rounds: int,
+    members: int,
+    device: torch.device,
+    split: bool,
 ) -> list[tuple[str, float]]:
     """(implementation, median ms per step) rows for one task shape."""
     seq_len, batch, hidden, classes, readout = shape
@@ -256,7 +268,8 @@ def measure_shape(
         graphed = GraphedStep(detach_lstm_step(), [], device)
         ms = time_steps(graphed, steps, rounds)
         rows.append(("DetachLSTM p=0.25, per-step, CUDA graph" + path_note("", graphed), ms))
-    for name in ("Triton fp32-ieee", "Triton tf32") if cuda else ():
+    triton_paths = ("Triton fp32-ieee", "Triton tf32", *(SPLIT if split else ()))
+    for name in triton_paths if cuda else ():
         with lstm_path(name):
             graphed = GraphedStep(detach_lstm_step(), [], device)
             ms = time_steps(graphed, steps, rounds)
@@ -273,21 +286,20 @@ def measure_shape(
 
     rows.append(("STEP nn.LSTM + clip + Adam, eager", time_steps(cudnn_train_step, steps, rounds)))
     task_shape = (seq_len, batch, hidden, classes, readout)
-    # The study's own step at each `precision` (trial field): fp32 takes the per-step kernels,
-    # tf32 the Triton kernels. "per trial" rows divide a pack's step by its size.
+    # The study's own step at each `precision` (trial field), on the kernels the study picks
+    # (named in brackets). "per trial" rows divide a pack's step by its size.
     for precision in ("fp32", "tf32") if cuda else ("fp32",):
-        path = "per-step" if precision == "fp32" else "Triton"
-        solo = study_step(task_shape, 1, device, precision, rounds, steps)
-        note = path_note("Triton" if precision == "tf32" else "")
-        rows.append((f"STEP h-detach trial, precision {precision} ({path}){note}", solo))
-        packed = study_step(task_shape, members, device, precision, rounds, steps)
-        note = path_note("Triton" if precision == "tf32" else "")
+        solo, kernels = study_step(task_shape, 1, device, precision, rounds, steps)
+        note = path_note("Triton")
+        rows.append((f"STEP h-detach trial, precision {precision} [{kernels}]{note}", solo))
+        packed, kernels = study_step(task_shape, members, device, precision, rounds, steps)
+        note = path_note("Triton")
         label = f"STEP {members} packed h-detach trials, per trial, precision {precision}"
-        rows.append((label + note, packed / members))
+        rows.append((f"{label} [{kernels}]{note}", packed / members))
     return rows
 
 
-def triton_sweep(rounds: int, device: torch.device) -> None:
+def triton_sweep(rounds: int, device: torch.device, split: bool) -> None:
     """Forward + backward at the pixel-MNIST shape, graphed, per Triton configuration."""
     _, seq_len, batch, hidden, classes, readout = SHAPES[1]
     x = torch.rand(seq_len, batch, 1, device=device)
@@ -304,10 +316,12 @@ def triton_sweep(rounds: int, device: torch.device) -> None:
     cudnn = time_steps(cudnn_step, 5, rounds)
     print(f"\nTriton sweep, pixel MNIST (T={seq_len}, B={batch}, H={hidden}), forward + backward")
     print(f"nn.LSTM (cuDNN, TF32 default): {cudnn:.2f} ms")
-    print(f"{'precision':<18}{'BLOCK_B':>8}{'warps':>7}{'ms':>9}{'/ cuDNN':>9}")
+    print(f"{'kernel':<24}{'BLOCK_B':>8}{'warps':>7}{'ms':>9}{'/ cuDNN':>9}")
     # TF32 only: the full-fp32 kernels are not the study's path (measured 2.5-3.4x slower than
     # the per-step kernels on an H100, whatever the warps).
-    configs = [("Triton tf32", b, w) for b, w in ((16, 2), (16, 4), (16, 8), (32, 4), (32, 8))]
+    configs = [("Triton tf32", b, w) for b, w in ((16, 4), (16, 8))]
+    if split:
+        configs += [(name, 16, w) for name in SPLIT for w in (1, 2, 4, 8)]
     for name, block_b, warps in configs:
         model = SequenceClassifier(1, hidden, classes).to(device)
         model.load_state_dict(template.state_dict())
@@ -317,11 +331,12 @@ def triton_sweep(rounds: int, device: torch.device) -> None:
             return torch.autograd.grad(_loss(model(x, mask, readout=readout), y, readout), params)
 
         env = {triton_lstm.ENV_BLOCK_B: str(block_b), triton_lstm.ENV_WARPS: str(warps)}
+        env[triton_lstm.ENV_SPLIT_WARPS] = str(warps)
         with lstm_path(name, **env):
             graphed = GraphedStep(step, [], device)
             ms = time_steps(graphed, 5, rounds)
             note = path_note(name, graphed)
-        print(f"{name:<18}{block_b:>8}{warps:>7}{ms:>9.2f}{ms / cudnn:>9.2f}{note}", flush=True)
+        print(f"{name:<24}{block_b:>8}{warps:>7}{ms:>9.2f}{ms / cudnn:>9.2f}{note}", flush=True)
         release()
 
 
@@ -336,6 +351,7 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="tiny shapes, one round; runs on a CPU too"
     )
+    parser.add_argument("--no-split", action="store_true", help="skip the hidden-split kernels")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
@@ -353,7 +369,7 @@ def main() -> None:
         started = time.perf_counter()
         rounds = 1 if args.smoke else args.rounds
         shape = (seq_len, batch, hidden, classes, readout)
-        rows = dict(measure_shape(shape, rounds, args.members, device))
+        rows = dict(measure_shape(shape, rounds, args.members, device, not args.no_split))
         cudnn = rows["nn.LSTM (cuDNN), no detach"]
         cudnn_step = rows["STEP nn.LSTM + clip + Adam, eager"]
         print(f"\n{name}: T={seq_len}, B={batch}, H={hidden}; median ms per step")
@@ -362,7 +378,7 @@ def main() -> None:
             print(f"{label:<64}{ms:>9.2f}{ms / cudnn:>9.2f}{ms / cudnn_step:>14.2f}")
         print(f"({time.perf_counter() - started:.0f} s)", flush=True)
     if args.triton_sweep and cuda:
-        triton_sweep(1 if args.smoke else args.rounds, device)
+        triton_sweep(1 if args.smoke else args.rounds, device, not args.no_split)
     if args.shapes == "none":
         return
     print(

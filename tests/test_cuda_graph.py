@@ -258,4 +258,4 @@ def test_step_benchmark_smoke_runs_without_a_gpu() -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert "STEP 2 packed h-detach trials, per trial, precision fp32" in result.stdout
+    assert "STEP 2 packed h-detach trials, per trial, precision fp32 [per-step]" in result.stdout

@@ -324,6 +324,114 @@ def test_the_study_step_runs_triton_inside_its_cuda_graph(monkeypatch) -> None:
                     assert point_a[key] == pytest.approx(value, rel=1e-2, abs=1e-4), key
 
 
+# --- the hidden-split kernels (study/models/triton_split.py) ---------------------------------
+
+# (T, K, B, H, I, masks, grad_output, grad_h_n, grad_c_n). H <= 16: one program per row block,
+# the only case the interpreter can run (it runs programs one after another, so a barrier on
+# other programs would never open); the exchange between unit blocks is checked on a GPU.
+SPLIT_CASES = [
+    (7, 2, 19, 16, 1, "hc", True, True, True),
+    (6, 1, 5, 10, 3, "h", False, True, False),
+    (5, 2, 17, 16, 1, "", True, False, False),
+]
+
+
+def _split_apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, keep_h, keep_c):
+    return SplitFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, keep_h, keep_c)
+
+
+class SplitFunction(torch.autograd.Function):
+    """The split kernels as an autograd Function, as TritonMaskedLSTM runs them."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, keep_h, keep_c):
+        from study.models import triton_split
+        from study.models.device_lstm import _input_gates
+
+        steps, members, batch, _ = x.shape
+        hidden = h0.shape[-1]
+        gates = _input_gates(x, w_ih, b_ih, b_hh)
+        all_h = x.new_empty(steps + 1, members, batch, hidden)
+        all_c = torch.empty_like(all_h)
+        all_h[0], all_c[0] = h0, c0
+        triton_split.forward(gates, w_hh.contiguous(), all_h, all_c, "ieee", 4)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, w_ih, w_hh, all_h, all_c, gates, keep_h, keep_c)
+        return all_h[1:], all_h[steps], all_c[steps]
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_h_n, grad_c_n):
+        from study.models import triton_split
+        from study.models.device_lstm import _parameter_grads
+
+        x, w_ih, w_hh, all_h, all_c, gates, keep_h, keep_c = ctx.saved_tensors
+        grad_gates = torch.empty_like(gates)
+        grad_h0, grad_c0 = torch.empty_like(all_h[0]), torch.empty_like(all_h[0])
+        triton_split.backward(
+            gates,
+            all_c,
+            w_hh,
+            (grad_output, grad_h_n, grad_c_n),
+            (keep_h, keep_c),
+            (grad_gates, grad_h0, grad_c0),
+            "ieee",
+            4,
+        )
+        return _parameter_grads(ctx.needs_input_grad, grad_gates, x, w_ih, all_h, grad_h0, grad_c0)
+
+
+def _split_interpreter_report() -> dict:
+    """In the interpreter child: the split kernels' largest error against the eager path."""
+    errors = {}
+    for case in SPLIT_CASES:
+        inputs = _inputs(case, seed=7)
+        expected = _run(DeviceMaskedLSTM.apply, inputs)
+        errors[str(case)] = _max_error(_run(_split_apply, inputs), expected)
+    wrong_inputs = _inputs(SPLIT_CASES[0], seed=7)
+    expected = _run(DeviceMaskedLSTM.apply, wrong_inputs)
+    wrong = _run(_split_apply, wrong_inputs, keep_h=1 - wrong_inputs["keep_h"])
+    errors["wrong masks"] = _max_error(wrong, expected)
+    return errors
+
+
+def test_split_kernels_match_the_eager_path_in_the_interpreter() -> None:
+    result = subprocess.run(
+        [sys.executable, __file__, "split"],
+        env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    wrong = errors.pop("wrong masks")
+    assert max(errors.values()) < 1e-5, errors
+    assert wrong > 1e-2  # the comparison can fail
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("shape", GPU_SHAPES[:2], ids=["copying", "mnist"])
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_split_kernels_match_the_eager_path_on_cuda(shape: tuple, precision: str, monkeypatch):
+    from study.models import triton_lstm, triton_split
+
+    monkeypatch.setenv(triton_lstm.ENV_KERNEL, "split")
+    monkeypatch.setenv(triton_lstm.ENV_PRECISION, precision)
+    case = (*shape, "hc", True, True, True)
+    inputs = _inputs(case, device="cuda", seed=3)
+    assert triton_split.fits(shape[1], shape[2], shape[3], torch.device("cuda"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a kernel that fell back fails the test
+        actual = _run(triton_lstm.TritonMaskedLSTM.apply, inputs)
+    expected = _run(DeviceMaskedLSTM.apply, inputs)
+    tolerance = 1e-4 if precision == "ieee" else 1e-2
+    for ours, theirs in zip(actual, expected, strict=True):
+        scale = theirs.abs().max().item()
+        torch.testing.assert_close(ours, theirs, rtol=tolerance, atol=tolerance * max(scale, 1.0))
+
+
 if __name__ == "__main__":  # the interpreter child of interpreter_report
     sys.path.insert(0, str(REPO))
-    print(json.dumps(_interpreter_report()))
+    report = _split_interpreter_report if sys.argv[1:] == ["split"] else _interpreter_report
+    print(json.dumps(report()))

@@ -21,6 +21,14 @@ ENV_SWITCH = "HDETACH_TRITON"
 # Overrides for one run (benchmark sweeps), e.g. HDETACH_TRITON_BLOCK_B=32 HDETACH_TRITON_WARPS=4.
 ENV_BLOCK_B, ENV_WARPS = "HDETACH_TRITON_BLOCK_B", "HDETACH_TRITON_WARPS"
 ENV_PRECISION = "HDETACH_TRITON_PRECISION"
+# Which kernels: "split" splits the time loop over hidden units with a barrier per step
+# (study/models/triton_split.py) and needs every program resident at once, so it serves one
+# trial or a small pack; "rows" gives each program batch rows for the whole sequence; "auto"
+# (default) takes split where it fits. Measured on an H100 at pixel MNIST, tf32: split 8.2 ms
+# per forward + backward, rows 14.1 (benchmarks/results/h100.txt).
+ENV_KERNEL, ENV_SPLIT_WARPS = "HDETACH_TRITON_KERNEL", "HDETACH_TRITON_SPLIT_WARPS"
+# The kernels each forward ran ("split", "rows"), for benchmarks to label what they timed.
+used: set[str] = set()
 MAX_HIDDEN = 256
 # The hidden axis is held as one or two register tiles of at most CHUNK columns: a 256 x 256
 # fp32 weight tile would not fit the shared memory a tl.dot operand passes through.
@@ -66,6 +74,20 @@ def precision() -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+def _split(x: torch.Tensor, members: int, batch: int, hidden: int) -> bool:
+    """Whether the hidden-split kernels run (see ENV_KERNEL); never in the interpreter, which
+    runs programs one after another, so a barrier across programs would never open."""
+    if os.environ.get(ENV_KERNEL, "auto") == "rows" or interpreting() or not x.is_cuda:
+        return False
+    from study.models import triton_split
+
+    return triton_split.fits(members, batch, hidden, x.device)
+
+
+def _split_warps() -> int:
+    return int(os.environ.get(ENV_SPLIT_WARPS, "4"))
+
+
 def _key(hidden: int) -> tuple:
     return (_padded(hidden), *tuning(hidden), precision())
 
@@ -79,18 +101,20 @@ def supports(
     """Whether these inputs can take the Triton path (else the eager per-step path runs)."""
     if triton is None or os.environ.get(ENV_SWITCH, "1") == "0":
         return False
-    if precision() == "ieee" and os.environ.get(ENV_PRECISION) != "ieee":
-        # Full-fp32 tl.dot runs on CUDA cores and spills registers: measured on an H100 it is
-        # 2.5-3.4x slower than the per-step path (benchmarks/gpu_check.sh), so fp32 trials
-        # take that path; the kernels run with TF32 (precision: tf32) or when forced.
-        return False
     if not (x.is_cuda or interpreting()):
         return False
     tensors = (x, h0, c0, *weights)
     if any(t.dtype != torch.float32 for t in tensors):
         return False
     hidden = h0.shape[-1]
-    return hidden <= MAX_HIDDEN and _key(hidden) not in _failed
+    if hidden > MAX_HIDDEN or _key(hidden) in _failed:
+        return False
+    if precision() == "ieee" and os.environ.get(ENV_PRECISION) != "ieee":
+        # Full-fp32 tl.dot in the rows kernels spills registers: measured on an H100 they are
+        # 2.5-3.4x slower than the per-step path, so fp32 runs Triton only where the split
+        # kernels fit (as fast as the per-step path or faster); packs take the per-step path.
+        return _split(x, x.shape[1], x.shape[2], hidden)
+    return True
 
 
 def _give_up(hidden: int, error: Exception) -> None:
@@ -132,28 +156,39 @@ class TritonMaskedLSTM(torch.autograd.Function):
         weight_hh_t = weight_hh.transpose(1, 2).contiguous()
         block_b, warps = tuning(hidden)
         prec = precision()
+        ctx.split = _split(x, members, batch, hidden)
+        used.add("split" if ctx.split else "rows")
         try:
-            _forward_kernel[(members, triton.cdiv(batch, block_b))](
-                gates,
-                weight_hh_t,
-                h0.contiguous(),
-                c0.contiguous(),
-                all_h,
-                all_c,
-                steps,
-                members * batch * hidden,
-                members * batch * 4 * hidden,
-                batch,
-                H=hidden,
-                HP=_padded(hidden),
-                HC=min(_padded(hidden), CHUNK),
-                TWO=_padded(hidden) > CHUNK,
-                BLOCK_B=block_b,
-                KCH=IEEE_SLICE,
-                PRECISION=prec,
-                num_warps=warps,
-                num_stages=1,  # nothing to pipeline: each step's loads depend on the last step
-            )
+            if ctx.split:
+                from study.models import triton_split
+
+                all_h[0].copy_(h0)
+                all_c[0].copy_(c0)
+                triton_split.forward(
+                    gates, weight_hh.contiguous(), all_h, all_c, prec, _split_warps()
+                )
+            else:
+                _forward_kernel[(members, triton.cdiv(batch, block_b))](
+                    gates,
+                    weight_hh_t,
+                    h0.contiguous(),
+                    c0.contiguous(),
+                    all_h,
+                    all_c,
+                    steps,
+                    members * batch * hidden,
+                    members * batch * 4 * hidden,
+                    batch,
+                    H=hidden,
+                    HP=_padded(hidden),
+                    HC=min(_padded(hidden), CHUNK),
+                    TWO=_padded(hidden) > CHUNK,
+                    BLOCK_B=block_b,
+                    KCH=IEEE_SLICE,
+                    PRECISION=prec,
+                    num_warps=warps,
+                    num_stages=1,  # nothing to pipeline: each step depends on the last
+                )
         except Exception as error:  # compile failure: the eager path gives the same results
             _give_up(hidden, error)
             ctx.eager = True
@@ -189,38 +224,52 @@ class TritonMaskedLSTM(torch.autograd.Function):
             return grad_gates if tensor is None else tensor.contiguous()[-1]
 
         try:
-            _backward_kernel[(members, triton.cdiv(batch, block_b))](
-                last(gates),
-                all_c[steps],
-                weight_hh.contiguous(),
-                last(grad_output),
-                grad_gates if grad_h_n is None else grad_h_n.contiguous(),
-                grad_gates if grad_c_n is None else grad_c_n.contiguous(),
-                last(keep_h),
-                last(keep_c),
-                grad_gates[-1],
-                grad_h0,
-                grad_c0,
-                steps,
-                members,
-                members * batch * hidden,
-                members * batch * 4 * hidden,
-                batch,
-                H=hidden,
-                HP=_padded(hidden),
-                HC=min(_padded(hidden), CHUNK),
-                TWO=_padded(hidden) > CHUNK,
-                BLOCK_B=block_b,
-                KCH=IEEE_SLICE,
-                HAS_GRAD_OUT=grad_output is not None,
-                HAS_GRAD_H=grad_h_n is not None,
-                HAS_GRAD_C=grad_c_n is not None,
-                HAS_KEEP_H=keep_h is not None,
-                HAS_KEEP_C=keep_c is not None,
-                PRECISION=ctx.precision,
-                num_warps=warps,
-                num_stages=1,
-            )
+            if ctx.split:
+                from study.models import triton_split
+
+                triton_split.backward(
+                    gates,
+                    all_c,
+                    weight_hh,
+                    (grad_output, grad_h_n, grad_c_n),
+                    (keep_h, keep_c),
+                    (grad_gates, grad_h0, grad_c0),
+                    ctx.precision,
+                    _split_warps(),
+                )
+            else:
+                _backward_kernel[(members, triton.cdiv(batch, block_b))](
+                    last(gates),
+                    all_c[steps],
+                    weight_hh.contiguous(),
+                    last(grad_output),
+                    grad_gates if grad_h_n is None else grad_h_n.contiguous(),
+                    grad_gates if grad_c_n is None else grad_c_n.contiguous(),
+                    last(keep_h),
+                    last(keep_c),
+                    grad_gates[-1],
+                    grad_h0,
+                    grad_c0,
+                    steps,
+                    members,
+                    members * batch * hidden,
+                    members * batch * 4 * hidden,
+                    batch,
+                    H=hidden,
+                    HP=_padded(hidden),
+                    HC=min(_padded(hidden), CHUNK),
+                    TWO=_padded(hidden) > CHUNK,
+                    BLOCK_B=block_b,
+                    KCH=IEEE_SLICE,
+                    HAS_GRAD_OUT=grad_output is not None,
+                    HAS_GRAD_H=grad_h_n is not None,
+                    HAS_GRAD_C=grad_c_n is not None,
+                    HAS_KEEP_H=keep_h is not None,
+                    HAS_KEEP_C=keep_c is not None,
+                    PRECISION=ctx.precision,
+                    num_warps=warps,
+                    num_stages=1,
+                )
         except Exception as error:  # compile failure: the eager step loop on the saved state
             _give_up(hidden, error)
             rows = members * batch

@@ -1,0 +1,300 @@
+"""Persistent Triton LSTM kernels split over hidden units, with a barrier per step (one trial)."""
+
+from __future__ import annotations
+
+import torch
+
+try:  # triton_lstm.py decides whether these kernels run; this module only holds them
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+    tl = None
+
+# Rows and hidden units per program. tl.dot needs 16 in every dimension.
+BLOCK_ROWS = 16
+BLOCK_UNITS = 16
+MAX_HIDDEN = 128  # the whole h row tile (16 x 128) is one tl.dot operand
+
+
+def grid(members: int, batch: int, hidden: int) -> tuple[int, int, int]:
+    """(unit blocks, row blocks, members): unit blocks vary fastest, so the programs that wait
+    for each other at every step's barrier are launched together."""
+    return (triton.cdiv(hidden, BLOCK_UNITS), triton.cdiv(batch, BLOCK_ROWS), members)
+
+
+def fits(members: int, batch: int, hidden: int, device: torch.device) -> bool:
+    """Whether every program can be resident at once (one per SM at the least): programs spin
+    at a barrier on the others of their row block, so none may wait to be scheduled."""
+    units, rows, members = grid(members, batch, hidden)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return hidden <= MAX_HIDDEN and units * rows * members <= sms
+
+
+def forward(
+    gates: torch.Tensor,
+    weight_hh: torch.Tensor,
+    all_h: torch.Tensor,
+    all_c: torch.Tensor,
+    precision: str,
+    warps: int,
+) -> None:
+    """Fill all_h[1:], all_c[1:] (all_h[0], all_c[0] hold h0, c0) and turn `gates` (T, K, B, 4H)
+    from pre-activations (input part) into the activated i|f|g|o."""
+    steps, members, batch, four_h = gates.shape
+    hidden = four_h // 4
+    launch = grid(members, batch, hidden)
+    arrivals = torch.zeros(members * launch[1], dtype=torch.int32, device=gates.device)
+    _forward_kernel[launch](
+        gates,
+        weight_hh,
+        all_h,
+        all_c,
+        arrivals,
+        steps,
+        batch,
+        members * batch * hidden,
+        members * batch * four_h,
+        H=hidden,
+        HP=max(16, triton.next_power_of_2(hidden)),
+        BB=BLOCK_ROWS,
+        HB=BLOCK_UNITS,
+        PRECISION=precision,
+        num_warps=warps,
+        num_stages=1,
+    )
+
+
+def backward(
+    gates: torch.Tensor,
+    all_c: torch.Tensor,
+    weight_hh: torch.Tensor,
+    grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    keeps: tuple[torch.Tensor | None, torch.Tensor | None],
+    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    precision: str,
+    warps: int,
+) -> None:
+    """Masked BPTT: grads = (output, h_n, c_n) gradients or None, keeps = (keep_h, keep_c) of
+    shape (T, K) or None; writes outputs = (gate gradients (T, K, B, 4H), grad h0, grad c0)."""
+    grad_output, grad_h_n, grad_c_n = grads
+    keep_h, keep_c = keeps
+    grad_gates, grad_h0, grad_c0 = outputs
+    steps, members, batch, four_h = gates.shape
+    hidden = four_h // 4
+    launch = grid(members, batch, hidden)
+    arrivals = torch.zeros(members * launch[1], dtype=torch.int32, device=gates.device)
+
+    def last(tensor: torch.Tensor | None) -> torch.Tensor:
+        # Walked back from step T-1 by pointer decrements; an absent tensor is never read.
+        return grad_gates[-1] if tensor is None else tensor.contiguous()[-1]
+
+    def whole(tensor: torch.Tensor | None) -> torch.Tensor:
+        return grad_gates if tensor is None else tensor.contiguous()
+
+    _backward_kernel[launch](
+        last(gates),
+        all_c[steps],
+        weight_hh.contiguous(),
+        last(grad_output),
+        whole(grad_h_n),
+        whole(grad_c_n),
+        last(keep_h),
+        last(keep_c),
+        grad_gates[-1],
+        grad_h0,
+        grad_c0,
+        arrivals,
+        steps,
+        members,
+        batch,
+        members * batch * hidden,
+        members * batch * four_h,
+        H=hidden,
+        HP=max(16, triton.next_power_of_2(hidden)),
+        BB=BLOCK_ROWS,
+        HB=BLOCK_UNITS,
+        HAS_GRAD_OUT=grad_output is not None,
+        HAS_GRAD_H=grad_h_n is not None,
+        HAS_GRAD_C=grad_c_n is not None,
+        HAS_KEEP_H=keep_h is not None,
+        HAS_KEEP_C=keep_c is not None,
+        PRECISION=precision,
+        num_warps=warps,
+        num_stages=1,
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tanh(x):
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+    @triton.jit
+    def _arrive_and_wait(counter, target):
+        """Barrier of the programs sharing `counter`: each adds 1 per step, then waits until all
+        have (release/acquire at GPU scope, as a grid sync does). `target` = programs * step."""
+        tl.debug_barrier()  # the whole program's stores come before the release
+        tl.atomic_add(counter, 1, sem="release", scope="gpu")
+        seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+        while seen < target:
+            seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+
+    @triton.jit
+    def _forward_kernel(
+        gates_ptr,
+        w_ptr,
+        all_h_ptr,
+        all_c_ptr,
+        arrivals_ptr,
+        T,
+        B,
+        H_STEP,
+        G_STEP,
+        H: tl.constexpr,
+        HP: tl.constexpr,
+        BB: tl.constexpr,
+        HB: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        units, row_block, k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = row_block * BB + tl.arange(0, BB)
+        cols = units * HB + tl.arange(0, HB)
+        inner = tl.arange(0, HP)
+        own_ok = (rows < B)[:, None] & (cols < H)[None, :]
+        full_ok = (rows < B)[:, None] & (inner < H)[None, :]
+        # This program's W_hh columns of each gate, transposed: tile[m, j] = W_hh[q H + j, m].
+        w = w_ptr + k * 4 * H * H
+        w_ok = (inner < H)[:, None] & (cols < H)[None, :]
+        w_i = tl.load(w + (0 * H + cols[None, :]) * H + inner[:, None], mask=w_ok, other=0.0)
+        w_f = tl.load(w + (1 * H + cols[None, :]) * H + inner[:, None], mask=w_ok, other=0.0)
+        w_g = tl.load(w + (2 * H + cols[None, :]) * H + inner[:, None], mask=w_ok, other=0.0)
+        w_o = tl.load(w + (3 * H + cols[None, :]) * H + inner[:, None], mask=w_ok, other=0.0)
+        own = (k * B + rows[:, None]) * H + cols[None, :]
+        full = (k * B + rows[:, None]) * H + inner[None, :]
+        gate = (k * B + rows[:, None]) * (4 * H) + cols[None, :]
+        counter = arrivals_ptr + k * tl.num_programs(1) + row_block
+        c = tl.load(all_c_ptr + own, mask=own_ok, other=0.0)
+        h_ptr, c_ptr, g_ptr = all_h_ptr, all_c_ptr, gates_ptr
+        for t in range(T):
+            # h_{t-1}, written by every program of this row block (.cg: not from a stale L1).
+            h = tl.load(h_ptr + full, mask=full_ok, other=0.0, cache_modifier=".cg")
+            zi = tl.load(g_ptr + gate, mask=own_ok, other=0.0)
+            zf = tl.load(g_ptr + gate + H, mask=own_ok, other=0.0)
+            zg = tl.load(g_ptr + gate + 2 * H, mask=own_ok, other=0.0)
+            zo = tl.load(g_ptr + gate + 3 * H, mask=own_ok, other=0.0)
+            i = tl.sigmoid(zi + tl.dot(h, w_i, input_precision=PRECISION))
+            f = tl.sigmoid(zf + tl.dot(h, w_f, input_precision=PRECISION))
+            g = _tanh(zg + tl.dot(h, w_g, input_precision=PRECISION))
+            o = tl.sigmoid(zo + tl.dot(h, w_o, input_precision=PRECISION))
+            c = f * c + i * g
+            tl.store(g_ptr + gate, i, mask=own_ok)
+            tl.store(g_ptr + gate + H, f, mask=own_ok)
+            tl.store(g_ptr + gate + 2 * H, g, mask=own_ok)
+            tl.store(g_ptr + gate + 3 * H, o, mask=own_ok)
+            h_ptr += H_STEP
+            c_ptr += H_STEP
+            g_ptr += G_STEP
+            tl.store(c_ptr + own, c, mask=own_ok)
+            tl.store(h_ptr + own, o * _tanh(c), mask=own_ok)
+            _arrive_and_wait(counter, tl.num_programs(0) * (t + 1))
+
+    @triton.jit
+    def _backward_kernel(
+        act_ptr,
+        c_ptr,
+        w_ptr,
+        grad_out_ptr,
+        grad_h_ptr,
+        grad_c_ptr,
+        keep_h_ptr,
+        keep_c_ptr,
+        dg_ptr,
+        grad_h0_ptr,
+        grad_c0_ptr,
+        arrivals_ptr,
+        T,
+        K,
+        B,
+        H_STEP,
+        G_STEP,
+        H: tl.constexpr,
+        HP: tl.constexpr,
+        BB: tl.constexpr,
+        HB: tl.constexpr,
+        HAS_GRAD_OUT: tl.constexpr,
+        HAS_GRAD_H: tl.constexpr,
+        HAS_GRAD_C: tl.constexpr,
+        HAS_KEEP_H: tl.constexpr,
+        HAS_KEEP_C: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        units, row_block, k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = row_block * BB + tl.arange(0, BB)
+        cols = units * HB + tl.arange(0, HB)
+        inner = tl.arange(0, HP)
+        own_ok = (rows < B)[:, None] & (cols < H)[None, :]
+        full_ok = (rows < B)[:, None] & (inner < H)[None, :]
+        # dh_{t-1}[:, own units] = sum over gates q of dgates_q (B, H) @ W_hh[q H : q H + H, own]
+        w = w_ptr + k * 4 * H * H
+        w_ok = (inner < H)[:, None] & (cols < H)[None, :]
+        w_i = tl.load(w + (0 * H + inner[:, None]) * H + cols[None, :], mask=w_ok, other=0.0)
+        w_f = tl.load(w + (1 * H + inner[:, None]) * H + cols[None, :], mask=w_ok, other=0.0)
+        w_g = tl.load(w + (2 * H + inner[:, None]) * H + cols[None, :], mask=w_ok, other=0.0)
+        w_o = tl.load(w + (3 * H + inner[:, None]) * H + cols[None, :], mask=w_ok, other=0.0)
+        own = (k * B + rows[:, None]) * H + cols[None, :]
+        gate = (k * B + rows[:, None]) * (4 * H) + cols[None, :]
+        full_gate = (k * B + rows[:, None]) * (4 * H) + inner[None, :]
+        counter = arrivals_ptr + k * tl.num_programs(1) + row_block
+        dh = tl.zeros((BB, HB), dtype=tl.float32)
+        dc = tl.zeros((BB, HB), dtype=tl.float32)
+        if HAS_GRAD_H:
+            dh = tl.load(grad_h_ptr + own, mask=own_ok, other=0.0)
+        if HAS_GRAD_C:
+            dc = tl.load(grad_c_ptr + own, mask=own_ok, other=0.0)
+        for s in range(T):
+            i = tl.load(act_ptr + gate, mask=own_ok, other=0.0)
+            f = tl.load(act_ptr + gate + H, mask=own_ok, other=0.0)
+            g = tl.load(act_ptr + gate + 2 * H, mask=own_ok, other=0.0)
+            o = tl.load(act_ptr + gate + 3 * H, mask=own_ok, other=0.0)
+            c_t = tl.load(c_ptr + own, mask=own_ok, other=0.0)
+            c_prev = tl.load(c_ptr - H_STEP + own, mask=own_ok, other=0.0)
+            if HAS_GRAD_OUT:
+                dh += tl.load(grad_out_ptr + own, mask=own_ok, other=0.0)
+            tanh_c = _tanh(c_t)
+            dc += dh * o * (1.0 - tanh_c * tanh_c)
+            tl.store(dg_ptr + gate, dc * g * i * (1.0 - i), mask=own_ok)
+            tl.store(dg_ptr + gate + H, dc * c_prev * f * (1.0 - f), mask=own_ok)
+            tl.store(dg_ptr + gate + 2 * H, dc * i * (1.0 - g * g), mask=own_ok)
+            tl.store(dg_ptr + gate + 3 * H, dh * tanh_c * o * (1.0 - o), mask=own_ok)
+            # c-detach scales the gradient through c_{t-1} -> c_t by keep_c[t].
+            dc = dc * f
+            if HAS_KEEP_C:
+                dc = dc * tl.load(keep_c_ptr + k)
+            _arrive_and_wait(counter, tl.num_programs(0) * (s + 1))
+            # Every program of the row block has stored its gate gradients of step t.
+            d_i = tl.load(dg_ptr + full_gate, mask=full_ok, other=0.0, cache_modifier=".cg")
+            d_f = tl.load(dg_ptr + full_gate + H, mask=full_ok, other=0.0, cache_modifier=".cg")
+            d_g = tl.load(
+                dg_ptr + full_gate + 2 * H, mask=full_ok, other=0.0, cache_modifier=".cg"
+            )
+            d_o = tl.load(
+                dg_ptr + full_gate + 3 * H, mask=full_ok, other=0.0, cache_modifier=".cg"
+            )
+            dh = tl.dot(d_i, w_i, input_precision=PRECISION)
+            dh = tl.dot(d_f, w_f, dh, input_precision=PRECISION)
+            dh = tl.dot(d_g, w_g, dh, input_precision=PRECISION)
+            dh = tl.dot(d_o, w_o, dh, input_precision=PRECISION)
+            # h-detach scales the gradient into h_{t-1} through gates_t by keep_h[t].
+            if HAS_KEEP_H:
+                dh = dh * tl.load(keep_h_ptr + k)
+            act_ptr -= G_STEP
+            dg_ptr -= G_STEP
+            c_ptr -= H_STEP
+            grad_out_ptr -= H_STEP
+            keep_h_ptr -= K
+            keep_c_ptr -= K
+        tl.store(grad_h0_ptr + own, dh, mask=own_ok)
+        tl.store(grad_c0_ptr + own, dc, mask=own_ok)
