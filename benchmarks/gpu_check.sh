@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short GPU check (181 s measured on an H100; at most ~7.8 minutes by the stage limits): the
+# One short GPU check (181 s measured on an H100; at most ~8.8 minutes by the stage limits): the
 # device, the CUDA tests (graphs and the Triton LSTM kernels), the step benchmark, a Triton tuning
 # sweep, the packing benchmark. Triton compiles each kernel variant once (a few seconds each) in the
 # first stage that uses it; later stages reuse triton's on-disk cache. Needs torch (+ its
