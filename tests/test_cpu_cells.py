@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from study.models import cpu_cells
+from study.models import cpu_cells, notices
 from study.models.cpu_cells import CompiledCells, TorchCells
 
 BATCH, HIDDEN = 7, 37  # 37: SIMD main loop plus a scalar tail in every row
@@ -100,7 +100,7 @@ def test_without_a_compiler_the_torch_cells_run_and_say_so_once(
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     cpu_cells._compiled_cells.cache_clear()
-    monkeypatch.setattr(cpu_cells, "_said", set(), raising=False)
+    monkeypatch.setattr(notices, "_said", set())
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

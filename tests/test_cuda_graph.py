@@ -15,7 +15,7 @@ import torch
 
 import study.models.cuda_graph as cuda_graph
 from study.config import TrialConfig
-from study.models import DetachLSTM
+from study.models import DetachLSTM, notices
 from study.models.cuda_graph import GraphedStep, graphs_enabled
 from study.models.device_lstm import _cell_backward, _cell_forward
 from study.packed_train import _Pack, train_packed
@@ -36,7 +36,7 @@ BASE = dict(
 
 @pytest.fixture(autouse=True)
 def fresh_messages(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cuda_graph, "_said", set())
+    monkeypatch.setattr(notices, "_said", set())
 
 
 def _counter_step() -> tuple[torch.Tensor, GraphedStep]:
@@ -45,7 +45,7 @@ def _counter_step() -> tuple[torch.Tensor, GraphedStep]:
 
 
 def test_cpu_steps_run_eagerly_and_say_so_once(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger=cuda_graph.__name__)
+    caplog.set_level(logging.INFO, logger=notices.__name__)
     state, step = _counter_step()
     _, other = _counter_step()
     for _ in range(3):
@@ -56,7 +56,7 @@ def test_cpu_steps_run_eagerly_and_say_so_once(caplog: pytest.LogCaptureFixture)
 
 
 def test_environment_switch_turns_capture_off(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
-    caplog.set_level(logging.INFO, logger=cuda_graph.__name__)
+    caplog.set_level(logging.INFO, logger=notices.__name__)
     monkeypatch.setenv(cuda_graph.ENV_SWITCH, "0")
     assert not graphs_enabled(torch.device("cuda"))
     assert not graphs_enabled(torch.device("cuda"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import study.models.cuda_graph as cuda_graph
+from study.models import notices
 from study.models.device_lstm import DeviceMaskedLSTM, device_lstm
 
 REPO = Path(__file__).resolve().parent.parent
@@ -161,7 +161,7 @@ def test_forward_failure_falls_back_and_warns_once(monkeypatch: pytest.MonkeyPat
     # compile failure would on a GPU, and the eager path must take over.
     from study.models import triton_lstm
 
-    monkeypatch.setattr(cuda_graph, "_said", set())
+    monkeypatch.setattr(notices, "_said", set())
     monkeypatch.setattr(triton_lstm, "_failed", set())
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     inputs = _inputs(CASES[0])
@@ -273,7 +273,7 @@ def test_the_study_step_runs_triton_inside_its_cuda_graph(monkeypatch) -> None:
     from study.packed_train import _Pack, cuda_precision, train_packed
     from study.train import _Trial
 
-    monkeypatch.setattr(cuda_graph, "_said", set())
+    monkeypatch.setattr(notices, "_said", set())
     calls = []
     original = triton_lstm.triton_lstm
 

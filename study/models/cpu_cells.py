@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from study.models.cuda_graph import say_once
+from study.models.notices import say_once
 
 SOURCE = Path(__file__).with_name("lstm_cells.c")
 # "torch" forces the torch-op cells (slower; for machines without a C compiler they are the

@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 
-log = logging.getLogger(__name__)
+from study.models.notices import say_once
 
 # Set to 0 to run every step eagerly (to compare speed, or to debug the step itself).
 ENV_SWITCH = "HDETACH_CUDA_GRAPHS"
 WARMUP_STEPS = 3
-_said: set[str] = set()
-
-
-def say_once(message: str, warn: bool = False) -> None:
-    """Log (or warn about) a fallback once per process, however many trials hit it."""
-    if message in _said:
-        return
-    _said.add(message)
-    if warn:
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-    else:
-        log.info(message)
 
 
 def graphs_enabled(device: torch.device) -> bool:

@@ -6,8 +6,8 @@ import os
 
 import torch
 
-from study.models.cuda_graph import say_once
 from study.models.device_lstm import DeviceMaskedLSTM, _input_gates, _parameter_grads
+from study.models.notices import say_once
 
 try:  # the only triton import in the package; CPU-only installs may not have it
     import triton
