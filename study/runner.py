@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -29,9 +28,11 @@ from study.tasks import TASKS
 from study.train import COMPLETED, DIVERGED, RUNNING, Progress, Reporter, train
 
 STATE_FILE = "study.json"  # our own record of a study, next to Ray's state in DIR/ray/NAME
-CHECKPOINT_FILE = "trial.pt"  # a trial's {"status", "state"}; a pack's {"members": {id: ...}}
-# Two, not one: if the driver dies, Tune's experiment snapshot may still name the previous one.
-CHECKPOINTS_KEPT = 2
+# Each Ray trial's latest state, one file per trial in DIR/ray/NAME/TRIAL_STATES, replaced at
+# every evaluation. Not Tune checkpoints: after a killed driver, Tune's experiment snapshot (taken
+# every 10 s or more) can name a checkpoint its rotation has already deleted, and the trial then
+# cannot be resumed at all. Tune restarts unfinished trials; they continue from this file.
+TRIAL_STATES = "trial_states"
 Echo = Callable[[str], None]
 Tags = dict[str, str]
 
@@ -99,11 +100,12 @@ def _trainable(config: dict[str, Any]) -> None:
             config, tune.get_context().get_trial_name()
         )
     ]
+    state_file = Path(study["trial_states"]) / f"{tune.get_context().get_trial_name()}.pt"
     try:
         if "pack" in config:
-            _train_pack_and_report(members, study["mode"])
+            _train_pack_and_report(members, study["mode"], state_file)
         else:
-            _train_and_report(members[0])
+            _train_and_report(members[0], state_file)
     except Exception as error:
         for member in members:
             if not member.finished:
@@ -178,24 +180,25 @@ class _Member:
         self.finished = True
 
 
-def _train_and_report(member: _Member) -> None:
-    saved = _restore()
+def _train_and_report(member: _Member, state_file: Path) -> None:
+    saved = _restore(state_file)
     if saved is not None and saved["status"] in (COMPLETED, DIVERGED):
         member.status = saved["status"]  # it had finished when the driver died
         return
 
     def report(progress: Progress) -> None:
         member.record(progress)
-        _report(member.result(), {"status": progress.status, "state": progress.checkpoint()})
+        saved = {"status": progress.status, "state": progress.checkpoint()}
+        _report(member.result(), saved, state_file)
 
     resume_from = saved["state"] if saved is not None else None
     member.status = train(member.config, report, resume_from=resume_from).status
 
 
-def _train_pack_and_report(members: list[_Member], mode: str) -> None:
+def _train_pack_and_report(members: list[_Member], mode: str, state_file: Path) -> None:
     """train_packed over the members still running; one Tune report per evaluation, once every
     running member has reported it, with a checkpoint holding each member's state."""
-    saved = (_restore() or {}).get("members", {})
+    saved = (_restore(state_file) or {}).get("members", {})
     for member in members:
         if member.trial_id in saved:
             restored = saved[member.trial_id]
@@ -216,7 +219,7 @@ def _train_pack_and_report(members: list[_Member], mode: str) -> None:
             }
             for member in members
         }
-        _report(_pack_result(members, mode), {"members": states})
+        _report(_pack_result(members, mode), {"members": states}, state_file)
         unreported = False
 
     def reporter(member: _Member) -> Reporter:
@@ -269,24 +272,20 @@ def _pack_result(members: list[_Member], mode: str) -> dict[str, Any]:
     return result
 
 
-def _report(result: dict[str, Any], saved: dict[str, Any]) -> None:
-    with tempfile.TemporaryDirectory() as folder:
-        torch.save(saved, Path(folder) / CHECKPOINT_FILE)
-        tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))
+def _report(result: dict[str, Any], saved: dict[str, Any], state_file: Path) -> None:
+    """Save the trial's state, then tell Tune its result (a retry or resume finds the state)."""
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = state_file.with_suffix(".partial")
+    torch.save(saved, partial)
+    os.replace(partial, state_file)  # a killed driver never leaves half a file
+    tune.report(result)
 
 
-def _restore() -> dict[str, Any] | None:
-    """The last checkpoint's {"status", "state"} (a trial) or {"members": {id: ...}} (a pack)."""
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
+def _restore(state_file: Path) -> dict[str, Any] | None:
+    """The last saved {"status", "state"} (a trial) or {"members": {id: ...}} (a pack)."""
+    if not state_file.exists():
         return None
-    try:
-        with checkpoint.as_directory() as folder:
-            return torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True)
-    except (FileNotFoundError, OSError):
-        # A stale snapshot can name a checkpoint already rotated away. Training is deterministic
-        # and MLflow skips logged steps, so starting over costs time, not correctness.
-        return None
+    return torch.load(state_file, weights_only=True)
 
 
 class _TrialNamer:
@@ -610,6 +609,7 @@ def _context(state: StudyState) -> dict[str, Any]:
         "mode": spec.search.mode,
         "cpus": spec.resources.cpus,
         "task_options": list(spec.task_option_names),
+        "trial_states": str(state.experiment_dir / TRIAL_STATES),
     }
 
 
@@ -638,7 +638,6 @@ def _run_config(state: StudyState, name: str, storage: Path) -> tune.RunConfig:
         storage_path=str(storage),
         verbose=0,
         failure_config=tune.FailureConfig(max_failures=state.spec.resources.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
         callbacks=[_ProgressCallback()],
     )
 
