@@ -60,6 +60,7 @@ def forward(
         BB=BLOCK_ROWS,
         HB=BLOCK_UNITS,
         PRECISION=precision,
+        ONE_PRODUCT=precision != "ieee",
         num_warps=warps,
         num_stages=1,
     )
@@ -132,15 +133,34 @@ if triton is not None:
         return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
     @triton.jit
-    def _arrive_and_wait(counter, target):
-        """Barrier of the programs sharing `counter`: each adds 1 per step, then waits until all
-        have (release/acquire at GPU scope, as a grid sync does). `target` = programs * step."""
-        tl.debug_barrier()  # the whole program's stores come before the release
+    def _arrive(counter):
+        """This program's arrival at the step's barrier (release at GPU scope, as a grid sync
+        does): every store of the whole program comes before it."""
+        tl.debug_barrier()
         tl.atomic_add(counter, 1, sem="release", scope="gpu")
+
+    @triton.jit
+    def _wait(counter, target):
+        """Until all programs sharing `counter` have arrived: `target` = programs * steps.
+        Triton turns the adds of 0 into acquire loads by one thread, shared through the CTA."""
         seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
         while seen < target:
             seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
         tl.debug_barrier()
+
+    @triton.jit
+    def _gates_of(x, BB: tl.constexpr, HB: tl.constexpr):
+        """(BB, 4 HB) with the gate innermost (column 4 j + q) -> the (BB, HB) gates i, f, g, o."""
+        pairs = tl.reshape(x, (BB, HB, 2, 2))  # [.., a, b]: gate q = 2 a + b
+        even, odd = tl.split(pairs)  # b = 0: gates 0 and 2; b = 1: gates 1 and 3
+        i, g = tl.split(even)
+        f, o = tl.split(odd)
+        return i, f, g, o
+
+    @triton.jit
+    def _joined(i, f, g, o, BB: tl.constexpr, HB: tl.constexpr):
+        """The inverse of _gates_of."""
+        return tl.reshape(tl.join(tl.join(i, g), tl.join(f, o)), (BB, 4 * HB))
 
     @triton.jit
     def _forward_kernel(
@@ -158,48 +178,70 @@ if triton is not None:
         BB: tl.constexpr,
         HB: tl.constexpr,
         PRECISION: tl.constexpr,
+        ONE_PRODUCT: tl.constexpr,
     ):
         units, row_block, k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = row_block * BB + tl.arange(0, BB)
         cols = units * HB + tl.arange(0, HB)
         inner = tl.arange(0, HP)
+        # The four gates of this program's units side by side, gate innermost (column 4 j + q).
+        gate_of = tl.arange(0, 4 * HB) % 4
+        unit_of = units * HB + tl.arange(0, 4 * HB) // 4
         own_ok = (rows < B)[:, None] & (cols < H)[None, :]
         full_ok = (rows < B)[:, None] & (inner < H)[None, :]
-        # This program's W_hh columns of each gate, transposed: tile[m, j] = W_hh[q H + j, m].
+        four_ok = (rows < B)[:, None] & (unit_of < H)[None, :]
         w = w_ptr + k * 4 * H * H
-        w_ok = (inner < H)[:, None] & (cols < H)[None, :]
-        w_i = tl.load(w + (0 * H + cols[None, :]) * H + inner[:, None], mask=w_ok, other=0.0)
-        w_f = tl.load(w + (1 * H + cols[None, :]) * H + inner[:, None], mask=w_ok, other=0.0)
-        w_g = tl.load(w + (2 * H + cols[None, :]) * H + inner[:, None], mask=w_ok, other=0.0)
-        w_o = tl.load(w + (3 * H + cols[None, :]) * H + inner[:, None], mask=w_ok, other=0.0)
+        if ONE_PRODUCT:
+            # On tensor cores, one product h (BB, HP) @ W (HP, 4 HB) per step, whose
+            # accumulators the warps share out, instead of four dependent (BB, HB) products
+            # (SASS: 32 tensor-core ops per step on a chain of 16, not 128 on 64).
+            # w_all[m, 4 j + q] = W_hh[q H + unit j, m]
+            w_ok = (inner < H)[:, None] & (unit_of < H)[None, :]
+            w_all = tl.load(
+                w + (gate_of[None, :] * H + unit_of[None, :]) * H + inner[:, None],
+                mask=w_ok,
+                other=0.0,
+            )
+        else:
+            # fp32 FMA products keep W in registers, where one (HP, 4 HB) tile would spill.
+            # Tile q: w_q[m, j] = W_hh[q H + unit j, m].
+            w_ok = (inner < H)[:, None] & (cols < H)[None, :]
+            w_i = tl.load(w + (0 * H + cols[None, :]) * H + inner[:, None], mask=w_ok, other=0.0)
+            w_f = tl.load(w + (1 * H + cols[None, :]) * H + inner[:, None], mask=w_ok, other=0.0)
+            w_g = tl.load(w + (2 * H + cols[None, :]) * H + inner[:, None], mask=w_ok, other=0.0)
+            w_o = tl.load(w + (3 * H + cols[None, :]) * H + inner[:, None], mask=w_ok, other=0.0)
         own = (k * B + rows[:, None]) * H + cols[None, :]
         full = (k * B + rows[:, None]) * H + inner[None, :]
-        gate = (k * B + rows[:, None]) * (4 * H) + cols[None, :]
+        gate = (k * B + rows[:, None]) * (4 * H) + (gate_of * H + unit_of)[None, :]
         counter = arrivals_ptr + k * tl.num_programs(1) + row_block
         c = tl.load(all_c_ptr + own, mask=own_ok, other=0.0)
         h_ptr, c_ptr, g_ptr = all_h_ptr, all_c_ptr, gates_ptr
+        z = tl.load(g_ptr + gate, mask=four_ok, other=0.0)  # input pre-activations of step 0
         for t in range(T):
             # h_{t-1}, written by every program of this row block (.cg: not from a stale L1).
             h = tl.load(h_ptr + full, mask=full_ok, other=0.0, cache_modifier=".cg")
-            zi = tl.load(g_ptr + gate, mask=own_ok, other=0.0)
-            zf = tl.load(g_ptr + gate + H, mask=own_ok, other=0.0)
-            zg = tl.load(g_ptr + gate + 2 * H, mask=own_ok, other=0.0)
-            zo = tl.load(g_ptr + gate + 3 * H, mask=own_ok, other=0.0)
-            i = tl.sigmoid(zi + tl.dot(h, w_i, input_precision=PRECISION))
-            f = tl.sigmoid(zf + tl.dot(h, w_f, input_precision=PRECISION))
-            g = _tanh(zg + tl.dot(h, w_g, input_precision=PRECISION))
-            o = tl.sigmoid(zo + tl.dot(h, w_o, input_precision=PRECISION))
+            if ONE_PRODUCT:
+                pre = z + tl.dot(h, w_all, input_precision=PRECISION)
+                act = tl.where((gate_of == 2)[None, :], _tanh(pre), tl.sigmoid(pre))
+                i, f, g, o = _gates_of(act, BB, HB)
+            else:
+                z_i, z_f, z_g, z_o = _gates_of(z, BB, HB)
+                i = tl.sigmoid(z_i + tl.dot(h, w_i, input_precision=PRECISION))
+                f = tl.sigmoid(z_f + tl.dot(h, w_f, input_precision=PRECISION))
+                g = _tanh(z_g + tl.dot(h, w_g, input_precision=PRECISION))
+                o = tl.sigmoid(z_o + tl.dot(h, w_o, input_precision=PRECISION))
+                act = _joined(i, f, g, o, BB, HB)
+            tl.store(g_ptr + gate, act, mask=four_ok)
             c = f * c + i * g
-            tl.store(g_ptr + gate, i, mask=own_ok)
-            tl.store(g_ptr + gate + H, f, mask=own_ok)
-            tl.store(g_ptr + gate + 2 * H, g, mask=own_ok)
-            tl.store(g_ptr + gate + 3 * H, o, mask=own_ok)
             h_ptr += H_STEP
             c_ptr += H_STEP
             g_ptr += G_STEP
             tl.store(c_ptr + own, c, mask=own_ok)
             tl.store(h_ptr + own, o * _tanh(c), mask=own_ok)
-            _arrive_and_wait(counter, tl.num_programs(0) * (t + 1))
+            _arrive(counter)
+            # Step t+1's input part needs no other program: its load overlaps the wait.
+            z = tl.load(g_ptr + gate, mask=four_ok & (t + 1 < T), other=0.0)
+            _wait(counter, tl.num_programs(0) * (t + 1))
 
     @triton.jit
     def _backward_kernel(
@@ -235,18 +277,18 @@ if triton is not None:
         rows = row_block * BB + tl.arange(0, BB)
         cols = units * HB + tl.arange(0, HB)
         inner = tl.arange(0, HP)
+        gate_of = tl.arange(0, 4)[:, None, None]
         own_ok = (rows < B)[:, None] & (cols < H)[None, :]
-        full_ok = (rows < B)[:, None] & (inner < H)[None, :]
-        # dh_{t-1}[:, own units] = sum over gates q of dgates_q (B, H) @ W_hh[q H : q H + H, own]
-        w = w_ptr + k * 4 * H * H
-        w_ok = (inner < H)[:, None] & (cols < H)[None, :]
-        w_i = tl.load(w + (0 * H + inner[:, None]) * H + cols[None, :], mask=w_ok, other=0.0)
-        w_f = tl.load(w + (1 * H + inner[:, None]) * H + cols[None, :], mask=w_ok, other=0.0)
-        w_g = tl.load(w + (2 * H + inner[:, None]) * H + cols[None, :], mask=w_ok, other=0.0)
-        w_o = tl.load(w + (3 * H + inner[:, None]) * H + cols[None, :], mask=w_ok, other=0.0)
+        # dh_{t-1}[:, own units] = sum over gates q of dgates_q (B, H) @ W_hh[q H : q H + H, own],
+        # one batched product over q (a warp per gate) summed after, rather than four chained
+        # products (the SASS: 32 tensor-core ops per step on a chain of 16, not 128 on 64).
+        w_ok = (gate_of < 4) & (inner < H)[None, :, None] & (cols < H)[None, None, :]
+        w = w_ptr + k * 4 * H * H + (gate_of * H + inner[None, :, None]) * H + cols[None, None, :]
+        w = tl.load(w, mask=w_ok, other=0.0)
         own = (k * B + rows[:, None]) * H + cols[None, :]
         gate = (k * B + rows[:, None]) * (4 * H) + cols[None, :]
-        full_gate = (k * B + rows[:, None]) * (4 * H) + inner[None, :]
+        all_gates = (k * B + rows[None, :, None]) * (4 * H) + gate_of * H + inner[None, None, :]
+        all_ok = (gate_of < 4) & (rows < B)[None, :, None] & (inner < H)[None, None, :]
         counter = arrivals_ptr + k * tl.num_programs(1) + row_block
         dh = tl.zeros((BB, HB), dtype=tl.float32)
         dc = tl.zeros((BB, HB), dtype=tl.float32)
@@ -254,47 +296,51 @@ if triton is not None:
             dh = tl.load(grad_h_ptr + own, mask=own_ok, other=0.0)
         if HAS_GRAD_C:
             dc = tl.load(grad_c_ptr + own, mask=own_ok, other=0.0)
+        # Step T-1's inputs; inside the loop, step t-1's are loaded while the barrier waits.
+        i = tl.load(act_ptr + gate, mask=own_ok, other=0.0)
+        f = tl.load(act_ptr + gate + H, mask=own_ok, other=0.0)
+        g = tl.load(act_ptr + gate + 2 * H, mask=own_ok, other=0.0)
+        o = tl.load(act_ptr + gate + 3 * H, mask=own_ok, other=0.0)
+        c_t = tl.load(c_ptr + own, mask=own_ok, other=0.0)
+        c_prev = tl.load(c_ptr - H_STEP + own, mask=own_ok, other=0.0)
+        d_out = tl.zeros((BB, HB), dtype=tl.float32)
+        if HAS_GRAD_OUT:
+            d_out = tl.load(grad_out_ptr + own, mask=own_ok, other=0.0)
         for s in range(T):
-            i = tl.load(act_ptr + gate, mask=own_ok, other=0.0)
-            f = tl.load(act_ptr + gate + H, mask=own_ok, other=0.0)
-            g = tl.load(act_ptr + gate + 2 * H, mask=own_ok, other=0.0)
-            o = tl.load(act_ptr + gate + 3 * H, mask=own_ok, other=0.0)
-            c_t = tl.load(c_ptr + own, mask=own_ok, other=0.0)
-            c_prev = tl.load(c_ptr - H_STEP + own, mask=own_ok, other=0.0)
-            if HAS_GRAD_OUT:
-                dh += tl.load(grad_out_ptr + own, mask=own_ok, other=0.0)
+            dh += d_out
             tanh_c = _tanh(c_t)
             dc += dh * o * (1.0 - tanh_c * tanh_c)
             tl.store(dg_ptr + gate, dc * g * i * (1.0 - i), mask=own_ok)
             tl.store(dg_ptr + gate + H, dc * c_prev * f * (1.0 - f), mask=own_ok)
             tl.store(dg_ptr + gate + 2 * H, dc * i * (1.0 - g * g), mask=own_ok)
             tl.store(dg_ptr + gate + 3 * H, dh * tanh_c * o * (1.0 - o), mask=own_ok)
-            # c-detach scales the gradient through c_{t-1} -> c_t by keep_c[t].
+            # c-detach scales the gradient through c_{t-1} -> c_t by keep_c[t]; h-detach scales
+            # the gradient into h_{t-1} through gates_t by keep_h[t] (applied below).
             dc = dc * f
             if HAS_KEEP_C:
                 dc = dc * tl.load(keep_c_ptr + k)
-            _arrive_and_wait(counter, tl.num_programs(0) * (s + 1))
-            # Every program of the row block has stored its gate gradients of step t.
-            d_i = tl.load(dg_ptr + full_gate, mask=full_ok, other=0.0, cache_modifier=".cg")
-            d_f = tl.load(dg_ptr + full_gate + H, mask=full_ok, other=0.0, cache_modifier=".cg")
-            d_g = tl.load(
-                dg_ptr + full_gate + 2 * H, mask=full_ok, other=0.0, cache_modifier=".cg"
-            )
-            d_o = tl.load(
-                dg_ptr + full_gate + 3 * H, mask=full_ok, other=0.0, cache_modifier=".cg"
-            )
-            dh = tl.dot(d_i, w_i, input_precision=PRECISION)
-            dh = tl.dot(d_f, w_f, dh, input_precision=PRECISION)
-            dh = tl.dot(d_g, w_g, dh, input_precision=PRECISION)
-            dh = tl.dot(d_o, w_o, dh, input_precision=PRECISION)
-            # h-detach scales the gradient into h_{t-1} through gates_t by keep_h[t].
+            keep_h = 1.0
             if HAS_KEEP_H:
-                dh = dh * tl.load(keep_h_ptr + k)
+                keep_h = tl.load(keep_h_ptr + k)
+            _arrive(counter)
             act_ptr -= G_STEP
-            dg_ptr -= G_STEP
             c_ptr -= H_STEP
             grad_out_ptr -= H_STEP
             keep_h_ptr -= K
             keep_c_ptr -= K
+            before = own_ok & (s + 1 < T)
+            i = tl.load(act_ptr + gate, mask=before, other=0.0)
+            f = tl.load(act_ptr + gate + H, mask=before, other=0.0)
+            g = tl.load(act_ptr + gate + 2 * H, mask=before, other=0.0)
+            o = tl.load(act_ptr + gate + 3 * H, mask=before, other=0.0)
+            c_t = c_prev
+            c_prev = tl.load(c_ptr - H_STEP + own, mask=before, other=0.0)
+            if HAS_GRAD_OUT:
+                d_out = tl.load(grad_out_ptr + own, mask=before, other=0.0)
+            _wait(counter, tl.num_programs(0) * (s + 1))
+            # Every program of the row block has stored its gate gradients of step t.
+            d_gates = tl.load(dg_ptr + all_gates, mask=all_ok, other=0.0, cache_modifier=".cg")
+            dh = tl.sum(tl.dot(d_gates, w, input_precision=PRECISION), axis=0) * keep_h
+            dg_ptr -= G_STEP
         tl.store(grad_h0_ptr + own, dh, mask=own_ok)
         tl.store(grad_c0_ptr + own, dc, mask=own_ok)
