@@ -77,10 +77,12 @@ def two_node_cluster(tmp_path: Path) -> Iterator[str]:
 def test_study_spreads_trials_over_the_nodes_and_logs_every_run(
     tmp_path: Path, two_node_cluster: str, mlflow_server: str
 ) -> None:
-    # 4 trials of one CPU each on two one-CPU nodes, long enough (a few seconds) to overlap:
-    # the second concurrent trial has nowhere to go but the other node.
+    # 4 trials of one CPU each on two one-CPU nodes, long enough to overlap: the second
+    # concurrent trial has nowhere to go but the other node. (Tune starts a trial's worker in
+    # seconds; 6000 steps take 8 s on the 2-core VM, 400 took 0.6 s, too short to overlap on a
+    # faster machine.)
     spec = tiny_copying(
-        resources={"cpus": 1, "max_concurrent": 2}, fixed={"iterations": 400, "eval_every": 200}
+        resources={"cpus": 1, "max_concurrent": 2}, fixed={"iterations": 6000, "eval_every": 3000}
     )
     space = write_space(tmp_path, "cluster_smoke", spec)
     output = tmp_path / "out"  # one machine here, so one folder both nodes reach
