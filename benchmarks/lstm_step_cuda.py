@@ -74,6 +74,8 @@ def path_note(name: str, graphed: GraphedStep | None = None) -> str:
     notes = []
     if name.startswith("Triton") and triton_lstm._failed:
         notes.append("FELL BACK to per-step")
+    if name.startswith("Triton") and not torch.cuda.is_available():
+        notes.append("no GPU: the eager CPU path ran")
     if graphed is not None and graphed.device.type == "cuda" and not graphed.captured:
         notes.append("capture failed: eager")
     return f" [{'; '.join(notes)}]" if notes else ""
@@ -299,9 +301,11 @@ def measure_shape(
     return rows
 
 
-def triton_sweep(rounds: int, device: torch.device, split: bool) -> None:
+def triton_sweep(rounds: int, device: torch.device, split: bool, smoke: bool) -> None:
     """Forward + backward at the pixel-MNIST shape, graphed, per Triton configuration."""
     _, seq_len, batch, hidden, classes, readout = SHAPES[1]
+    if smoke:  # the script's own check, on any device (a CPU runs every row eagerly)
+        seq_len, batch, hidden = 12, 4, 8
     x = torch.rand(seq_len, batch, 1, device=device)
     y = torch.randint(0, classes, (batch,), device=device)
     mask = (torch.rand(seq_len) < P_DETACH).to(device)
@@ -316,13 +320,16 @@ def triton_sweep(rounds: int, device: torch.device, split: bool) -> None:
     cudnn = time_steps(cudnn_step, 5, rounds)
     print(f"\nTriton sweep, pixel MNIST (T={seq_len}, B={batch}, H={hidden}), forward + backward")
     print(f"nn.LSTM (cuDNN, TF32 default): {cudnn:.2f} ms")
-    print(f"{'kernel':<24}{'BLOCK_B':>8}{'warps':>7}{'ms':>9}{'/ cuDNN':>9}")
-    # TF32 only: the full-fp32 kernels are not the study's path (measured 2.5-3.4x slower than
-    # the per-step kernels on an H100, whatever the warps).
-    configs = [("Triton tf32", b, w) for b, w in ((16, 4), (16, 8))]
+    print(f"{'kernel':<24}{'tile':>8}{'warps':>7}{'ms':>9}{'/ cuDNN':>9}")
+    # (kernel, batch rows, hidden units per program (split only), warps). TF32 rows kernels
+    # only: full fp32 is not the study's path there (measured 2.5-3.4x slower than the per-step
+    # kernels on an H100, whatever the warps). Split: 4 warps measured best at 16 units.
+    configs = [("Triton tf32", 16, 0, w) for w in (4, 8)]
     if split:
-        configs += [(name, 16, w) for name in SPLIT for w in (1, 2, 4, 8)]
-    for name, block_b, warps in configs:
+        configs += [("Triton split tf32", 16, u, w) for u, w in ((16, 2), (16, 4), (16, 8))]
+        configs += [("Triton split tf32", 16, 32, w) for w in (4, 8)]
+        configs += [("Triton split fp32-ieee", 16, u, w) for u, w in ((16, 4), (32, 8))]
+    for name, block_b, units, warps in configs:
         model = SequenceClassifier(1, hidden, classes).to(device)
         model.load_state_dict(template.state_dict())
         params = list(model.parameters())
@@ -332,11 +339,13 @@ def triton_sweep(rounds: int, device: torch.device, split: bool) -> None:
 
         env = {triton_lstm.ENV_BLOCK_B: str(block_b), triton_lstm.ENV_WARPS: str(warps)}
         env[triton_lstm.ENV_SPLIT_WARPS] = str(warps)
+        env[triton_lstm.ENV_SPLIT_UNITS] = str(units or 16)
         with lstm_path(name, **env):
             graphed = GraphedStep(step, [], device)
             ms = time_steps(graphed, 5, rounds)
             note = path_note(name, graphed)
-        print(f"{name:<24}{block_b:>8}{warps:>7}{ms:>9.2f}{ms / cudnn:>9.2f}{note}", flush=True)
+        tile = f"{block_b}x{units}" if units else str(block_b)
+        print(f"{name:<24}{tile:>8}{warps:>7}{ms:>9.2f}{ms / cudnn:>9.2f}{note}", flush=True)
         release()
 
 
@@ -377,8 +386,8 @@ def main() -> None:
         for label, ms in rows.items():
             print(f"{label:<64}{ms:>9.2f}{ms / cudnn:>9.2f}{ms / cudnn_step:>14.2f}")
         print(f"({time.perf_counter() - started:.0f} s)", flush=True)
-    if args.triton_sweep and cuda:
-        triton_sweep(1 if args.smoke else args.rounds, device, not args.no_split)
+    if args.triton_sweep:
+        triton_sweep(1 if args.smoke else args.rounds, device, not args.no_split, args.smoke)
     if args.shapes == "none":
         return
     print(

@@ -250,7 +250,14 @@ def test_graphed_and_eager_cuda_runs_agree(monkeypatch: pytest.MonkeyPatch) -> N
 def test_step_benchmark_smoke_runs_without_a_gpu() -> None:
     repo = Path(__file__).resolve().parent.parent
     result = subprocess.run(
-        [sys.executable, "benchmarks/lstm_step_cuda.py", "--smoke", "--members", "2"],
+        [
+            sys.executable,
+            "benchmarks/lstm_step_cuda.py",
+            "--smoke",
+            "--members",
+            "2",
+            "--triton-sweep",
+        ],  # fmt: skip
         cwd=repo,
         env={**os.environ, "PYTHONPATH": str(repo)},
         capture_output=True,
@@ -259,3 +266,5 @@ def test_step_benchmark_smoke_runs_without_a_gpu() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "STEP 2 packed h-detach trials, per trial, precision fp32 [per-step]" in result.stdout
+    sweep = result.stdout.split("Triton sweep")[1].splitlines()
+    assert sum(line.startswith("Triton split tf32") for line in sweep) == 5, sweep

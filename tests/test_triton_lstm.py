@@ -326,19 +326,23 @@ def test_the_study_step_runs_triton_inside_its_cuda_graph(monkeypatch) -> None:
 
 # --- the hidden-split kernels (study/models/triton_split.py) ---------------------------------
 
-# (T, K, B, H, I, masks, grad_output, grad_h_n, grad_c_n). H <= 16: one program per row block,
-# the only case the interpreter can run (it runs programs one after another, so a barrier on
-# other programs would never open); the exchange between unit blocks is checked on a GPU.
+# ((T, K, B, H, I, masks, grad_output, grad_h_n, grad_c_n), hidden units per program).
+# H <= units: one program per row block, the only case the interpreter can run (it runs programs
+# one after another, so a barrier on other programs would never open); the exchange between
+# unit blocks is checked on a GPU.
 SPLIT_CASES = [
-    (7, 2, 19, 16, 1, "hc", True, True, True),
-    (6, 1, 5, 10, 3, "h", False, True, False),
-    (5, 2, 17, 16, 1, "", True, False, False),
+    ((7, 2, 19, 16, 1, "hc", True, True, True), 16),
+    ((6, 1, 5, 10, 3, "h", False, True, False), 16),
+    ((5, 2, 17, 16, 1, "", True, False, False), 16),
+    ((6, 2, 19, 24, 3, "hc", True, True, True), 32),
+    ((5, 1, 17, 32, 1, "c", True, False, True), 32),
 ]
 
 
-def _split_apply(precision: str):
+def _split_apply(precision: str, units: int = 16):
     def apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, keep_h, keep_c):
-        return SplitFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, keep_h, keep_c, precision)
+        launch = (precision, units)
+        return SplitFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, keep_h, keep_c, launch)
 
     return apply
 
@@ -347,7 +351,7 @@ class SplitFunction(torch.autograd.Function):
     """The split kernels as an autograd Function, as TritonMaskedLSTM runs them."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, keep_h, keep_c, precision):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, keep_h, keep_c, launch):
         from study.models import triton_split
         from study.models.device_lstm import _input_gates
 
@@ -357,8 +361,8 @@ class SplitFunction(torch.autograd.Function):
         all_h = x.new_empty(steps + 1, members, batch, hidden)
         all_c = torch.empty_like(all_h)
         all_h[0], all_c[0] = h0, c0
-        triton_split.forward(gates, w_hh.contiguous(), all_h, all_c, precision, 4)
-        ctx.precision = precision
+        precision, units = ctx.launch = launch
+        triton_split.forward(gates, w_hh.contiguous(), all_h, all_c, precision, 4, units)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, w_ih, w_hh, all_h, all_c, gates, keep_h, keep_c)
         return all_h[1:], all_h[steps], all_c[steps]
@@ -378,8 +382,9 @@ class SplitFunction(torch.autograd.Function):
             (grad_output, grad_h_n, grad_c_n),
             (keep_h, keep_c),
             (grad_gates, grad_h0, grad_c0),
-            ctx.precision,
+            ctx.launch[0],
             4,
+            ctx.launch[1],
         )
         needs = ctx.needs_input_grad
         grads = _parameter_grads(needs, grad_gates, x, w_ih, all_h, grad_h0, grad_c0)
@@ -391,12 +396,12 @@ def _split_interpreter_report() -> dict:
     errors = {}
     # "tf32" takes the one-product forward (ONE_PRODUCT); the interpreter computes it in fp32.
     for precision in ("ieee", "tf32"):
-        for case in SPLIT_CASES:
+        for case, units in SPLIT_CASES:
             inputs = _inputs(case, seed=7)
             expected = _run(DeviceMaskedLSTM.apply, inputs)
-            got = _run(_split_apply(precision), inputs)
-            errors[f"{precision} {case}"] = _max_error(got, expected)
-    wrong_inputs = _inputs(SPLIT_CASES[0], seed=7)
+            got = _run(_split_apply(precision, units), inputs)
+            errors[f"{precision} {case} units={units}"] = _max_error(got, expected)
+    wrong_inputs = _inputs(SPLIT_CASES[0][0], seed=7)
     expected = _run(DeviceMaskedLSTM.apply, wrong_inputs)
     wrong = _run(_split_apply("tf32"), wrong_inputs, keep_h=1 - wrong_inputs["keep_h"])
     errors["wrong masks"] = _max_error(wrong, expected)
@@ -508,10 +513,14 @@ def test_row_kernels_compile_for_an_h100(hidden: int, monkeypatch) -> None:
         _compile_for_hopper(recorder.kernel, args, kwargs)
 
 
-@pytest.mark.parametrize("precision", ["ieee", "tf32"])
-@pytest.mark.parametrize("hidden", [100, 128])
+# The default 16 units per program in both precisions; 32 (a sweep option) in tf32 only: full
+# fp32 at 32 units keeps twice the weights in registers and spills at 4 warps.
+@pytest.mark.parametrize(
+    ("hidden", "units", "precision"),
+    [(h, 16, p) for h in (100, 128) for p in ("ieee", "tf32")] + [(100, 32, "tf32")],
+)
 def test_split_kernels_compile_for_an_h100_without_spilling(
-    hidden: int, precision: str, monkeypatch, tmp_path: Path
+    hidden: int, units: int, precision: str, monkeypatch, tmp_path: Path
 ) -> None:
     from study.models import triton_split
 
@@ -520,7 +529,7 @@ def test_split_kernels_compile_for_an_h100_without_spilling(
         recorders[name] = _Recorded(getattr(triton_split, name))
         monkeypatch.setattr(triton_split, name, recorders[name])
     inputs = _inputs((5, 1, 19, hidden, 1, "hc", True, True, True))
-    _run(_split_apply(precision), inputs)
+    _run(_split_apply(precision, units), inputs)
     for name, recorder in recorders.items():
         ((args, kwargs),) = recorder.calls
         compiled = _compile_for_hopper(recorder.kernel, args, kwargs)

@@ -27,6 +27,7 @@ ENV_PRECISION = "HDETACH_TRITON_PRECISION"
 # (default) takes split where it fits. Measured on an H100 at pixel MNIST, tf32: split 8.2 ms
 # per forward + backward, rows 14.1 (benchmarks/results/h100.txt).
 ENV_KERNEL, ENV_SPLIT_WARPS = "HDETACH_TRITON_KERNEL", "HDETACH_TRITON_SPLIT_WARPS"
+ENV_SPLIT_UNITS = "HDETACH_TRITON_SPLIT_UNITS"  # hidden units per split program: 16 or 32
 # The kernels each forward ran ("split", "rows"), for benchmarks to label what they timed.
 used: set[str] = set()
 MAX_HIDDEN = 256
@@ -81,11 +82,18 @@ def _split(x: torch.Tensor, members: int, batch: int, hidden: int) -> bool:
         return False
     from study.models import triton_split
 
-    return triton_split.fits(members, batch, hidden, x.device)
+    return triton_split.fits(members, batch, hidden, x.device, _split_units())
 
 
 def _split_warps() -> int:
     return int(os.environ.get(ENV_SPLIT_WARPS, "4"))
+
+
+def _split_units() -> int:
+    units = os.environ.get(ENV_SPLIT_UNITS, "16")
+    if units not in ("16", "32"):
+        raise ValueError(f"{ENV_SPLIT_UNITS}={units}: allowed are 16 and 32")
+    return int(units)
 
 
 def _key(hidden: int) -> tuple:
@@ -165,7 +173,13 @@ class TritonMaskedLSTM(torch.autograd.Function):
                 all_h[0].copy_(h0)
                 all_c[0].copy_(c0)
                 triton_split.forward(
-                    gates, weight_hh.contiguous(), all_h, all_c, prec, _split_warps()
+                    gates,
+                    weight_hh.contiguous(),
+                    all_h,
+                    all_c,
+                    prec,
+                    _split_warps(),
+                    _split_units(),
                 )
             else:
                 _forward_kernel[(members, triton.cdiv(batch, block_b))](
@@ -236,6 +250,7 @@ class TritonMaskedLSTM(torch.autograd.Function):
                     (grad_gates, grad_h0, grad_c0),
                     ctx.precision,
                     _split_warps(),
+                    _split_units(),
                 )
             else:
                 _backward_kernel[(members, triton.cdiv(batch, block_b))](

@@ -11,24 +11,27 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None
     tl = None
 
-# Rows and hidden units per program. tl.dot needs 16 in every dimension.
+# Rows and hidden units per program. tl.dot needs 16 in every dimension. Fewer units per
+# program means more programs at each step's barrier, but a shorter product for each.
 BLOCK_ROWS = 16
 BLOCK_UNITS = 16
 MAX_HIDDEN = 128  # the whole h row tile (16 x 128) is one tl.dot operand
 
 
-def grid(members: int, batch: int, hidden: int) -> tuple[int, int, int]:
+def grid(members: int, batch: int, hidden: int, units: int = BLOCK_UNITS) -> tuple[int, int, int]:
     """(unit blocks, row blocks, members): unit blocks vary fastest, so the programs that wait
     for each other at every step's barrier are launched together."""
-    return (triton.cdiv(hidden, BLOCK_UNITS), triton.cdiv(batch, BLOCK_ROWS), members)
+    return (triton.cdiv(hidden, units), triton.cdiv(batch, BLOCK_ROWS), members)
 
 
-def fits(members: int, batch: int, hidden: int, device: torch.device) -> bool:
+def fits(
+    members: int, batch: int, hidden: int, device: torch.device, units: int = BLOCK_UNITS
+) -> bool:
     """Whether every program can be resident at once (one per SM at the least): programs spin
     at a barrier on the others of their row block, so none may wait to be scheduled."""
-    units, rows, members = grid(members, batch, hidden)
+    unit_blocks, rows, members = grid(members, batch, hidden, units)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return hidden <= MAX_HIDDEN and units * rows * members <= sms
+    return hidden <= MAX_HIDDEN and unit_blocks * rows * members <= sms
 
 
 def forward(
@@ -38,12 +41,13 @@ def forward(
     all_c: torch.Tensor,
     precision: str,
     warps: int,
+    units: int = BLOCK_UNITS,
 ) -> None:
     """Fill all_h[1:], all_c[1:] (all_h[0], all_c[0] hold h0, c0) and turn `gates` (T, K, B, 4H)
     from pre-activations (input part) into the activated i|f|g|o."""
     steps, members, batch, four_h = gates.shape
     hidden = four_h // 4
-    launch = grid(members, batch, hidden)
+    launch = grid(members, batch, hidden, units)
     arrivals = torch.zeros(members * launch[1], dtype=torch.int32, device=gates.device)
     _forward_kernel[launch](
         gates,
@@ -58,7 +62,7 @@ def forward(
         H=hidden,
         HP=max(16, triton.next_power_of_2(hidden)),
         BB=BLOCK_ROWS,
-        HB=BLOCK_UNITS,
+        HB=units,
         PRECISION=precision,
         ONE_PRODUCT=precision != "ieee",
         num_warps=warps,
@@ -75,6 +79,7 @@ def backward(
     outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     precision: str,
     warps: int,
+    units: int = BLOCK_UNITS,
 ) -> None:
     """Masked BPTT: grads = (output, h_n, c_n) gradients or None, keeps = (keep_h, keep_c) of
     shape (T, K) or None; writes outputs = (gate gradients (T, K, B, 4H), grad h0, grad c0)."""
@@ -83,7 +88,7 @@ def backward(
     grad_gates, grad_h0, grad_c0 = outputs
     steps, members, batch, four_h = gates.shape
     hidden = four_h // 4
-    launch = grid(members, batch, hidden)
+    launch = grid(members, batch, hidden, units)
     arrivals = torch.zeros(members * launch[1], dtype=torch.int32, device=gates.device)
 
     def last(tensor: torch.Tensor | None) -> torch.Tensor:
@@ -114,7 +119,7 @@ def backward(
         H=hidden,
         HP=max(16, triton.next_power_of_2(hidden)),
         BB=BLOCK_ROWS,
-        HB=BLOCK_UNITS,
+        HB=units,
         HAS_GRAD_OUT=grad_output is not None,
         HAS_GRAD_H=grad_h_n is not None,
         HAS_GRAD_C=grad_c_n is not None,
