@@ -427,14 +427,18 @@ def test_split_kernels_match_the_eager_path_in_the_interpreter() -> None:
 @CUDA
 @pytest.mark.parametrize("shape", GPU_SHAPES[:2], ids=["copying", "mnist"])
 @pytest.mark.parametrize("precision", ["ieee", "tf32"])
-def test_split_kernels_match_the_eager_path_on_cuda(shape: tuple, precision: str, monkeypatch):
+@pytest.mark.parametrize("units", [16, 32])
+def test_split_kernels_match_the_eager_path_on_cuda(
+    shape: tuple, precision: str, units: int, monkeypatch
+):
     from study.models import triton_lstm, triton_split
 
     monkeypatch.setenv(triton_lstm.ENV_KERNEL, "split")
     monkeypatch.setenv(triton_lstm.ENV_PRECISION, precision)
+    monkeypatch.setenv(triton_lstm.ENV_SPLIT_UNITS, str(units))
     case = (*shape, "hc", True, True, True)
     inputs = _inputs(case, device="cuda", seed=3)
-    assert triton_split.fits(shape[1], shape[2], shape[3], torch.device("cuda"))
+    assert triton_split.fits(shape[1], shape[2], shape[3], torch.device("cuda"), units)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a kernel that fell back fails the test
         actual = _run(triton_lstm.TritonMaskedLSTM.apply, inputs)
