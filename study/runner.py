@@ -673,6 +673,9 @@ def _ray_session(address: str | None, spec: StudySpec) -> Iterator[None]:
     logging.getLogger("ray").setLevel(logging.ERROR)
     # Tune logs failed trials at ERROR ("Trials did not complete"); our lines already say so.
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+    # Tune's TensorBoard logger warns "NaN or Inf found in input tensor." for a diverged
+    # trial's last report; divergence is an outcome, and our line for the trial says so.
+    logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
     if ray.is_initialized():
         yield
         return
