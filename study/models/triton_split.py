@@ -221,13 +221,16 @@ if triton is not None:
         counter = arrivals_ptr + k * tl.num_programs(1) + row_block
         c = tl.load(all_c_ptr + own, mask=own_ok, other=0.0)
         h_ptr, c_ptr, g_ptr = all_h_ptr, all_c_ptr, gates_ptr
+        scale = tl.where(gate_of == 2, 2.0, 1.0)[None, :]
         z = tl.load(g_ptr + gate, mask=four_ok, other=0.0)  # input pre-activations of step 0
         for t in range(T):
             # h_{t-1}, written by every program of this row block (.cg: not from a stale L1).
             h = tl.load(h_ptr + full, mask=full_ok, other=0.0, cache_modifier=".cg")
             if ONE_PRODUCT:
                 pre = z + tl.dot(h, w_all, input_precision=PRECISION)
-                act = tl.where((gate_of == 2)[None, :], _tanh(pre), tl.sigmoid(pre))
+                # One sigmoid per column: s sigmoid(s x) - (s - 1) is tanh(x) = 2 sigmoid(2x) - 1
+                # (as _tanh) for s = 2, the g gate, and sigmoid(x) for s = 1.
+                act = scale * tl.sigmoid(scale * pre) - (scale - 1.0)
                 i, f, g, o = _gates_of(act, BB, HB)
             else:
                 z_i, z_f, z_g, z_o = _gates_of(z, BB, HB)
