@@ -94,13 +94,12 @@ def _trainable(config: dict[str, Any]) -> None:
     # Ray reserves `cpus` cores for the trial; torch would otherwise use every core on the node.
     torch.set_num_threads(max(1, int(study["cpus"])))
     node = ray.get_runtime_context().get_node_id()
+    ray_trial = tune.get_context().get_trial_name()
     members = [
         _Member(study, trial_id, trial_config, tags, node)
-        for trial_id, trial_config, tags in _members_of(
-            config, tune.get_context().get_trial_name()
-        )
+        for trial_id, trial_config, tags in _members_of(config, ray_trial)
     ]
-    state_file = Path(study["trial_states"]) / f"{tune.get_context().get_trial_name()}.pt"
+    state_file = Path(study["trial_states"]) / f"{ray_trial}.pt"
     try:
         if "pack" in config:
             _train_pack_and_report(members, study["mode"], state_file)
@@ -197,7 +196,7 @@ def _train_and_report(member: _Member, state_file: Path) -> None:
 
 def _train_pack_and_report(members: list[_Member], mode: str, state_file: Path) -> None:
     """train_packed over the members still running; one Tune report per evaluation, once every
-    running member has reported it, with a checkpoint holding each member's state."""
+    running member has reported it, after saving each member's state to `state_file`."""
     saved = (_restore(state_file) or {}).get("members", {})
     for member in members:
         if member.trial_id in saved:

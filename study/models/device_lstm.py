@@ -228,9 +228,10 @@ def device_lstm(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Apply the masked LSTM: x (T, K, B, I), h0/c0 (K, B, H), stacked nn.LSTM weights.
 
-    On CUDA with fp32 and H <= 256 this is the persistent Triton kernel pair (one launch per
-    direction for the whole sequence); otherwise, or without Triton, DeviceMaskedLSTM's step
-    loop. Both compute the same function.
+    On CUDA, where triton_lstm.supports() says so (float32, H <= 256; in full fp32 only where
+    the hidden-split kernels fit), this is a persistent Triton kernel pair (one launch per
+    direction for the whole sequence); otherwise DeviceMaskedLSTM's step loop. Both compute the
+    same function.
     """
     if x.is_cuda:
         from study.models import triton_lstm  # imports triton: only on the CUDA path

@@ -6,10 +6,11 @@ import os
 
 import torch
 
+from study.models import triton_split
 from study.models.device_lstm import DeviceMaskedLSTM, _input_gates, _parameter_grads
 from study.models.notices import say_once
 
-try:  # the only triton import in the package; CPU-only installs may not have it
+try:  # here and in triton_split.py only; CPU-only installs may not have triton
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the installation
@@ -80,8 +81,6 @@ def _split(x: torch.Tensor, members: int, batch: int, hidden: int) -> bool:
     runs programs one after another, so a barrier across programs would never open."""
     if os.environ.get(ENV_KERNEL, "auto") == "rows" or interpreting() or not x.is_cuda:
         return False
-    from study.models import triton_split
-
     return triton_split.fits(members, batch, hidden, x.device, _split_units())
 
 
@@ -168,8 +167,6 @@ class TritonMaskedLSTM(torch.autograd.Function):
         used.add("split" if ctx.split else "rows")
         try:
             if ctx.split:
-                from study.models import triton_split
-
                 all_h[0].copy_(h0)
                 all_c[0].copy_(c0)
                 triton_split.forward(
@@ -231,40 +228,26 @@ class TritonMaskedLSTM(torch.autograd.Function):
         grad_h0 = all_h.new_empty(members, batch, hidden)
         grad_c0 = torch.empty_like(grad_h0)
         block_b, warps = tuning(hidden)
-
-        def last(tensor: torch.Tensor | None) -> torch.Tensor:
-            # The kernel walks back from step T-1 by pointer decrements (no 32-bit overflow in
-            # t * stride); an absent tensor is never read, any pointer will do.
-            return grad_gates if tensor is None else tensor.contiguous()[-1]
-
+        grads = (grad_output, grad_h_n, grad_c_n)
+        outputs = (grad_gates, grad_h0, grad_c0)
         try:
             if ctx.split:
-                from study.models import triton_split
-
                 triton_split.backward(
                     gates,
                     all_c,
                     weight_hh,
-                    (grad_output, grad_h_n, grad_c_n),
+                    grads,
                     (keep_h, keep_c),
-                    (grad_gates, grad_h0, grad_c0),
+                    outputs,
                     ctx.precision,
                     _split_warps(),
                     _split_units(),
                 )
             else:
                 _backward_kernel[(members, triton.cdiv(batch, block_b))](
-                    last(gates),
-                    all_c[steps],
-                    weight_hh.contiguous(),
-                    last(grad_output),
-                    grad_gates if grad_h_n is None else grad_h_n.contiguous(),
-                    grad_gates if grad_c_n is None else grad_c_n.contiguous(),
-                    last(keep_h),
-                    last(keep_c),
-                    grad_gates[-1],
-                    grad_h0,
-                    grad_c0,
+                    *triton_split.backward_operands(
+                        gates, all_c, weight_hh, grads, (keep_h, keep_c), outputs
+                    ),
                     steps,
                     members,
                     members * batch * hidden,

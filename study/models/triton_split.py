@@ -70,6 +70,42 @@ def forward(
     )
 
 
+def backward_operands(
+    gates: torch.Tensor,
+    all_c: torch.Tensor,
+    weight_hh: torch.Tensor,
+    grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    keeps: tuple[torch.Tensor | None, torch.Tensor | None],
+    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, ...]:
+    """The tensor arguments of both backward kernels (these and triton_lstm's row kernels), in
+    their order: per-step tensors at step T-1, which the kernels walk back by pointer decrements
+    (t * stride could overflow int32). An absent gradient or mask is never read: any pointer."""
+    grad_output, grad_h_n, grad_c_n = grads
+    keep_h, keep_c = keeps
+    grad_gates, grad_h0, grad_c0 = outputs
+
+    def last(tensor: torch.Tensor | None) -> torch.Tensor:
+        return grad_gates[-1] if tensor is None else tensor.contiguous()[-1]
+
+    def whole(tensor: torch.Tensor | None) -> torch.Tensor:
+        return grad_gates if tensor is None else tensor.contiguous()
+
+    return (
+        last(gates),
+        all_c[-1],
+        weight_hh.contiguous(),
+        last(grad_output),
+        whole(grad_h_n),
+        whole(grad_c_n),
+        last(keep_h),
+        last(keep_c),
+        grad_gates[-1],
+        grad_h0,
+        grad_c0,
+    )
+
+
 def backward(
     gates: torch.Tensor,
     all_c: torch.Tensor,
@@ -85,31 +121,12 @@ def backward(
     shape (T, K) or None; writes outputs = (gate gradients (T, K, B, 4H), grad h0, grad c0)."""
     grad_output, grad_h_n, grad_c_n = grads
     keep_h, keep_c = keeps
-    grad_gates, grad_h0, grad_c0 = outputs
     steps, members, batch, four_h = gates.shape
     hidden = four_h // 4
     launch = grid(members, batch, hidden, units)
     arrivals = torch.zeros(members * launch[1], dtype=torch.int32, device=gates.device)
-
-    def last(tensor: torch.Tensor | None) -> torch.Tensor:
-        # Walked back from step T-1 by pointer decrements; an absent tensor is never read.
-        return grad_gates[-1] if tensor is None else tensor.contiguous()[-1]
-
-    def whole(tensor: torch.Tensor | None) -> torch.Tensor:
-        return grad_gates if tensor is None else tensor.contiguous()
-
     _backward_kernel[launch](
-        last(gates),
-        all_c[steps],
-        weight_hh.contiguous(),
-        last(grad_output),
-        whole(grad_h_n),
-        whole(grad_c_n),
-        last(keep_h),
-        last(keep_c),
-        grad_gates[-1],
-        grad_h0,
-        grad_c0,
+        *backward_operands(gates, all_c, weight_hh, grads, keeps, outputs),
         arrivals,
         steps,
         members,
@@ -154,6 +171,19 @@ if triton is not None:
         tl.debug_barrier()
 
     @triton.jit
+    def _program_tile(arrivals_ptr, B, H: tl.constexpr, BB: tl.constexpr, HB: tl.constexpr):
+        """This program's place: its unit block and member k, its batch rows and hidden units
+        (cols), the (rows, cols) tile's offsets in a (K, B, H) step and their mask, and its row
+        block's barrier counter."""
+        units, row_block, k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = row_block * BB + tl.arange(0, BB)
+        cols = units * HB + tl.arange(0, HB)
+        own_ok = (rows < B)[:, None] & (cols < H)[None, :]
+        own = (k * B + rows[:, None]) * H + cols[None, :]
+        counter = arrivals_ptr + k * tl.num_programs(1) + row_block
+        return units, k, rows, cols, own, own_ok, counter
+
+    @triton.jit
     def _gates_of(x, BB: tl.constexpr, HB: tl.constexpr):
         """(BB, 4 HB) with the gate innermost (column 4 j + q) -> the (BB, HB) gates i, f, g, o."""
         pairs = tl.reshape(x, (BB, HB, 2, 2))  # [.., a, b]: gate q = 2 a + b
@@ -185,14 +215,11 @@ if triton is not None:
         PRECISION: tl.constexpr,
         ONE_PRODUCT: tl.constexpr,
     ):
-        units, row_block, k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        rows = row_block * BB + tl.arange(0, BB)
-        cols = units * HB + tl.arange(0, HB)
+        units, k, rows, cols, own, own_ok, counter = _program_tile(arrivals_ptr, B, H, BB, HB)
         inner = tl.arange(0, HP)
         # The four gates of this program's units side by side, gate innermost (column 4 j + q).
         gate_of = tl.arange(0, 4 * HB) % 4
         unit_of = units * HB + tl.arange(0, 4 * HB) // 4
-        own_ok = (rows < B)[:, None] & (cols < H)[None, :]
         full_ok = (rows < B)[:, None] & (inner < H)[None, :]
         four_ok = (rows < B)[:, None] & (unit_of < H)[None, :]
         w = w_ptr + k * 4 * H * H
@@ -215,10 +242,8 @@ if triton is not None:
             w_f = tl.load(w + (1 * H + cols[None, :]) * H + inner[:, None], mask=w_ok, other=0.0)
             w_g = tl.load(w + (2 * H + cols[None, :]) * H + inner[:, None], mask=w_ok, other=0.0)
             w_o = tl.load(w + (3 * H + cols[None, :]) * H + inner[:, None], mask=w_ok, other=0.0)
-        own = (k * B + rows[:, None]) * H + cols[None, :]
         full = (k * B + rows[:, None]) * H + inner[None, :]
         gate = (k * B + rows[:, None]) * (4 * H) + (gate_of * H + unit_of)[None, :]
-        counter = arrivals_ptr + k * tl.num_programs(1) + row_block
         c = tl.load(all_c_ptr + own, mask=own_ok, other=0.0)
         h_ptr, c_ptr, g_ptr = all_h_ptr, all_c_ptr, gates_ptr
         scale = tl.where(gate_of == 2, 2.0, 1.0)[None, :]
@@ -281,23 +306,18 @@ if triton is not None:
         HAS_KEEP_C: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        units, row_block, k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        rows = row_block * BB + tl.arange(0, BB)
-        cols = units * HB + tl.arange(0, HB)
+        _, k, rows, cols, own, own_ok, counter = _program_tile(arrivals_ptr, B, H, BB, HB)
         inner = tl.arange(0, HP)
         gate_of = tl.arange(0, 4)[:, None, None]
-        own_ok = (rows < B)[:, None] & (cols < H)[None, :]
         # dh_{t-1}[:, own units] = sum over gates q of dgates_q (B, H) @ W_hh[q H : q H + H, own],
         # one batched product over q (a warp per gate) summed after, rather than four chained
         # products (the SASS: 32 tensor-core ops per step on a chain of 16, not 128 on 64).
         w_ok = (gate_of < 4) & (inner < H)[None, :, None] & (cols < H)[None, None, :]
         w = w_ptr + k * 4 * H * H + (gate_of * H + inner[None, :, None]) * H + cols[None, None, :]
         w = tl.load(w, mask=w_ok, other=0.0)
-        own = (k * B + rows[:, None]) * H + cols[None, :]
         gate = (k * B + rows[:, None]) * (4 * H) + cols[None, :]
         all_gates = (k * B + rows[None, :, None]) * (4 * H) + gate_of * H + inner[None, None, :]
         all_ok = (gate_of < 4) & (rows < B)[None, :, None] & (inner < H)[None, None, :]
-        counter = arrivals_ptr + k * tl.num_programs(1) + row_block
         dh = tl.zeros((BB, HB), dtype=tl.float32)
         dc = tl.zeros((BB, HB), dtype=tl.float32)
         if HAS_GRAD_H:
