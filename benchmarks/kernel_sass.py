@@ -1,0 +1,130 @@
+"""Compile each Triton LSTM kernel launch for an H100 on any machine; dump or compare the SASS.
+
+For checking a kernel refactor where no GPU is at hand: dump before, change, dump after, then
+`compare BEFORE AFTER` lists the kernels whose time loop runs other operations (register
+numbers and addresses aside). Needs torch, triton (with its ptxas and cuobjdump) and pytest.
+
+    python benchmarks/kernel_sass.py dump /tmp/before [--only split]
+    python benchmarks/kernel_sass.py compare /tmp/before /tmp/after
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+import pytest  # noqa: E402
+import test_triton_lstm as kernels_test  # noqa: E402 (its launch recorder and compiler)
+import triton.backends.nvidia  # noqa: E402
+
+from study.models import triton_lstm, triton_split  # noqa: E402
+
+CUOBJDUMP = Path(triton.backends.nvidia.__file__).parent / "bin" / "cuobjdump"
+# (T, K, B, H, I, masks, grad_output, grad_h_n, grad_c_n) with all optional inputs, then none.
+CASES = [(5, 1, 19, 0, 1, "hc", True, True, True), (5, 1, 19, 0, 3, "", True, False, False)]
+
+
+def _record(module, monkeypatch: pytest.MonkeyPatch) -> dict:
+    recorders = {}
+    for name in ("_forward_kernel", "_backward_kernel"):
+        recorders[name] = kernels_test._Recorded(getattr(module, name))
+        monkeypatch.setattr(module, name, recorders[name])
+    return recorders
+
+
+def _write(folder: Path, tag: str, recorders: dict) -> None:
+    for name, recorder in recorders.items():
+        ((args, kwargs),) = recorder.calls
+        compiled = kernels_test._compile_for_hopper(recorder.kernel, args, kwargs)
+        cubin = folder / f"{tag}-{name}.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True)
+        (folder / f"{tag}-{name}.sass").write_text(sass.stdout)
+        cubin.unlink()
+
+
+def dump(folder: Path, only: str | None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for precision in ("tf32", "ieee"):
+        for case in CASES:
+            masks = case[5] or "none"
+            for hidden in () if only == "split" else (100, 128, 256):
+                with pytest.MonkeyPatch.context() as monkeypatch:
+                    recorders = _record(triton_lstm, monkeypatch)
+                    monkeypatch.setenv(triton_lstm.ENV_PRECISION, precision)
+                    inputs = kernels_test._inputs((*case[:3], hidden, *case[4:]))
+                    kernels_test._run(triton_lstm.TritonMaskedLSTM.apply, inputs)
+                    _write(folder, f"rows-{hidden}-{precision}-{masks}", recorders)
+            for hidden, units in () if only == "rows" else ((100, 16), (128, 16), (100, 32)):
+                with pytest.MonkeyPatch.context() as monkeypatch:
+                    recorders = _record(triton_split, monkeypatch)
+                    inputs = kernels_test._inputs((*case[:3], hidden, *case[4:]))
+                    kernels_test._run(kernels_test._split_apply(precision, units), inputs)
+                    _write(folder, f"split-{hidden}-{units}-{precision}-{masks}", recorders)
+    print(f"{len(list(folder.glob('*.sass')))} kernels in {folder}")
+
+
+def _loop_ops(path: Path) -> tuple[list[str], int]:
+    """The operations of the kernel's time loop (the span of its long backward branches), with
+    registers, predicates and constants blanked; and the kernel's instruction count."""
+    found = re.findall(r"^\s+/\*([0-9a-f]{4})\*/\s+(.*?);", path.read_text(), re.MULTILINE)
+    code = [(int(address, 16), text) for address, text in found]
+    back = [
+        (int(target.group(1), 16), address)
+        for address, text in code
+        if (target := re.search(r"BRA (0x[0-9a-f]+)", text))
+        and address - int(target.group(1), 16) > 0x200
+    ]
+    low, high = (min(b[0] for b in back), max(b[1] for b in back)) if back else (0, 1 << 62)
+    blank = r"\.reuse|U?R\d+|U?P\d|B\d|0x[0-9a-f]+"
+    return [re.sub(blank, "#", text) for address, text in code if low <= address <= high], len(
+        code
+    )
+
+
+def compare(before: Path, after: Path) -> None:
+    differing = 0
+    for old in sorted(before.glob("*.sass")):
+        new = after / old.name
+        if not new.exists():
+            print(f"{old.stem}: missing in {after}")
+            differing += 1
+            continue
+        (old_loop, old_size), (new_loop, new_size) = _loop_ops(old), _loop_ops(new)
+        a, b = collections.Counter(old_loop), collections.Counter(new_loop)
+        changed = sum(((a - b) + (b - a)).values())
+        if changed or len(old_loop) != len(new_loop):
+            differing += 1
+            print(
+                f"{old.stem}: loop {len(old_loop)} -> {len(new_loop)} instructions, {changed} "
+                f"operations differ (kernel {old_size} -> {new_size})"
+            )
+    total = len(list(before.glob("*.sass")))
+    print(f"{total - differing} of {total} kernels run the same operations in their loop")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    dumping = commands.add_parser("dump", help="compile every launch and write its SASS")
+    dumping.add_argument("folder", type=Path)
+    dumping.add_argument("--only", choices=["rows", "split"])
+    comparing = commands.add_parser("compare", help="the kernels whose loops differ")
+    comparing.add_argument("before", type=Path)
+    comparing.add_argument("after", type=Path)
+    args = parser.parse_args()
+    if args.command == "dump":
+        dump(args.folder, args.only)
+    else:
+        compare(args.before, args.after)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""benchmarks/kernel_sass.py: comparing two SASS dumps by the operations of each time loop."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton", reason="needs triton")
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_sass.py"
+spec = importlib.util.spec_from_file_location("kernel_sass", SCRIPT)
+kernel_sass = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(kernel_sass)
+
+# A prologue, a loop (long backward branch from 0x0300 to 0x0010) and an exit, in cuobjdump's form.
+LOOP = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   HMMA.1688.F32.TF32 R4, R8, R12, R4 ;
+        /*0020*/                   FMUL R2, R{a}, R{b} ;
+        /*0300*/              @P0 BRA 0x10 ;
+        /*0310*/                   EXIT ;
+"""
+
+
+def _dump(folder: Path, **kernels: str) -> Path:
+    folder.mkdir()
+    for name, text in kernels.items():
+        (folder / f"{name}.sass").write_text(text)
+    return folder
+
+
+def test_same_operations_on_other_registers_match(tmp_path: Path, capsys) -> None:
+    before = _dump(tmp_path / "a", k=LOOP.format(a=3, b=5))
+    after = _dump(tmp_path / "b", k=LOOP.format(a=7, b=9).replace("MOV R1", "MOV R6"))
+    kernel_sass.compare(before, after)
+    out = capsys.readouterr().out.strip()
+    assert out == "1 of 1 kernels run the same operations in their loop"
+
+
+def test_an_other_operation_in_the_loop_is_reported(tmp_path: Path, capsys) -> None:
+    before = _dump(tmp_path / "a", k=LOOP.format(a=3, b=5), j=LOOP.format(a=3, b=5))
+    changed = LOOP.format(a=3, b=5).replace("FMUL", "FADD")
+    after = _dump(tmp_path / "b", k=changed, j=LOOP.format(a=3, b=5))
+    kernel_sass.compare(before, after)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [
+        "k: loop 3 -> 3 instructions, 2 operations differ (kernel 5 -> 5)",
+        "1 of 2 kernels run the same operations in their loop",
+    ]
