@@ -6,6 +6,10 @@ numbers and addresses aside). Needs torch, triton (with its ptxas and cuobjdump)
 
     python benchmarks/kernel_sass.py dump /tmp/before [--only split]
     python benchmarks/kernel_sass.py compare /tmp/before /tmp/after
+
+Another Triton (e.g. the GPU image's 3.6.0, which torch 2.11 ships) needs no other torch:
+    pip install --no-deps --target /tmp/triton36 triton==3.6.0
+    PYTHONPATH=/tmp/triton36 python benchmarks/kernel_sass.py dump /tmp/before36
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ def dump(folder: Path, only: str | None) -> None:
 def _loop_ops(path: Path) -> tuple[list[str], int]:
     """The operations of the kernel's time loop (the span of its long backward branches), with
     registers, predicates and constants blanked; and the kernel's instruction count."""
-    found = re.findall(r"^\s+/\*([0-9a-f]{4})\*/\s+(.*?);", path.read_text(), re.MULTILINE)
+    found = re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", path.read_text(), re.MULTILINE)
     code = [(int(address, 16), text) for address, text in found]
     back = [
         (int(target.group(1), 16), address)

@@ -48,3 +48,21 @@ def test_an_other_operation_in_the_loop_is_reported(tmp_path: Path, capsys) -> N
         "k: loop 3 -> 3 instructions, 2 operations differ (kernel 5 -> 5)",
         "1 of 2 kernels run the same operations in their loop",
     ]
+
+
+def test_a_loop_past_address_0xffff_is_read_whole(tmp_path: Path, capsys) -> None:
+    # cuobjdump widens addresses past four hex digits (kernels of over 4096 instructions).
+    long_loop = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   HMMA.1688.F32.TF32 R4, R8, R12, R4 ;
+        /*0020*/                   FMUL R2, R3, R5 ;
+        /*10000*/                  FFMA R2, R3, R4, R2 ;
+        /*10010*/                  FFMA R2, R3, R4, R2 ;
+        /*10020*/              @P0 BRA 0x10 ;
+        /*10030*/                  EXIT ;
+"""
+    before = _dump(tmp_path / "a", k=LOOP.format(a=3, b=5))
+    after = _dump(tmp_path / "b", k=long_loop)
+    kernel_sass.compare(before, after)
+    first = capsys.readouterr().out.strip().splitlines()[0]
+    assert first == "k: loop 3 -> 5 instructions, 2 operations differ (kernel 5 -> 7)"

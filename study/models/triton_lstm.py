@@ -124,6 +124,19 @@ def supports(
     return True
 
 
+def _row_tiles(hidden: int, block_b: int) -> dict[str, int | bool]:
+    """The row kernels' tile sizes: h in one or two register tiles of HC <= CHUNK columns."""
+    padded = _padded(hidden)
+    return {
+        "H": hidden,
+        "HP": padded,
+        "HC": min(padded, CHUNK),
+        "TWO": padded > CHUNK,
+        "BLOCK_B": block_b,
+        "KCH": IEEE_SLICE,
+    }
+
+
 def _give_up(hidden: int, error: Exception) -> None:
     """Remember a failed configuration and say once that the eager path takes over."""
     _failed.add(_key(hidden))
@@ -190,12 +203,7 @@ class TritonMaskedLSTM(torch.autograd.Function):
                     members * batch * hidden,
                     members * batch * 4 * hidden,
                     batch,
-                    H=hidden,
-                    HP=_padded(hidden),
-                    HC=min(_padded(hidden), CHUNK),
-                    TWO=_padded(hidden) > CHUNK,
-                    BLOCK_B=block_b,
-                    KCH=IEEE_SLICE,
+                    **_row_tiles(hidden, block_b),
                     PRECISION=prec,
                     num_warps=warps,
                     num_stages=1,  # nothing to pipeline: each step depends on the last
@@ -253,12 +261,7 @@ class TritonMaskedLSTM(torch.autograd.Function):
                     members * batch * hidden,
                     members * batch * 4 * hidden,
                     batch,
-                    H=hidden,
-                    HP=_padded(hidden),
-                    HC=min(_padded(hidden), CHUNK),
-                    TWO=_padded(hidden) > CHUNK,
-                    BLOCK_B=block_b,
-                    KCH=IEEE_SLICE,
+                    **_row_tiles(hidden, block_b),
                     HAS_GRAD_OUT=grad_output is not None,
                     HAS_GRAD_H=grad_h_n is not None,
                     HAS_GRAD_C=grad_c_n is not None,
@@ -352,27 +355,23 @@ if triton is not None:
     def _gate(
         h_a,
         h_b,
-        gx_ptr,
-        w_ptr,
-        offsets,
+        step,
         mask,
         q: tl.constexpr,
         jc: tl.constexpr,
-        H,
         HC: tl.constexpr,
         TWO: tl.constexpr,
         PRECISION: tl.constexpr,
-        h_prev_ptr,
-        rows,
-        row_ok,
         HP: tl.constexpr,
         KCH: tl.constexpr,
     ):
         """Pre-activation of gate q, column chunk jc: gates_x + h_{t-1} @ W_hh^T (w_ptr: W^T).
 
-        TF32 products use h_{t-1} in registers; full fp32 reads it back from all_h (stored by
-        the previous step, before a block barrier) in slices.
+        step: the step's operands (gx_ptr, w_ptr, offsets, H, h_prev_ptr, rows, row_ok). TF32
+        products use h_{t-1} in registers; full fp32 reads it back from all_h (stored by the
+        previous step, before a block barrier) in slices.
         """
+        gx_ptr, w_ptr, offsets, H, h_prev_ptr, rows, row_ok = step
         col0 = q * H + jc * HC
         gx = tl.load(gx_ptr + offsets + col0, mask=mask, other=0.0)
         if PRECISION == "ieee":
@@ -408,108 +407,23 @@ if triton is not None:
         h_a,
         h_b,
         c,
-        gx_ptr,
-        w_ptr,
-        offsets,
+        step,
         mask,
         jc: tl.constexpr,
-        H,
         HC: tl.constexpr,
         TWO: tl.constexpr,
         PRECISION: tl.constexpr,
-        h_prev_ptr,
-        rows,
-        row_ok,
         HP: tl.constexpr,
         KCH: tl.constexpr,
     ):
         """One step for column chunk jc: stores i|f|g|o over gates_x, returns (h_t, c_t)."""
-        i = tl.sigmoid(
-            _gate(
-                h_a,
-                h_b,
-                gx_ptr,
-                w_ptr,
-                offsets,
-                mask,
-                0,
-                jc,
-                H,
-                HC,
-                TWO,
-                PRECISION,
-                h_prev_ptr,
-                rows,
-                row_ok,
-                HP,
-                KCH,
-            )
-        )
-        f = tl.sigmoid(
-            _gate(
-                h_a,
-                h_b,
-                gx_ptr,
-                w_ptr,
-                offsets,
-                mask,
-                1,
-                jc,
-                H,
-                HC,
-                TWO,
-                PRECISION,
-                h_prev_ptr,
-                rows,
-                row_ok,
-                HP,
-                KCH,
-            )
-        )
-        g = _tanh(
-            _gate(
-                h_a,
-                h_b,
-                gx_ptr,
-                w_ptr,
-                offsets,
-                mask,
-                2,
-                jc,
-                H,
-                HC,
-                TWO,
-                PRECISION,
-                h_prev_ptr,
-                rows,
-                row_ok,
-                HP,
-                KCH,
-            )
-        )
-        o = tl.sigmoid(
-            _gate(
-                h_a,
-                h_b,
-                gx_ptr,
-                w_ptr,
-                offsets,
-                mask,
-                3,
-                jc,
-                H,
-                HC,
-                TWO,
-                PRECISION,
-                h_prev_ptr,
-                rows,
-                row_ok,
-                HP,
-                KCH,
-            )
-        )
+        i = tl.sigmoid(_gate(h_a, h_b, step, mask, 0, jc, HC, TWO, PRECISION, HP, KCH))
+        f = tl.sigmoid(_gate(h_a, h_b, step, mask, 1, jc, HC, TWO, PRECISION, HP, KCH))
+        g = _tanh(_gate(h_a, h_b, step, mask, 2, jc, HC, TWO, PRECISION, HP, KCH))
+        o = tl.sigmoid(_gate(h_a, h_b, step, mask, 3, jc, HC, TWO, PRECISION, HP, KCH))
         c = f * c + i * g
         h = o * _tanh(c)
+        gx_ptr, offsets, H = step[0], step[2], step[3]
         col0 = jc * HC
         tl.store(gx_ptr + offsets + col0, i, mask=mask)
         tl.store(gx_ptr + offsets + col0 + H, f, mask=mask)
@@ -570,47 +484,12 @@ if triton is not None:
         c_ptr = all_c_ptr + step_state
         for _ in range(T):
             h_prev_ptr = h_ptr - step_state
-            new_h_a, c_a = _cell(
-                h_a,
-                h_b,
-                c_a,
-                gx_ptr,
-                w_ptr,
-                gate,
-                mask_a,
-                0,
-                H,
-                HC,
-                TWO,
-                PRECISION,
-                h_prev_ptr,
-                member_rows,
-                row_ok,
-                HP,
-                KCH,
-            )
+            step = (gx_ptr, w_ptr, gate, H, h_prev_ptr, member_rows, row_ok)
+            new_h_a, c_a = _cell(h_a, h_b, c_a, step, mask_a, 0, HC, TWO, PRECISION, HP, KCH)
             tl.store(h_ptr + state, new_h_a, mask=mask_a)
             tl.store(c_ptr + state, c_a, mask=mask_a)
             if TWO:
-                h_b, c_b = _cell(
-                    h_a,
-                    h_b,
-                    c_b,
-                    gx_ptr,
-                    w_ptr,
-                    gate,
-                    mask_b,
-                    1,
-                    H,
-                    HC,
-                    TWO,
-                    PRECISION,
-                    h_prev_ptr,
-                    member_rows,
-                    row_ok,
-                    HP,
-                    KCH,
-                )
+                h_b, c_b = _cell(h_a, h_b, c_b, step, mask_b, 1, HC, TWO, PRECISION, HP, KCH)
                 tl.store(h_ptr + state + HC, h_b, mask=mask_b)
                 tl.store(c_ptr + state + HC, c_b, mask=mask_b)
             h_a = new_h_a
