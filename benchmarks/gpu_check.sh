@@ -41,6 +41,8 @@ stage triton_sweep 90 "$py" benchmarks/lstm_step_cuda.py --shapes none --triton-
     $split_flag
 stage packing 70 "$py" benchmarks/packing.py --device cuda --rounds 2 --members 16
 
+echo "== issue 5 targets (from lstm_step; copying first, then pixel MNIST):"
+grep -h "^target" "$out/lstm_step.log" || echo "none measured"
 echo "logs: $out"
 if [ -n "$failed" ]; then
     echo "FAILED:$failed"

@@ -266,5 +266,8 @@ def test_step_benchmark_smoke_runs_without_a_gpu() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "STEP 2 packed h-detach trials, per trial, precision fp32 [per-step]" in result.stdout
+    targets = [line for line in result.stdout.splitlines() if line.startswith("target <= ")]
+    assert len(targets) == 2 * 3, targets  # two shapes, three targets each
+    assert all(line.split(": ")[1].split()[1] in ("met", "MISSED") for line in targets), targets
     sweep = result.stdout.split("Triton sweep")[1].splitlines()
     assert sum(line.startswith("Triton split tf32") for line in sweep) == 5, sweep
