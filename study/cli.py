@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 import yaml
 
 from study.config import ConfigError, TrialConfig
+from study.switches import check_switches
 
 
 class _Parser(argparse.ArgumentParser):
@@ -293,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_switches()  # a mistyped HDETACH_* variable stops here, not inside a trial
         return args.handler(args)
     except ConfigError as error:
         print(f"study {args.command}: error: {error}", file=sys.stderr)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from study.models.notices import say_once
+from study.switches import switch
 
 SOURCE = Path(__file__).with_name("lstm_cells.c")
 # "torch" forces the torch-op cells (slower; for machines without a C compiler they are the
@@ -159,7 +160,7 @@ def _torch_cells() -> TorchCells:
 
 @functools.cache
 def _compiled_cells() -> CompiledCells | None:
-    if os.environ.get(ENV_SWITCH, "compiled") == "torch":
+    if switch(ENV_SWITCH) == "torch":
         say_once(f"{ENV_SWITCH}=torch: LSTM cells run as torch ops")
         return None
     try:

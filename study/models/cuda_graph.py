@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
 import torch
 
 from study.models.notices import say_once
+from study.switches import switch
 
 # Set to 0 to run every step eagerly (to compare speed, or to debug the step itself).
 ENV_SWITCH = "HDETACH_CUDA_GRAPHS"
@@ -19,7 +19,7 @@ def graphs_enabled(device: torch.device) -> bool:
     if device.type != "cuda":
         say_once("CUDA graphs need a CUDA device: the training step runs eagerly")
         return False
-    if os.environ.get(ENV_SWITCH, "1") == "0":
+    if switch(ENV_SWITCH) == "0":
         say_once(f"{ENV_SWITCH}=0: the training step runs eagerly")
         return False
     return True

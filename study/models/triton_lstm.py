@@ -9,6 +9,7 @@ import torch
 from study.models import triton_split
 from study.models.device_lstm import DeviceMaskedLSTM, _input_gates, _parameter_grads
 from study.models.notices import say_once
+from study.switches import switch
 
 try:  # here and in triton_split.py only; CPU-only installs may not have triton
     import triton
@@ -17,26 +18,25 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None
     tl = None
 
-# Set to 0 to run the eager per-step CUDA path instead (to compare speed, or to debug).
-ENV_SWITCH = "HDETACH_TRITON"
-# Overrides for one run (benchmark sweeps), e.g. HDETACH_TRITON_BLOCK_B=32 HDETACH_TRITON_WARPS=4.
+# Environment switches (allowed values and defaults: study/switches.py). HDETACH_TRITON=0 runs
+# the eager per-step CUDA path instead; the others tune one run (benchmark sweeps).
+ENV_SWITCH, ENV_PRECISION = "HDETACH_TRITON", "HDETACH_TRITON_PRECISION"
 ENV_BLOCK_B, ENV_WARPS = "HDETACH_TRITON_BLOCK_B", "HDETACH_TRITON_WARPS"
-ENV_PRECISION = "HDETACH_TRITON_PRECISION"
-# Which kernels: "split" splits the time loop over hidden units with a barrier per step
-# (study/models/triton_split.py) and needs every program resident at once, so it serves one
-# trial or a small pack; "rows" gives each program batch rows for the whole sequence; "auto"
-# (default) takes split where it fits. Measured on an H100 at pixel MNIST, tf32: split 8.2 ms
-# per forward + backward, rows 14.1 (benchmarks/results/h100.txt).
+# Which kernels: the hidden-split ones (study/models/triton_split.py) split the time loop over
+# hidden units with a barrier per step and need every program resident at once, so they serve
+# one trial or a small pack: "auto" (or "split") takes them where they fit; "rows" gives each
+# program batch rows for the whole sequence. Measured on an H100 at pixel MNIST, tf32: split
+# 8.2 ms per forward + backward, rows 14.1 (benchmarks/results/h100.txt).
 ENV_KERNEL, ENV_SPLIT_WARPS = "HDETACH_TRITON_KERNEL", "HDETACH_TRITON_SPLIT_WARPS"
-ENV_SPLIT_UNITS = "HDETACH_TRITON_SPLIT_UNITS"  # hidden units per split program: 16 or 32
+ENV_SPLIT_UNITS = "HDETACH_TRITON_SPLIT_UNITS"  # hidden units per split program
+# Reduction slice of the full-fp32 products (see _product_from_memory).
+ENV_IEEE_SLICE = "HDETACH_TRITON_IEEE_SLICE"
 # The kernels each forward ran ("split", "rows"), for benchmarks to label what they timed.
 used: set[str] = set()
 MAX_HIDDEN = 256
 # The hidden axis is held as one or two register tiles of at most CHUNK columns: a 256 x 256
 # fp32 weight tile would not fit the shared memory a tl.dot operand passes through.
 CHUNK = 128
-# Reduction slice of the full-fp32 products (see _product_from_memory).
-IEEE_SLICE = int(os.environ.get("HDETACH_TRITON_IEEE_SLICE", "16"))
 _failed: set[tuple] = set()
 
 
@@ -56,9 +56,10 @@ def tuning(hidden: int) -> tuple[int, int]:
     sequence. 16 is tl.dot's smallest M and gives the most programs (B=100, K=1: 7), hence the
     shortest chain of dependent per-step work; 8 warps share a 128-wide tile's dot and loads.
     """
-    block_b = int(os.environ.get(ENV_BLOCK_B, "16"))
-    warps = int(os.environ.get(ENV_WARPS, "8" if _padded(hidden) >= 128 else "4"))
-    return block_b, warps
+    warps = switch(ENV_WARPS)
+    if warps == "auto":
+        warps = "8" if _padded(hidden) >= 128 else "4"
+    return int(switch(ENV_BLOCK_B)), int(warps)
 
 
 def precision() -> str:
@@ -70,8 +71,8 @@ def precision() -> str:
     HDETACH_TRITON_PRECISION=ieee|tf32|tf32x3 overrides this for one run (tf32x3: three TF32
     products per product, close to fp32 on tensor cores; for benchmark comparisons).
     """
-    forced = os.environ.get(ENV_PRECISION)
-    if forced in ("ieee", "tf32", "tf32x3"):
+    forced = switch(ENV_PRECISION)
+    if forced != "auto":
         return forced
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
@@ -79,20 +80,17 @@ def precision() -> str:
 def _split(x: torch.Tensor, members: int, batch: int, hidden: int) -> bool:
     """Whether the hidden-split kernels run (see ENV_KERNEL); never in the interpreter, which
     runs programs one after another, so a barrier across programs would never open."""
-    if os.environ.get(ENV_KERNEL, "auto") == "rows" or interpreting() or not x.is_cuda:
+    if switch(ENV_KERNEL) == "rows" or interpreting() or not x.is_cuda:
         return False
     return triton_split.fits(members, batch, hidden, x.device, _split_units())
 
 
 def _split_warps() -> int:
-    return int(os.environ.get(ENV_SPLIT_WARPS, "4"))
+    return int(switch(ENV_SPLIT_WARPS))
 
 
 def _split_units() -> int:
-    units = os.environ.get(ENV_SPLIT_UNITS, "16")
-    if units not in ("16", "32"):
-        raise ValueError(f"{ENV_SPLIT_UNITS}={units}: allowed are 16 and 32")
-    return int(units)
+    return int(switch(ENV_SPLIT_UNITS))
 
 
 def _key(hidden: int) -> tuple:
@@ -106,7 +104,7 @@ def supports(
     weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> bool:
     """Whether these inputs can take the Triton path (else the eager per-step path runs)."""
-    if triton is None or os.environ.get(ENV_SWITCH, "1") == "0":
+    if triton is None or switch(ENV_SWITCH) == "0":
         return False
     if not (x.is_cuda or interpreting()):
         return False
@@ -116,7 +114,7 @@ def supports(
     hidden = h0.shape[-1]
     if hidden > MAX_HIDDEN or _key(hidden) in _failed:
         return False
-    if precision() == "ieee" and os.environ.get(ENV_PRECISION) != "ieee":
+    if precision() == "ieee" and switch(ENV_PRECISION) != "ieee":
         # Full-fp32 tl.dot in the rows kernels spills registers: measured on an H100 they are
         # 2.5-3.4x slower than the per-step path, so fp32 runs Triton only where the split
         # kernels fit (as fast as the per-step path or faster); packs take the per-step path.
@@ -133,7 +131,7 @@ def _row_tiles(hidden: int, block_b: int) -> dict[str, int | bool]:
         "HC": min(padded, CHUNK),
         "TWO": padded > CHUNK,
         "BLOCK_B": block_b,
-        "KCH": IEEE_SLICE,
+        "KCH": int(switch(ENV_IEEE_SLICE)),
     }
 
 

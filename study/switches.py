@@ -1,0 +1,47 @@
+"""Environment switches of the LSTM kernels (speed comparisons, debugging): values checked."""
+
+from __future__ import annotations
+
+import os
+
+from study.config import ConfigError
+
+# name -> allowed values, the default first. None of these changes a curve's math; each picks how
+# it is computed (and so the last bits of a float, as README "Performance" says).
+SWITCHES: dict[str, tuple[str, ...]] = {
+    # Pointwise LSTM-cell work on a CPU: compiled C (study/models/lstm_cells.c) or torch ops.
+    "HDETACH_CPU_CELLS": ("compiled", "torch"),
+    # 0: every CUDA training step runs eagerly instead of replaying one captured CUDA graph.
+    "HDETACH_CUDA_GRAPHS": ("1", "0"),
+    # 0: the per-step CUDA path (one GEMM + fused cell kernels per step) instead of Triton.
+    "HDETACH_TRITON": ("1", "0"),
+    # Triton kernels: split over hidden units where every program fits at once, or batch rows.
+    "HDETACH_TRITON_KERNEL": ("auto", "split", "rows"),
+    # tl.dot precision; auto follows torch.backends.cuda.matmul.allow_tf32 (a trial's precision).
+    "HDETACH_TRITON_PRECISION": ("auto", "ieee", "tf32", "tf32x3"),
+    # Tuning for benchmark sweeps: batch rows and warps per row-kernel program (auto: 8 warps
+    # for H > 64, else 4), hidden units and warps per split program, fp32 reduction slice.
+    "HDETACH_TRITON_BLOCK_B": ("16", "32", "64"),
+    "HDETACH_TRITON_WARPS": ("auto", "1", "2", "4", "8", "16"),
+    "HDETACH_TRITON_SPLIT_UNITS": ("16", "32"),
+    "HDETACH_TRITON_SPLIT_WARPS": ("4", "1", "2", "8"),
+    "HDETACH_TRITON_IEEE_SLICE": ("16", "32"),
+}
+
+
+def switch(name: str) -> str:
+    """The switch's value from the environment, or its default; a one-line error if not allowed."""
+    allowed = SWITCHES[name]
+    value = os.environ.get(name, allowed[0])
+    if value not in allowed:
+        raise ConfigError(
+            f"environment variable {name}={value!r}: allowed are {', '.join(allowed)} "
+            f"(default {allowed[0]})"
+        )
+    return value
+
+
+def check_switches() -> None:
+    """Check every switch set in the environment, before any work starts."""
+    for name in SWITCHES:
+        switch(name)
