@@ -177,10 +177,16 @@ class TrialRun:
         if iteration <= self.last_step:
             return  # already logged before a retry or resume: the replayed curve is the same
         now = int(time.time() * 1000)
+        logged = {key: float(value) for key, value in metrics.items() if key in METRIC_KEYS}
+        # MLflow stores +-inf as +-1.8e308, which squashes every other curve of a chart to zero;
+        # NaN is stored as NaN and left out of charts. The exact values go in a tag.
+        nonfinite = {key: value for key, value in logged.items() if not math.isfinite(value)}
+        if nonfinite:
+            values = ", ".join(f"{key}={value}" for key, value in nonfinite.items())
+            self.mlflow.set_tag(self.run_id, "nonfinite", f"iteration {iteration}: {values}")
         batch = [
-            Metric(key, float(value), now, iteration)
-            for key, value in metrics.items()
-            if key in METRIC_KEYS
+            Metric(key, value if math.isfinite(value) else math.nan, now, iteration)
+            for key, value in logged.items()
         ]
         self.mlflow.log_batch(self.run_id, metrics=batch)
         self.last_step = iteration

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,24 @@ def test_trial_run_resumes_without_duplicates(store: tuple[str, str]) -> None:
     history = client.get_metric_history(run.run_id, "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(10, 2.0), (20, 1.5), (30, 1.0)]
     assert "iteration" not in finished.data.metrics  # only the study's metric names are logged
+
+
+def test_a_diverged_point_is_logged_as_nan_with_the_values_in_a_tag(
+    store: tuple[str, str],
+) -> None:
+    uri, parent_id = store
+    run = tracking.TrialRun(uri, parent_id, "t0002", config(), ROLES, "demo")
+    run.log(10, {"train/loss": 2.0, "train/grad_norm": 1.0, "val/accuracy": 0.1})
+    run.log(13, {"train/loss": math.inf, "train/grad_norm": math.nan})
+    run.finish("diverged")
+    client = MlflowClient(uri)
+    losses = [m.value for m in client.get_metric_history(run.run_id, "train/loss")]
+    assert losses[0] == 2.0 and math.isnan(losses[1])  # not MLflow's 1.8e308 for inf
+    tags = client.get_run(run.run_id).data.tags
+    assert tags["nonfinite"] == "iteration 13: train/loss=inf, train/grad_norm=nan"
+    assert tags["outcome"] == "diverged"
+    again = tracking.TrialRun(uri, parent_id, "t0002", config(), ROLES, "demo")
+    assert again.last_step == 13  # the diverged point still marks the trial's last step
 
 
 def test_failed_trial_and_retry(store: tuple[str, str]) -> None:
