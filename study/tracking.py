@@ -178,8 +178,8 @@ class TrialRun:
             return  # already logged before a retry or resume: the replayed curve is the same
         now = int(time.time() * 1000)
         logged = {key: float(value) for key, value in metrics.items() if key in METRIC_KEYS}
-        # MLflow stores +-inf as +-1.8e308, which squashes every other curve of a chart to zero;
-        # NaN is stored as NaN and left out of charts. The exact values go in a tag.
+        # MLflow stores +-inf as +-1.8e308, which its UI shows as a real latest/max loss; NaN
+        # stays NaN ("NaN (step=N)" there, no point in the chart). The exact values: a tag.
         nonfinite = {key: value for key, value in logged.items() if not math.isfinite(value)}
         if nonfinite:
             values = ", ".join(f"{key}={value}" for key, value in nonfinite.items())
