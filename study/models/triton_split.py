@@ -28,7 +28,9 @@ def fits(
     members: int, batch: int, hidden: int, device: torch.device, units: int = BLOCK_UNITS
 ) -> bool:
     """Whether every program can be resident at once (one per SM at the least): programs spin
-    at a barrier on the others of their row block, so none may wait to be scheduled."""
+    at a barrier on the others of their row block, so none may wait to be scheduled. (That
+    holds while this process has the GPU to itself or time-sliced, not under CUDA MPS, where
+    another process's kernels may hold SMs: there HDETACH_TRITON_KERNEL=rows.)"""
     unit_blocks, rows, members = grid(members, batch, hidden, units)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return hidden <= MAX_HIDDEN and unit_blocks * rows * members <= sms
