@@ -23,9 +23,17 @@ from ray.tune.search.optuna import OptunaSearch
 from study import console, space, tracking
 from study.config import ConfigError, TrialConfig
 from study.packed_train import train_packed
-from study.spec import Range, StudySpec, spec_from_mapping
+from study.spec import AUTO_GPUS, Range, StudySpec, spec_from_mapping
 from study.tasks import TASKS
-from study.train import COMPLETED, DIVERGED, RUNNING, Progress, Reporter, train
+from study.train import (
+    COMPLETED,
+    DIVERGED,
+    RUNNING,
+    Progress,
+    Reporter,
+    resolve_device,
+    train,
+)
 
 STATE_FILE = "study.json"  # our own record of a study, next to Ray's state in DIR/ray/NAME
 # Each Ray trial's latest state, one file per trial in DIR/ray/NAME/TRIAL_STATES, replaced at
@@ -150,6 +158,8 @@ class _Member:
         )
         # Which Ray node ran the trial (the last attempt's, after a retry): shows a study's spread.
         self.run.mlflow.set_tag(self.run.run_id, "ray.node_id", node)
+        # What it trains on: `device: auto` is resolved on the node, and a curve depends on it.
+        self.run.mlflow.set_tag(self.run.run_id, "device.used", _device_label(config.device))
         self.status = RUNNING
         self.iteration = -1
         self.latest: dict[str, Any] = {}
@@ -177,6 +187,15 @@ class _Member:
     def finish(self) -> None:
         self.run.finish(self.status)
         self.finished = True
+
+
+def _device_label(name: str) -> str:
+    """The device for a tag: cpu, or e.g. cuda:0 (NVIDIA H100 80GB HBM3)."""
+    device = resolve_device(name)
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
 def _train_and_report(member: _Member, state_file: Path) -> None:
@@ -471,6 +490,10 @@ def _execute(
     _reporter = _Reporter(state, total, finished, done, echo)
     try:
         with _ray_session(address, spec):
+            if spec.resources.gpus == AUTO_GPUS:
+                found = ray.cluster_resources().get("GPU", 0)
+                per_trial = _gpus_per_trial(spec)
+                echo(f"resources.gpus: auto -> {per_trial:g} per trial ({found:g} GPUs in Ray)")
             if spec.search.searcher == "optuna":
                 for cell in space.plan_cells(spec):
                     _fit_cell(state, cell, max_concurrent, started_ids, echo)
@@ -613,8 +636,17 @@ def _context(state: StudyState) -> dict[str, Any]:
 
 
 def _with_resources(spec: StudySpec) -> Any:
-    resources = {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
+    resources = {"cpu": spec.resources.cpus, "gpu": _gpus_per_trial(spec)}
     return tune.with_resources(_trainable, resources)
+
+
+def _gpus_per_trial(spec: StudySpec) -> float:
+    """resources.gpus, with "auto" resolved against the connected Ray cluster: one GPU per
+    trial (or pack) where it has GPUs, none where it has none (trials with `device: auto`
+    then train on the CPU)."""
+    if spec.resources.gpus != AUTO_GPUS:
+        return float(spec.resources.gpus)
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 
 def _tune_config(

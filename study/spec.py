@@ -38,6 +38,7 @@ PARAMS = tuple(
     if f.name not in ("task", "task_options", "seed")
 )
 DEFAULT_MAX_FAILURES = 2
+AUTO_GPUS = "auto"  # resources.gpus: one GPU per trial where the cluster has GPUs
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,9 @@ class Search:
 @dataclass(frozen=True)
 class Resources:
     cpus: float = 1.0
-    gpus: float = 0.0
+    # GPUs per Ray trial (a pack is one trial), or "auto": 1 where the Ray cluster has GPUs,
+    # else 0, so one search space runs on a laptop and on a GPU cluster (with `device: auto`).
+    gpus: float | str = 0.0
     max_concurrent: int | None = None
     max_failures: int = DEFAULT_MAX_FAILURES
     pack: int = 1  # trials trained together as one batched model (study.packed_train)
@@ -107,6 +110,14 @@ class StudySpec:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.raw, sort_keys=False)
+
+
+def _gpus(check: _Checker, value: Any) -> float | str:
+    if value == AUTO_GPUS:
+        return AUTO_GPUS
+    if isinstance(value, str):
+        raise check.error("resources.gpus", f"must be a number >= 0 or {AUTO_GPUS}, got {value!r}")
+    return check.number("resources.gpus", value)
 
 
 def task_option_names(task: str) -> tuple[str, ...]:
@@ -248,7 +259,7 @@ def _build(raw: dict[str, Any], name: str, where: str, smoke: bool) -> StudySpec
     max_concurrent = resources_raw.get("max_concurrent")
     resources = Resources(
         cpus=check.number("resources.cpus", resources_raw.get("cpus", 1), positive=True),
-        gpus=check.number("resources.gpus", resources_raw.get("gpus", 0)),
+        gpus=_gpus(check, resources_raw.get("gpus", 0)),
         max_concurrent=None
         if max_concurrent is None
         else check.integer("resources.max_concurrent", max_concurrent, minimum=1),

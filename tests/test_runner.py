@@ -75,10 +75,13 @@ def logged_curve(uri: str, run_id: str, key: str) -> list[tuple[int, float | str
 
 @pytest.mark.slow
 def test_smoke_study_end_to_end(tmp_path: Path) -> None:
-    spec = load_spec(write_space(tmp_path, "smoke4", tiny_copying()))
+    # As the paper's spaces: a GPU per trial where Ray has one (none here), trained on it.
+    auto = tiny_copying(resources={"gpus": "auto"}, fixed={"device": "auto"})
+    spec = load_spec(write_space(tmp_path, "smoke4", auto))
     output = tmp_path / "out"
     code, lines = run(spec, output)
     assert code == 0, lines
+    assert "resources.gpus: auto -> 0 per trial (0 GPUs in Ray)" in lines
 
     uri = tracking.store_uri(output)
     client = MlflowClient(uri)
@@ -100,6 +103,7 @@ def test_smoke_study_end_to_end(tmp_path: Path) -> None:
         assert run_.info.status == "FINISHED" and run_.data.tags["outcome"] == "completed"
         assert run_.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run_.data.tags["role.method"] == "scientific"
+        assert run_.data.tags["device.used"] == "cpu"
         assert run_.data.params == tracking.flatten(planned[trial_id])
         for key in ("train/loss", "train/grad_norm", "val/loss", "val/accuracy"):
             assert steps(uri, run_.info.run_id, key) == [10, 20], key
