@@ -115,9 +115,11 @@ class StudySpec:
 def _gpus(check: _Checker, value: Any) -> float | str:
     if value == AUTO_GPUS:
         return AUTO_GPUS
-    if isinstance(value, str):
-        raise check.error("resources.gpus", f"must be a number >= 0 or {AUTO_GPUS}, got {value!r}")
-    return check.number("resources.gpus", value)
+    try:
+        return check.number("resources.gpus", value)
+    except ConfigError:
+        message = f"must be a number >= 0 or {AUTO_GPUS}, got {value!r}"
+        raise check.error("resources.gpus", message) from None
 
 
 def task_option_names(task: str) -> tuple[str, ...]:
