@@ -493,7 +493,7 @@ def _execute(
             if spec.resources.gpus == AUTO_GPUS:
                 found = ray.cluster_resources().get("GPU", 0)
                 per_trial = _gpus_per_trial(spec)
-                echo(f"resources.gpus: auto -> {per_trial:g} per trial ({found:g} GPUs in Ray)")
+                echo(f"resources.gpus: auto -> {per_trial:g} per trial (GPUs in Ray: {found:g})")
             if spec.search.searcher == "optuna":
                 for cell in space.plan_cells(spec):
                     _fit_cell(state, cell, max_concurrent, started_ids, echo)

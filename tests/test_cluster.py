@@ -149,7 +149,7 @@ def test_gpus_auto_places_every_trial_on_the_gpu_node(
     )
     space = write_space(tmp_path, "gpu_auto", spec)
     out = study_run(space, cluster_with_a_gpu_node, mlflow_server, tmp_path / "out")
-    assert "resources.gpus: auto -> 1 per trial (1 GPUs in Ray)" in out.splitlines()
+    assert "resources.gpus: auto -> 1 per trial (GPUs in Ray: 1)" in out.splitlines()
     runs = trial_runs(mlflow_server, "gpu_auto")
     assert len(runs) == 4 and all(run.info.status == "FINISHED" for run in runs)
     nodes = {run.data.tags["ray.node_id"] for run in runs}

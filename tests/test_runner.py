@@ -81,7 +81,7 @@ def test_smoke_study_end_to_end(tmp_path: Path) -> None:
     output = tmp_path / "out"
     code, lines = run(spec, output)
     assert code == 0, lines
-    assert "resources.gpus: auto -> 0 per trial (0 GPUs in Ray)" in lines
+    assert "resources.gpus: auto -> 0 per trial (GPUs in Ray: 0)" in lines
 
     uri = tracking.store_uri(output)
     client = MlflowClient(uri)
