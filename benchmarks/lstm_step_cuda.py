@@ -16,6 +16,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from operator import itemgetter
 
 import torch
 import torch.nn.functional as F
@@ -312,15 +313,12 @@ def target_verdicts(rows: dict[str, float], members: int) -> list[str]:
         ("STEP h-detach trial,", cudnn_step, 1.5),
         (f"STEP {members} packed h-detach trials,", cudnn_step, 0.5),
     ):
-        label, ms = min(((k, v) for k, v in rows.items() if k.startswith(prefix)), key=_ms)
+        candidates = [(k, v) for k, v in rows.items() if k.startswith(prefix)]
+        label, ms = min(candidates, key=itemgetter(1))
         ratio = ms / rows[baseline]
         verdict = "met" if ratio <= target else "MISSED"
         verdicts.append(f"target <= {target} x {baseline}: {ratio:.2f} {verdict} ({label})")
     return verdicts
-
-
-def _ms(row: tuple[str, float]) -> float:
-    return row[1]
 
 
 def triton_sweep(rounds: int, device: torch.device, split: bool, smoke: bool) -> None:

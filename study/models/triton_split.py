@@ -279,6 +279,32 @@ if triton is not None:
             _wait(counter, tl.num_programs(0) * (t + 1))
 
     @triton.jit
+    def _step_inputs(
+        act_ptr,
+        c_ptr,
+        grad_out_ptr,
+        gate,
+        own,
+        mask,
+        H,
+        H_STEP,
+        BB: tl.constexpr,
+        HB: tl.constexpr,
+        HAS_GRAD_OUT: tl.constexpr,
+    ):
+        """What the backward reads of step t (pointers at step t): the forward's activations
+        i, f, g, o, then c_{t-1}, and the output gradient (zeros without one)."""
+        i = tl.load(act_ptr + gate, mask=mask, other=0.0)
+        f = tl.load(act_ptr + gate + H, mask=mask, other=0.0)
+        g = tl.load(act_ptr + gate + 2 * H, mask=mask, other=0.0)
+        o = tl.load(act_ptr + gate + 3 * H, mask=mask, other=0.0)
+        c_prev = tl.load(c_ptr - H_STEP + own, mask=mask, other=0.0)
+        d_out = tl.zeros((BB, HB), dtype=tl.float32)
+        if HAS_GRAD_OUT:
+            d_out = tl.load(grad_out_ptr + own, mask=mask, other=0.0)
+        return i, f, g, o, c_prev, d_out
+
+    @triton.jit
     def _backward_kernel(
         act_ptr,
         c_ptr,
@@ -327,15 +353,10 @@ if triton is not None:
         if HAS_GRAD_C:
             dc = tl.load(grad_c_ptr + own, mask=own_ok, other=0.0)
         # Step T-1's inputs; inside the loop, step t-1's are loaded while the barrier waits.
-        i = tl.load(act_ptr + gate, mask=own_ok, other=0.0)
-        f = tl.load(act_ptr + gate + H, mask=own_ok, other=0.0)
-        g = tl.load(act_ptr + gate + 2 * H, mask=own_ok, other=0.0)
-        o = tl.load(act_ptr + gate + 3 * H, mask=own_ok, other=0.0)
         c_t = tl.load(c_ptr + own, mask=own_ok, other=0.0)
-        c_prev = tl.load(c_ptr - H_STEP + own, mask=own_ok, other=0.0)
-        d_out = tl.zeros((BB, HB), dtype=tl.float32)
-        if HAS_GRAD_OUT:
-            d_out = tl.load(grad_out_ptr + own, mask=own_ok, other=0.0)
+        i, f, g, o, c_prev, d_out = _step_inputs(
+            act_ptr, c_ptr, grad_out_ptr, gate, own, own_ok, H, H_STEP, BB, HB, HAS_GRAD_OUT
+        )
         for s in range(T):
             dh += d_out
             tanh_c = _tanh(c_t)
@@ -358,15 +379,11 @@ if triton is not None:
             grad_out_ptr -= H_STEP
             keep_h_ptr -= K
             keep_c_ptr -= K
-            before = own_ok & (s + 1 < T)
-            i = tl.load(act_ptr + gate, mask=before, other=0.0)
-            f = tl.load(act_ptr + gate + H, mask=before, other=0.0)
-            g = tl.load(act_ptr + gate + 2 * H, mask=before, other=0.0)
-            o = tl.load(act_ptr + gate + 3 * H, mask=before, other=0.0)
             c_t = c_prev
-            c_prev = tl.load(c_ptr - H_STEP + own, mask=before, other=0.0)
-            if HAS_GRAD_OUT:
-                d_out = tl.load(grad_out_ptr + own, mask=before, other=0.0)
+            i, f, g, o, c_prev, d_out = _step_inputs(
+                act_ptr, c_ptr, grad_out_ptr, gate, own, own_ok & (s + 1 < T), H, H_STEP, BB, HB,
+                HAS_GRAD_OUT,
+            )  # fmt: skip
             _wait(counter, tl.num_programs(0) * (s + 1))
             # Every program of the row block has stored its gate gradients of step t.
             d_gates = tl.load(dg_ptr + all_gates, mask=all_ok, other=0.0, cache_modifier=".cg")
