@@ -187,6 +187,21 @@ def test_permuted_mnist_pack_reads_the_last_step_and_equals_solo(
         assert result.curve == train(config).curve
 
 
+def test_pixel_mnist_members_sharing_one_task_object_keep_their_own_data_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    options = {"data_dir": str(_write_idx(tmp_path / "idx")), "val_size": 6}
+    # 24 training images in batches of 6: 4 iterations per epoch, so 6 cross into a second.
+    base = dict(task_options=options, hidden_size=6, batch_size=6, iterations=6, eval_every=3)
+    configs = [TrialConfig(task="pixel_mnist", seed=seed, **base) for seed in (1, 2)]
+    first, second = packed_train._shared_tasks(configs)
+    assert first is second
+    packed = train_packed(configs)
+    solo = [train(config).curve for config in configs]
+    assert [result.curve for result in packed] == solo and solo[0] != solo[1]
+
+
 @pytest.mark.parametrize("name", ["copying", "pixel_mnist"])
 def test_readout_loss_is_each_task_loss(name: str, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

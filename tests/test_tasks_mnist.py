@@ -19,11 +19,12 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
 def write_idx_folder(folder: Path, train: int = 30, test: int = 10, gz: bool = False) -> Path:
-    """Four IDX files in MNIST's format: image i has every pixel equal to i, label i % 10."""
+    """Four IDX files in MNIST's format: image i's pixel j is (i + 7 j) % 256 (so its first pixel
+    names the image, and every pixel of an image differs from its neighbours), label i % 10."""
     folder.mkdir(parents=True, exist_ok=True)
 
     def images(n: int) -> bytes:
-        pixels = bytes(i % 256 for i in range(n) for _ in range(784))
+        pixels = bytes((i + 7 * j) % 256 for i in range(n) for j in range(784))
         return struct.pack(">IIII", 2051, n, 28, 28) + pixels
 
     def labels(n: int) -> bytes:
@@ -59,19 +60,53 @@ def test_batches_are_pixels_in_unit_range_read_at_the_last_step(tmp_path: Path) 
     task = PixelMNIST(data_dir=str(write_idx_folder(tmp_path / "idx")), val_size=6)
     x, y = task.train_batch(0, 8, seed=0)
     assert x.shape == (784, 8, 1) and x.min() >= 0 and x.max() <= 1
-    image_index = (x[0, :, 0] * 255).round().long()  # image i has every pixel equal to i
-    assert torch.equal(x[0], x[-1]) and (image_index % 10).tolist() == y.tolist()
+    image_index = (x[0, :, 0] * 255).round().long()  # image i's first pixel is i
+    assert (image_index % 10).tolist() == y.tolist()
+    assert torch.equal((x[1] * 255).round(), (x[0] * 255).round().add(7).remainder(256))
     # The classifier's last-step read-out is (1, B, classes); only that step is scored.
     right = torch.nn.functional.one_hot(y, 10).float().unsqueeze(0)
     assert task.loss_and_metrics(right, y)[1:] == (8, 8)
     assert task.loss_and_metrics(right.roll(1, dims=-1), y)[1] == 0
 
 
-def test_epoch_order_covers_every_training_image_once(tmp_path: Path) -> None:
+def _first_pixels(task: PixelMNIST, iterations: range, seed: int) -> list[int]:
+    """The images (named by their first pixel) of the given iterations' batches of 8."""
+    pixels = torch.cat([task.train_batch(i, 8, seed=seed)[0][0, :, 0] for i in iterations])
+    return (pixels * 255).round().long().tolist()
+
+
+def test_epoch_order_covers_every_training_image_once_and_reshuffles(tmp_path: Path) -> None:
     task = PixelMNIST(data_dir=str(write_idx_folder(tmp_path / "idx")), val_size=6)
-    seen = torch.cat([task.train_batch(i, 8, seed=3)[1] for i in range(3)])
-    first_epoch = torch.cat([(task.train_batch(i, 8, seed=3)[0][0, :, 0] * 255) for i in range(3)])
-    assert len(set(first_epoch.round().long().tolist())) == 24 and len(seen) == 24
+    first_epoch = _first_pixels(task, range(3), seed=3)
+    second_epoch = _first_pixels(task, range(3, 6), seed=3)
+    assert sorted(first_epoch) == sorted(second_epoch) == list(range(24))
+    assert first_epoch != second_epoch
+
+
+def test_one_task_object_shuffles_by_each_callers_seed(tmp_path: Path) -> None:
+    """A pack's members share one task object: interleaved seeds must not share a shuffle."""
+    data_dir = str(write_idx_folder(tmp_path / "idx"))
+    shared = PixelMNIST(data_dir=data_dir, val_size=6)
+    interleaved = {seed: [] for seed in (1, 2)}
+    for iteration in range(6):
+        for seed in interleaved:
+            interleaved[seed] += _first_pixels(shared, range(iteration, iteration + 1), seed)
+    for seed, images in interleaved.items():
+        assert images == _first_pixels(PixelMNIST(data_dir=data_dir, val_size=6), range(6), seed)
+    assert interleaved[1] != interleaved[2]
+
+
+def test_permuted_batches_are_the_pixel_batches_reordered(tmp_path: Path) -> None:
+    data_dir = str(write_idx_folder(tmp_path / "idx"))
+    pixel = PixelMNIST(data_dir=data_dir, val_size=6)
+    permuted = make_task("permuted_mnist", {"data_dir": data_dir, "val_size": 6}, seed=0)
+    order = permuted.pixel_order
+    assert not torch.equal(order, torch.arange(784))
+    pairs = [(permuted.train_batch(4, 8, seed=5), pixel.train_batch(4, 8, seed=5))]
+    for split in ("val", "test"):
+        pairs += zip(permuted.eval_batches(split, 4), pixel.eval_batches(split, 4), strict=True)
+    for (x_permuted, y_permuted), (x_pixel, y_pixel) in pairs:
+        assert torch.equal(x_permuted, x_pixel[order]) and torch.equal(y_permuted, y_pixel)
 
 
 def test_permutation_is_fixed_across_training_seeds_by_default(tmp_path: Path) -> None:

@@ -42,7 +42,9 @@ class PixelMNIST(Task):
         if subset is not None:
             self.splits = {k: (x[:subset], y[:subset]) for k, (x, y) in self.splits.items()}
         self.pixel_order: torch.Tensor | None = None  # identity; permuted MNIST sets one
-        self._epoch_order: tuple[int, torch.Tensor] | None = None
+        # seed -> (epoch, that epoch's shuffle). Keyed by seed because a pack's members share
+        # one task object (packed_train._shared_tasks) while each shuffles by its own seed.
+        self._epoch_orders: dict[int, tuple[int, torch.Tensor]] = {}
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:
@@ -70,12 +72,14 @@ class PixelMNIST(Task):
         images, labels = self.splits["train"]
         per_epoch = max(1, len(images) // batch_size)
         epoch, position = divmod(iteration, per_epoch)
-        if self._epoch_order is None or self._epoch_order[0] != epoch:
+        cached = self._epoch_orders.get(seed)
+        if cached is None or cached[0] != epoch:
             # One shuffle per epoch from (seed, epoch): the batch of any iteration is recomputable,
             # so a resumed trial sees the same data as an uninterrupted one.
             generator = make_generator(seed, f"mnist/epoch/{epoch}")
-            self._epoch_order = (epoch, torch.randperm(len(images), generator=generator))
-        rows = self._epoch_order[1][position * batch_size : (position + 1) * batch_size]
+            order = torch.randperm(len(images), generator=generator)
+            cached = self._epoch_orders[seed] = (epoch, order)
+        rows = cached[1][position * batch_size : (position + 1) * batch_size]
         return self._to_batch(images[rows], labels[rows])
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[Batch]:
