@@ -21,7 +21,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from study import console, space, tracking
-from study.config import ConfigError, TrialConfig
+from study.config import INT_FIELDS, ConfigError, TrialConfig
 from study.packed_train import train_packed
 from study.spec import AUTO_GPUS, Range, StudySpec, spec_from_mapping
 from study.tasks import TASKS
@@ -610,8 +610,7 @@ def _restorable(folder: Path) -> bool:
 def _domain(param: str, axis: list[Any] | Range) -> Any:
     if isinstance(axis, list):
         return tune.choice(axis)
-    integer = param in ("anneal_last", "hidden_size", "batch_size", "iterations", "eval_every")
-    if integer:
+    if param in INT_FIELDS:
         low, high = int(axis.min), int(axis.max) + 1  # randint's upper end is exclusive
         return tune.lograndint(low, high) if axis.scaling == "log" else tune.randint(low, high)
     if axis.scaling == "log":

@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from study.config import TrialConfig
+from study.config import INT_FIELDS, TrialConfig
 from study.spec import PARAMS, Range, StudySpec, trial_config
 
 SCIENTIFIC, NUISANCE, FIXED, REPLICATE = "scientific", "nuisance", "fixed", "replicate"
@@ -151,7 +151,7 @@ def _draw(rng: random.Random, param: str, axis: Any) -> Any:
         value = math.exp(rng.uniform(math.log(axis.min), math.log(axis.max)))
     else:
         value = rng.uniform(axis.min, axis.max)
-    return round(value) if param in ("hidden_size", "batch_size", "iterations") else value
+    return round(value) if param in INT_FIELDS else value
 
 
 def _effective(point: dict[str, Any], config: TrialConfig) -> dict[str, Any]:

@@ -50,6 +50,8 @@ def test_random_draws_are_seeded_in_range_and_shared_by_cells(tmp_path: Path) ->
         nuisance={
             "lr": {"min": 1.0e-4, "max": 1.0e-2, "scaling": "log"},
             "batch_size": [10, 20],
+            "anneal_last": {"min": 0, "max": 10},  # every integer field draws integers
+            "eval_every": {"min": 5, "max": 10},
         },
         search={"searcher": "random", "samples_per_cell": 3, "seed": 11},
     )
@@ -59,6 +61,8 @@ def test_random_draws_are_seeded_in_range_and_shared_by_cells(tmp_path: Path) ->
     for trial in trials:
         assert 1.0e-4 <= trial.config.lr <= 1.0e-2
         assert trial.config.batch_size in (10, 20)
+        assert type(trial.config.anneal_last) is int and 0 <= trial.config.anneal_last <= 10
+        assert type(trial.config.eval_every) is int and 5 <= trial.config.eval_every <= 10
     by_method: dict[str, list[float]] = {}
     for trial in trials:
         by_method.setdefault(trial.config.method, []).append(trial.config.lr)
