@@ -61,16 +61,17 @@ def resolve_device(name: str) -> torch.device:
 def evaluate(
     model: SequenceClassifier, task: Task, split: str, device: torch.device
 ) -> tuple[float, float]:
-    """Mean loss and accuracy over a fixed split."""
-    total_loss, correct, count, batches = 0.0, 0, 0, 0
+    """Mean loss and accuracy over a fixed split (the loss weighted by each batch's sequences,
+    so a short last batch counts for what it holds)."""
+    total_loss, correct, count, sequences = 0.0, 0, 0, 0
     for x, y in task.eval_batches(split, EVAL_BATCH_SIZE):
         logits = model(x.to(device), readout=task.readout)
         loss, batch_correct, batch_count = task.loss_and_metrics(logits, y.to(device))
-        total_loss += float(loss)
+        total_loss += float(loss) * x.shape[1]  # x is (T, batch, input)
+        sequences += x.shape[1]
         correct += batch_correct
         count += batch_count
-        batches += 1
-    return total_loss / max(batches, 1), correct / max(count, 1)
+    return total_loss / max(sequences, 1), correct / max(count, 1)
 
 
 class _Trial:

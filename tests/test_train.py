@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from study import train as train_module
 from study.config import TrialConfig
+from study.models.classifier import SequenceClassifier
 from study.tasks.copying import Copying
-from study.train import COMPLETED, DIVERGED, RUNNING, Progress, train
+from study.train import COMPLETED, DIVERGED, RUNNING, Progress, evaluate, train
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 SMALL = TrialConfig(
@@ -115,3 +117,15 @@ def test_real_pixel_fashion_mnist_trial_reports_test_accuracy_at_best_validation
         assert point["best/val_accuracy"] >= point["val/accuracy"] or math.isclose(
             point["best/val_accuracy"], point["val/accuracy"]
         )
+
+
+def test_evaluation_loss_is_over_the_whole_split_whatever_the_batching(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """7 validation sequences in batches of 3, 3 and 1: each sequence counts once."""
+    task = Copying(T=4, train_size=10, val_size=7)
+    model = SequenceClassifier(task.input_size, 8, task.num_classes)
+    whole_loss, whole_accuracy = evaluate(model, task, "val", torch.device("cpu"))
+    monkeypatch.setattr(train_module, "EVAL_BATCH_SIZE", 3)
+    loss, accuracy = evaluate(model, task, "val", torch.device("cpu"))
+    assert loss == pytest.approx(whole_loss, rel=1e-6) and accuracy == whole_accuracy
