@@ -172,6 +172,24 @@ def test_p_better_ties_and_mixed_by_hand():
     assert p.p_better_ci[0] <= 0.625 <= p.p_better_ci[1]
 
 
+def test_p_better_pairs_only_runs_that_share_every_other_param():
+    """A hidden_size axis outside the cells: each method run meets the vanilla run of its size."""
+    trials = []
+    for seed in range(3):
+        for size, vanilla, method in (("64", MISS, REACH), ("128", REACH, MISS)):
+            extra = {"hidden_size": size}
+            trials.append(make_trial(f"v{seed}{size}", vanilla, seed=seed, extra_params=extra))
+            trials.append(
+                make_trial(
+                    f"h{seed}{size}", method, method="h_detach", p_detach=0.25, seed=seed,
+                    extra_params=extra,
+                )
+            )  # fmt: skip
+    (p,) = paired_comparisons([score_run(t, TARGET) for t in trials])
+    # Each size wins at one and loses at the other: 3 wins + 3 losses over 6 pairs.
+    assert (p.n_pairs, p.p_better) == (6, 0.5)
+
+
 def test_p_better_all_ties_has_no_interval():
     runs = [
         score_run(t, TARGET)

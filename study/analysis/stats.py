@@ -357,7 +357,8 @@ def clipping_dependence(runs: list[RunResult]) -> list[ClipDependence]:
 
 
 def paired_comparisons(runs: list[RunResult]) -> list[PairedComparison]:
-    """P(method better than vanilla) per task and non-vanilla method, paired by (lr, clip, seed).
+    """P(method better than vanilla) per task and non-vanilla method, paired by (lr, clip, seed)
+    and every other param (_pairing_key).
 
     Per pair the score is 1 if the method's best val accuracy is higher, 1/2 on a tie, 0 if lower
     (the "probability of improvement" of Agarwal et al. 2021). Only lr x clip cells with
@@ -368,13 +369,10 @@ def paired_comparisons(runs: list[RunResult]) -> list[PairedComparison]:
     for (task, method, p_detach), members in sorted(by_variant.items(), key=_item_order):
         if (method, p_detach) == VANILLA:
             continue
-        baseline = {
-            (r.trial.lr, r.trial.clip_norm, r.trial.seed): r
-            for r in by_variant.get((task, *VANILLA), [])
-        }
+        baseline = {_pairing_key(r.trial): r for r in by_variant.get((task, *VANILLA), [])}
         cells: dict[tuple, list[tuple[RunResult, RunResult]]] = defaultdict(list)
         for run in members:
-            base = baseline.get((run.trial.lr, run.trial.clip_norm, run.trial.seed))
+            base = baseline.get(_pairing_key(run.trial))
             if base is not None:
                 cells[(run.trial.lr, run.trial.clip_norm)].append((run, base))
         used = [pairs for pairs in cells.values() if len(pairs) >= MIN_SEEDS]
@@ -395,6 +393,13 @@ def paired_comparisons(runs: list[RunResult]) -> list[PairedComparison]:
             )
         )
     return results
+
+
+def _pairing_key(trial: Trial) -> tuple:
+    """What a method run and its vanilla partner share: lr, clip and seed, and every other param
+    (a hidden_size or batch_size axis, pooled into the cells, must not pair across its values)."""
+    others = sorted((k, v) for k, v in trial.params.items() if k not in ("method", "p_detach"))
+    return (trial.lr, trial.clip_norm, trial.seed, tuple(others))
 
 
 def _p_better_interval(scores: list[np.ndarray]) -> tuple[float, float]:
