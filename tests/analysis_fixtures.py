@@ -108,6 +108,8 @@ def write_study(
     *,
     n_trials: int | None = None,
     target: float = 0.99,
+    searcher: str = "grid",
+    roles: dict[str, str] | None = None,
 ) -> tuple[str, str]:
     """Write the study as the runner does (layout contract of issue 4); (tracking_uri, parent id).
 
@@ -131,18 +133,24 @@ def write_study(
             "study.target": str(target),
             "study.spec_hash": "0123abcd",
             "study.version": "0.1.0",
+            "study.searcher": searcher,
         },
     )
     parent_id = parent.info.run_id
     client.log_text(parent_id, f"name: {name}\n", "spec.yaml")
     for trial in trials:
-        _write_trial(client, experiment_id, parent_id, name, trial)
+        _write_trial(client, experiment_id, parent_id, name, trial, roles or {})
     client.set_terminated(parent_id, "FINISHED")
     return uri, parent_id
 
 
 def _write_trial(
-    client: MlflowClient, experiment_id: str, parent_id: str, name: str, trial: Trial
+    client: MlflowClient,
+    experiment_id: str,
+    parent_id: str,
+    name: str,
+    trial: Trial,
+    roles: dict[str, str],
 ) -> None:
     tags = {
         "mlflow.parentRunId": parent_id,
@@ -158,6 +166,7 @@ def _write_trial(
         "role.clip_norm": "nuisance",
         "role.seed": "replicate",
         "role.hidden_size": "fixed",
+        **{f"role.{param}": role for param, role in roles.items()},
     }
     if trial.state in ("completed", "diverged"):
         tags["outcome"] = trial.state

@@ -184,6 +184,33 @@ def test_partial_study_says_what_is_missing(tmp_path):
     assert "RuntimeError: boom" in (report_dir / "index.html").read_text()
 
 
+def test_optuna_study_compares_each_seeds_best_tuned_trial(tmp_path):
+    """Optuna tunes lr per method x seed: two samples each, one good, at lrs no two seeds share."""
+    trials = []
+    for seed in range(3):
+        for method, p_detach, good in (("none", 0.0, VANILLA_REACH), ("h_detach", 0.5, H_FAST)):
+            for sample, curve in enumerate((MISS, good)):
+                lr = 1e-3 * (1 + seed + 0.1 * sample + (method == "none"))
+                trials.append(
+                    make_trial(f"t{len(trials):04d}", curve, method=method, p_detach=p_detach,
+                               lr=lr, seed=seed)
+                )  # fmt: skip
+    roles = {"clip_norm": "fixed"}
+    write_study(tmp_path, "tuned", trials, searcher="optuna", roles=roles)
+    with contextlib.redirect_stdout(io.StringIO()):
+        report_dir = write_report("tuned", tmp_path, None)
+    summary = json.loads((report_dir / "summary.json").read_text())
+    assert "Optuna study: lr tuned per scientific point and seed" in "\n".join(summary["status"])
+    assert "the 6 of 12 trials scored" in "\n".join(summary["status"])
+    verdicts = "\n".join(summary["verdicts"])
+    assert "h-detach p=0.5 (lr=tuned, clip=1) reached 99% in 3/3 seeds" in verdicts
+    assert "vanilla (lr=tuned, clip=1) reached 99% in 3/3 seeds" in verdicts
+    assert "over 3 runs paired by (lr, clip, seed)" in verdicts
+    assert "not enough data" not in verdicts
+    cells = list(csv.DictReader((report_dir / "cells.csv").open()))
+    assert [(row["method"], row["n"]) for row in cells] == [("none", "3"), ("h_detach", "3")]
+
+
 def test_unknown_study_is_a_config_error_naming_study_and_uri(tmp_path):
     write_study(tmp_path, "present", [make_trial("t0", MISS)])
     with pytest.raises(ConfigError, match=r"'absent'.*sqlite:///.*mlflow\.db"):

@@ -11,7 +11,9 @@ from analysis_fixtures import grid, make_trial
 
 from study.analysis.load import Study
 from study.analysis.stats import (
+    TUNED,
     analyse,
+    best_tuned_trials,
     cell_stats,
     clipping_dependence,
     expected_best_of_n,
@@ -264,3 +266,22 @@ def test_wilson_interval_coverage():
 def test_bootstrap_needs_two_values_per_stratum():
     assert all(math.isnan(x) for x in stratified_bootstrap_ci([np.ones(3), np.ones(1)], _mean))
     assert all(math.isnan(x) for x in stratified_bootstrap_ci([], _mean))
+
+
+def test_best_tuned_trials_keep_each_seeds_best_and_mark_what_was_tuned():
+    trials = [
+        make_trial("t0", MISS, lr=1e-3, seed=0),
+        make_trial("t1", REACH, lr=2e-3, seed=0),  # vanilla seed 0's best
+        make_trial("t2", REACH, method="h_detach", p_detach=0.25, lr=3e-3, seed=0),
+        make_trial("t3", [0.9], method="h_detach", p_detach=0.5, lr=4e-3, seed=0),
+        make_trial("t4", [0.1], lr=5e-3, seed=1, state="failed"),  # nothing finished: kept
+        make_trial("t5", [0.1], lr=6e-3, seed=1, state="failed"),
+    ]
+    chosen = best_tuned_trials(trials, ["lr", "p_detach"])
+    assert [t.trial_id for t in chosen] == ["t1", "t2", "t4"]
+    assert all(t.lr == TUNED and t.params["lr"] == "tuned" for t in chosen)
+    # Vanilla never detaches: its p_detach stays 0, so it is still the baseline.
+    assert [(t.method, t.p_detach) for t in chosen] == [
+        ("none", 0.0), ("h_detach", TUNED), ("none", 0.0),
+    ]  # fmt: skip
+    assert [t.lr for t in trials] == [1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3]  # records untouched

@@ -13,7 +13,7 @@ import re
 import numpy as np
 from matplotlib.figure import Figure
 
-from study.analysis.stats import Analysis, variant_label
+from study.analysis.stats import TUNED, Analysis, format_float, variant_label
 
 _DPI = 100
 _SEED_COLORS = [f"C{i}" for i in range(10)]
@@ -25,8 +25,10 @@ def all_figures(analysis: Analysis) -> dict[str, Figure]:
     for task in analysis.tasks:
         slug = re.sub(r"[^A-Za-z0-9]+", "_", task).strip("_")
         figures[f"{slug}_curves.png"] = curves_figure(analysis, task)
-        if any(c.task == task and c.n for c in analysis.cells):
-            figures[f"{slug}_lr_sensitivity.png"] = lr_sensitivity_figure(analysis, task)
+        cells = [c for c in analysis.cells if c.task == task and c.n]
+        if cells:
+            if all(c.lr != TUNED for c in cells):  # an Optuna study has no lr axis to draw
+                figures[f"{slug}_lr_sensitivity.png"] = lr_sensitivity_figure(analysis, task)
             figures[f"{slug}_success_heatmap.png"] = success_heatmap_figure(analysis, task)
             figures[f"{slug}_expected_best.png"] = expected_best_figure(analysis, task)
     return figures
@@ -44,7 +46,7 @@ def curves_figure(analysis: Analysis, task: str) -> Figure:
     As the paper's Fig. 2, 3, 6 and 8, but every seed is drawn instead of the best one. Running
     trials are dashed; a diverged run ends in a cross; failed runs have no curve worth drawing.
     """
-    trials = [t for t in analysis.study.trials if t.task == task and t.state != "failed"]
+    trials = [t for t in analysis.trials if t.task == task and t.state != "failed"]
     variants = sorted({t.variant for t in trials}, key=_variant_order)
     settings = sorted({(t.lr, t.clip_norm) for t in trials}, key=_setting_order)
     rows, cols = max(len(settings), 1), max(len(variants), 1)
@@ -71,7 +73,8 @@ def curves_figure(analysis: Analysis, task: str) -> Figure:
                 if trial.state == "diverged" and len(trial.val_steps):
                     ax.plot(trial.val_steps[-1], trial.val_acc[-1], "x", color=color, ms=7)
             ax.axhline(analysis.study.target, color="grey", ls=":", lw=1)
-            ax.set_title(f"{variant_label(*variant)}, lr={lr:g}, clip={_clip(clip)}", fontsize=9)
+            title = f"{variant_label(*variant)}, lr={format_float(lr)}, clip={_clip(clip)}"
+            ax.set_title(title, fontsize=9)
             ax.set_ylim(0, 1.02)
             ax.grid(alpha=0.3)
             if panel:
@@ -141,7 +144,7 @@ def success_heatmap_figure(analysis: Analysis, task: str) -> Figure:
                 fontsize=9,
             )
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs], rotation=45, fontsize=8)
+        ax.set_xticks(range(len(lrs)), [format_float(lr) for lr in lrs], rotation=45, fontsize=8)
         ax.set_yticks(range(len(clips)), [_clip(clip) for clip in clips], fontsize=8)
         ax.set_title(variant_label(*variant), fontsize=10)
         ax.set_xlabel("learning rate")

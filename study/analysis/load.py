@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from study.config import ConfigError
+from study.space import NUISANCE
 from study.tracking import search_all_runs
 
 # Cell axes of the robustness grid (task x method x p x lr x clip); seeds are the replicates.
@@ -74,6 +75,9 @@ class Study:
     # Params that vary across trials although they are not cell axes: their values get pooled
     # with the seeds, which the report must say.
     pooled_params: list[str] = field(default_factory=list)
+    # An Optuna study's nuisance params, tuned per scientific point and seed (role.X tags): the
+    # analysis compares methods at each seed's best tuned trial (stats.best_tuned_trials).
+    tuned: list[str] = field(default_factory=list)
 
     @property
     def n_pending(self) -> int:
@@ -117,6 +121,12 @@ def load_study(name: str, tracking_uri: str) -> Study:
         f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`study.kind` = 'trial'",
     )
     trials = sorted((_trial(client, run) for run in children), key=lambda t: t.trial_id)
+    tuned = set()
+    if tags.get("study.searcher") == "optuna":
+        for run in children:
+            for key, role in run.data.tags.items():
+                if key.startswith("role.") and role == NUISANCE:
+                    tuned.add(key.removeprefix("role."))
     return Study(
         name=name,
         tracking_uri=tracking_uri,
@@ -124,7 +134,8 @@ def load_study(name: str, tracking_uri: str) -> Study:
         n_planned=n_planned,
         target=target,
         trials=trials,
-        pooled_params=_pooled_params(trials),
+        pooled_params=[p for p in _pooled_params(trials) if p not in tuned],
+        tuned=sorted(tuned),
     )
 
 

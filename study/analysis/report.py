@@ -28,6 +28,7 @@ from study.analysis.stats import (
     CellStats,
     Spread,
     analyse,
+    format_float,
     variant_label,
     wilson_interval,
 )
@@ -143,9 +144,9 @@ def _best_setting_verdict(analysis: Analysis, task: str) -> list[str]:
         best = max(enough, key=lambda c: (c.success_rate, c.best.median, -c.lr))
         test = "" if math.isnan(best.test_at_best) else f", median test {best.test_at_best:.3f}"
         parts.append(
-            f"{name} (lr={best.lr:g}, clip={_clip(best.clip_norm)}) reached {target} in "
-            f"{best.successes}/{best.n} seeds {_interval(best.success_ci)}, median best val "
-            f"{best.best.median:.3f}{test}"
+            f"{name} (lr={format_float(best.lr)}, clip={_clip(best.clip_norm)}) reached "
+            f"{target} in {best.successes}/{best.n} seeds {_interval(best.success_ci)}, median "
+            f"best val {best.best.median:.3f}{test}"
         )
     return [f"{task}, each method at its best lr x clip: " + "; ".join(parts) + "."]
 
@@ -181,7 +182,7 @@ def _clipping_verdicts(analysis: Analysis, task: str) -> list[str]:
     target = _percent(analysis.study.target)
     lines = []
     for variant in _variants(analysis, task):
-        trials = [t for t in analysis.study.trials if (t.task, *t.variant) == (task, *variant)]
+        trials = [t for t in analysis.trials if (t.task, *t.variant) == (task, *variant)]
         clips = {t.clip_norm for t in trials}
         if None not in clips or len(clips) < 2:
             continue  # the study does not vary clipping for this method: no claim to make
@@ -202,13 +203,13 @@ def _clipping_verdicts(analysis: Analysis, task: str) -> list[str]:
                 f"clip={d.clip_norm:g} {d.with_successes}/{d.with_n} "
                 f"{_interval(wilson_interval(d.with_successes, d.with_n))}; clipping dependence "
                 f"(with - without) = {d.difference:+.2f} {_interval(d.difference_ci)} over "
-                f"lr {', '.join(f'{lr:g}' for lr in d.lrs)}."
+                f"lr {', '.join(format_float(lr) for lr in d.lrs)}."
             )
     return lines
 
 
 def _lr_verdicts(analysis: Analysis, task: str) -> list[str]:
-    trials = [t for t in analysis.study.trials if t.task == task]
+    trials = [t for t in analysis.trials if t.task == task]
     if len({t.lr for t in trials}) < 2:
         return []  # one lr by design: the study does not speak to lr sensitivity
     lines = []
@@ -277,6 +278,12 @@ def status_lines(analysis: Analysis) -> list[str]:
         lines.append(
             f"{len(thin)} cell(s) with fewer than {MIN_SEEDS} finished seeds are left out of "
             "the cross-cell statistics."
+        )
+    if study.tuned:
+        lines.append(
+            f"Optuna study: {', '.join(study.tuned)} tuned per scientific point and seed; each "
+            "seed enters its cell with its best tuned trial (best val accuracy), the "
+            f"{len(analysis.trials)} of {len(study.trials)} trials scored below."
         )
     if study.pooled_params:
         lines.append(
@@ -425,7 +432,7 @@ def _table_cells(c: CellStats) -> list[str]:
     return [
         c.task,
         variant_label(c.method, c.p_detach),
-        f"{c.lr:g}",
+        format_float(c.lr),
         _clip(c.clip_norm),
         f"{c.n}{extra}",
         _spread(c.best),
@@ -507,7 +514,7 @@ def _lr_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
             variant_label(s.method, s.p_detach),
             _clip(s.clip_norm),
             ", ".join(
-                f"{lr:g}: {m:.3f} ({r:.2f})"
+                f"{format_float(lr)}: {m:.3f} ({r:.2f})"
                 for lr, m, r in zip(s.lrs, s.median_best, s.relative, strict=True)
             ),
             _lr_range(s.good_lrs),
@@ -570,7 +577,7 @@ def _iqm_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
 
 
 def _variants(analysis: Analysis, task: str) -> list[tuple[str, float]]:
-    found = {t.variant for t in analysis.study.trials if t.task == task}
+    found = {t.variant for t in analysis.trials if t.task == task}
     return sorted(found, key=lambda v: (v[0] != "none", *v))
 
 

@@ -6,6 +6,7 @@ intervals from `binomtest(...).proportion_ci`, bootstrap intervals from `scipy.s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -27,6 +28,8 @@ GOOD_LR_FRACTION = 0.95
 BOOTSTRAP_SEED = 0
 BOOTSTRAP_RESAMPLES = 4999
 VANILLA = ("none", 0.0)
+# An Optuna study's cell value of a param tuned per seed (lr and p_detach are never negative).
+TUNED, TUNED_LABEL = -1.0, "tuned"
 # Accuracies are ratios of counts; tolerate float round-off when comparing with the target.
 _TARGET_TOLERANCE = 1e-9
 
@@ -160,6 +163,7 @@ class Analysis:
     """Everything the report shows, computed once."""
 
     study: Study
+    trials: list[Trial]  # the trials analysed: the study's, or an Optuna study's best tuned ones
     runs: list[RunResult]
     cells: list[CellStats]
     lr_sensitivity: list[LrSensitivity] = field(default_factory=list)
@@ -170,15 +174,18 @@ class Analysis:
 
     @property
     def tasks(self) -> list[str]:
-        return sorted({trial.task for trial in self.study.trials})
+        return sorted({trial.task for trial in self.trials})
 
 
 def analyse(study: Study) -> Analysis:
-    """All statistics of a study; only finished runs (completed or diverged) are scored."""
-    runs = [score_run(trial, study.target) for trial in study.trials if trial.finished]
-    cells = cell_stats(study.trials, runs)
+    """All statistics of a study; only finished runs (completed or diverged) are scored. In an
+    Optuna study, each seed's best tuned trial stands for its scientific point."""
+    trials = best_tuned_trials(study.trials, study.tuned) if study.tuned else study.trials
+    runs = [score_run(trial, study.target) for trial in trials if trial.finished]
+    cells = cell_stats(trials, runs)
     return Analysis(
         study=study,
+        trials=trials,
         runs=runs,
         cells=cells,
         lr_sensitivity=lr_sensitivity(cells),
@@ -187,6 +194,39 @@ def analyse(study: Study) -> Analysis:
         iqm=interquartile_means(runs),
         expected_best=expected_best_curves(runs),
     )
+
+
+def best_tuned_trials(trials: list[Trial], tuned: list[str]) -> list[Trial]:
+    """One trial per scientific point x seed of an Optuna study: the finished one with the best
+    val accuracy (tuning playbook: compare methods at their best nuisance setting), its tuned
+    params replaced by TUNED so that a cell's seeds meet whatever value each seed's search found.
+    A point with no finished trial keeps its first, so that its failures still show.
+    p_detach is never tuned for vanilla, which does not detach."""
+    groups: dict[tuple, list[Trial]] = defaultdict(list)
+    for trial in trials:
+        groups[tuple(sorted((k, v) for k, v in trial.params.items() if k not in tuned))].append(
+            trial
+        )
+    chosen = []
+    for members in groups.values():
+        finished = [t for t in members if t.finished]
+        best = max(finished, key=_best_accuracy) if finished else members[0]
+        marked = {k: TUNED_LABEL for k in tuned if k in best.params}
+        if best.method == "none":
+            marked.pop("p_detach", None)
+        chosen.append(
+            dataclasses.replace(
+                best,
+                lr=TUNED if "lr" in marked else best.lr,
+                p_detach=TUNED if "p_detach" in marked else best.p_detach,
+                params={**best.params, **marked},
+            )
+        )
+    return sorted(chosen, key=lambda t: t.trial_id)
+
+
+def _best_accuracy(trial: Trial) -> float:
+    return float(np.nan_to_num(trial.val_acc, nan=0.0).max()) if len(trial.val_acc) else 0.0
 
 
 # ---------------------------------------------------------------- per run and per cell
@@ -521,10 +561,15 @@ def stratified_bootstrap_ci(
 
 
 def variant_label(method: str, p_detach: float) -> str:
-    """Human name of a compared method: "vanilla", "h-detach p=0.25"."""
+    """Human name of a compared method: "vanilla", "h-detach p=0.25", "h-detach p=tuned"."""
     if method == "none":
         return "vanilla"
-    return f"{method.replace('_', '-')} p={p_detach:g}"
+    return f"{method.replace('_', '-')} p={format_float(p_detach)}"
+
+
+def format_float(value: float) -> str:
+    """A cell's lr or p_detach as the report shows it: "0.001", or "tuned" (Optuna)."""
+    return TUNED_LABEL if value == TUNED else f"{value:g}"
 
 
 def _pooled_mean(*samples: np.ndarray, axis: int = -1) -> np.ndarray:
