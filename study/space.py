@@ -57,10 +57,6 @@ def pack_id(number: int) -> str:
     return f"p{number:04d}"
 
 
-def trial_number(name: str) -> int:
-    return int(name.removeprefix("t"))
-
-
 def roles(spec: StudySpec) -> dict[str, str]:
     """Role of every parameter as logged to MLflow (`role.<param>` tags); task options are named
     as in the flattened params (`task_options.T`)."""

@@ -52,6 +52,15 @@ def client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+def log_folder(tracking_uri: str, run_id: str, folder: Path, artifact_path: str) -> str | None:
+    """Log a folder's files as artifacts of a run: None, or the store's refusal as one line."""
+    try:
+        client(tracking_uri).log_artifacts(run_id, str(folder), artifact_path=artifact_path)
+    except (MlflowException, OSError) as error:
+        return one_line(error)
+    return None
+
+
 def one_line(error: BaseException | str) -> str:
     """An error as one line: its type and the first line of its message."""
     if isinstance(error, str):
@@ -101,7 +110,8 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | Non
 
 
 def find_parent(tracking_uri: str, name: str) -> Any | None:
-    """The study's parent run, or None when the study was never started in this store."""
+    """The study's parent run, or None when the study was never started in this store. One
+    parent per study by contract; should there be more, the newest (as study report reads)."""
     mlflow = client(tracking_uri)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
@@ -110,7 +120,7 @@ def find_parent(tracking_uri: str, name: str) -> Any | None:
         [experiment.experiment_id],
         filter_string="tags.`study.kind` = 'parent'",
         run_view_type=ViewType.ACTIVE_ONLY,
-        order_by=["attributes.start_time ASC"],
+        order_by=["attributes.start_time DESC"],
     )
     return runs[0] if runs else None
 
@@ -237,7 +247,7 @@ def find_trial_run(tracking_uri: str, parent_run_id: str, trial_id: str) -> Any 
             f"and tags.`study.trial_id` = '{trial_id}'"
         ),
         run_view_type=ViewType.ACTIVE_ONLY,
-        order_by=["attributes.start_time ASC"],
+        order_by=["attributes.start_time DESC"],
     )
     return runs[0] if runs else None
 

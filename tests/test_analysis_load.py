@@ -11,8 +11,9 @@ from analysis_fixtures import empty_store, make_trial, write_study
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from study.analysis.load import default_tracking_uri, load_study
+from study.analysis.load import load_study
 from study.config import ConfigError
+from study.tracking import store_uri
 
 
 def test_round_trip_of_every_trial_state(tmp_path):
@@ -75,7 +76,7 @@ def test_unknown_study_names_study_and_uri(tmp_path):
 
 
 def test_missing_database_is_an_error_and_creates_nothing(tmp_path):
-    uri = default_tracking_uri(tmp_path / "empty")
+    uri = store_uri(tmp_path / "empty")
     with pytest.raises(ConfigError, match=r"'quick'.*no MLflow database"):
         load_study("quick", uri)
     assert not (tmp_path / "empty").exists()

@@ -167,3 +167,15 @@ def test_one_line() -> None:
     assert tracking.one_line(ValueError("first\nsecond")) == "ValueError: first"
     assert tracking.one_line(RuntimeError()) == "RuntimeError"
     assert tracking.one_line("  boom \n trace") == "boom"
+
+
+def test_log_folder_logs_files_or_says_why_not(store: tuple[str, str], tmp_path: Path) -> None:
+    uri, parent = store
+    folder = tmp_path / "report"
+    folder.mkdir()
+    (folder / "summary.md").write_text("# hi\n")
+    assert tracking.log_folder(uri, parent, folder, artifact_path="report") is None
+    logged = MlflowClient(tracking_uri=uri).list_artifacts(parent, "report")
+    assert [artifact.path for artifact in logged] == ["report/summary.md"]
+    refusal = tracking.log_folder(uri, "no-such-run", folder, artifact_path="report")
+    assert refusal is not None and "\n" not in refusal and "no-such-run" in refusal

@@ -1,8 +1,8 @@
 """Read one study (parent run, child runs, validation curves) from MLflow into plain records.
 
-One of the two analysis modules that import mlflow (the other is report.py, for logging the
-report as artifacts); the statistics and figures work on the records below and never touch MLflow,
-so they can be tested and reused without a tracking store.
+MLflow's reader, as tracking.py is its writer: the only two modules that import mlflow. The
+statistics and figures work on the records below and never touch MLflow, so they can be tested
+and reused without a tracking store.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 
 from study.config import ConfigError
 from study.space import NUISANCE
-from study.tracking import search_all_runs
+from study.tracking import search_all_runs, trial_state
 
 # Cell axes of the robustness grid (task x method x p x lr x clip); seeds are the replicates.
 CELL_PARAMS = ("task", "method", "p_detach", "lr", "clip_norm")
@@ -82,11 +82,6 @@ class Study:
     @property
     def n_pending(self) -> int:
         return max(self.n_planned - len(self.trials), 0)
-
-
-def default_tracking_uri(output_dir: Path) -> str:
-    """The embedded store the runner writes by default: a SQLite file in the output folder."""
-    return f"sqlite:///{output_dir.resolve()}/mlflow.db"
 
 
 def load_study(name: str, tracking_uri: str) -> Study:
@@ -156,7 +151,7 @@ def _trial(client: MlflowClient, run) -> Trial:
     return Trial(
         trial_id=tags.get("study.trial_id", run.info.run_id),
         run_id=run.info.run_id,
-        state=_state(run.info.status, tags),
+        state=trial_state(run.info.status, tags),
         task=_task_label(params),
         method=params.get("method", tags.get("method", "none")),
         p_detach=float(params.get("p_detach", 0.0)),
@@ -170,14 +165,6 @@ def _trial(client: MlflowClient, run) -> Trial:
         error=tags.get("error", "killed" if run.info.status == "KILLED" else ""),
         params=dict(params),
     )
-
-
-def _state(status: str, tags: dict[str, str]) -> str:
-    if status == "FINISHED":
-        return "diverged" if tags.get("outcome") == "diverged" else "completed"
-    if status in ("FAILED", "KILLED"):
-        return "failed"
-    return "running"
 
 
 def _task_label(params: dict[str, str]) -> str:

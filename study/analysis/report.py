@@ -1,7 +1,6 @@
 """`study report`: verdicts, then index.html, summary.md, cells.csv and summary.json for one study.
 
-With load.py, the only analysis module that imports mlflow: here only to log the written report
-as artifacts on the study's parent run.
+The written report is also logged on the study's parent run (through tracking.py).
 """
 
 from __future__ import annotations
@@ -16,11 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
-
 from study.analysis.figures import all_figures, png_bytes
-from study.analysis.load import Study, default_tracking_uri, load_study
+from study.analysis.load import Study, load_study
 from study.analysis.stats import (
     GOOD_LR_FRACTION,
     MIN_SEEDS,
@@ -32,6 +28,7 @@ from study.analysis.stats import (
     variant_label,
     wilson_interval,
 )
+from study.tracking import log_folder, store_uri
 
 # How each statistic is defined; shown in the report itself so a reader need not find this file.
 DEFINITIONS = {
@@ -77,7 +74,7 @@ DEFINITIONS = {
 
 def write_report(study_name: str, output_dir: Path, tracking_uri: str | None) -> Path:
     """Write DIR/reports/NAME/ for the study, log it on the parent run, print the verdicts."""
-    uri = tracking_uri or default_tracking_uri(output_dir)
+    uri = tracking_uri or store_uri(output_dir)
     analysis = analyse(load_study(study_name, uri))
     report_dir = output_dir / "reports" / study_name
     figure_dir = report_dir / "figures"
@@ -100,13 +97,10 @@ def write_report(study_name: str, output_dir: Path, tracking_uri: str | None) ->
     summary = summary_dict(analysis, verdict_lines, status)
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
 
-    try:
-        MlflowClient(tracking_uri=uri).log_artifacts(
-            analysis.study.parent_run_id, str(report_dir), artifact_path="report"
-        )
-    except (MlflowException, OSError) as error:
+    refusal = log_folder(uri, analysis.study.parent_run_id, report_dir, artifact_path="report")
+    if refusal is not None:
         # The files are on disk already; a store that refuses artifacts must not lose them.
-        print(f"warning: report not logged to MLflow: {error}", file=sys.stderr)
+        print(f"warning: report not logged to MLflow: {refusal}", file=sys.stderr)
 
     print(f"study {study_name}: {status[0]}")
     for line in status[1:] + verdict_lines:

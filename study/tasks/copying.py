@@ -86,6 +86,8 @@ class Copying(Task):
         return self._time_major(self.train_symbols[rows])
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[Batch]:
+        if split != "val":  # eval_splits: the copying task has no test split (paper Sec. 5.1)
+            raise ValueError(f"copying: no {split!r} split, only 'val'")
         for start in range(0, len(self.val_symbols), batch_size):
             yield self._time_major(self.val_symbols[start : start + batch_size])
 
