@@ -26,7 +26,6 @@ def study_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary")
 def test_quick_study_report_renders_with_every_seed_curve(tmp_path: Path) -> None:
     # quick.yaml itself, its smoke overrides kept but with 2 seeds so "every seed" means more
     # than one line per panel.
@@ -59,6 +58,8 @@ def test_quick_study_report_renders_with_every_seed_curve(tmp_path: Path) -> Non
         seed_lines = [line for line in ax.get_lines() if line.get_label().startswith("seed")]
         assert len(seed_lines) == 2, [line.get_label() for line in ax.get_lines()]
 
+    if CHROMIUM is None:  # CI installs it; elsewhere the flow above is still checked
+        pytest.skip("no chromium binary: the report's screenshot is not checked")
     shot = tmp_path / "report.png"
     screenshot(report_dir / "index.html", shot, width=1280, height=3000)
     image = matplotlib.image.imread(shot)
