@@ -1,8 +1,10 @@
-"""Typed trial configuration with field-named validation errors (study YAML: spec.py)."""
+"""Typed trial configuration and input checks, with field-named one-line errors (YAML: spec.py)."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,6 +136,16 @@ def validate_trial_config(config: TrialConfig) -> None:
         raise ConfigError(f"anneal_last: must be >= 0 or null, got {config.anneal_last}")
     if config.precision not in ("fp32", "tf32"):
         raise ConfigError(f"precision: must be fp32 or tf32, got {config.precision!r}")
-    if config.device not in ("cpu", "cuda", "auto") and not config.device.startswith("cuda:"):
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", config.device):
         raise ConfigError(f"device: must be cpu, cuda, cuda:N or auto, got {config.device!r}")
     TASKS[config.task].check_options(config.task_options)
+
+
+def check_reachable(what: str, host: str, port: int, hint: str) -> None:
+    """One TCP connection to a server the user named (an MLflow server, a Ray head): a one-line
+    error now, instead of the client library's minutes of retries and a traceback."""
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConfigError(f"{what}: cannot connect to {host}:{port} ({reason}); {hint}") from None

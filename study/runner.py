@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from study import console, space, tracking
-from study.config import INT_FIELDS, ConfigError, TrialConfig
+from study.config import INT_FIELDS, ConfigError, TrialConfig, check_reachable
 from study.packed_train import train_packed
 from study.spec import AUTO_GPUS, Range, StudySpec, spec_from_mapping
 from study.tasks import TASKS
@@ -437,23 +438,75 @@ def run_study(
     """Run a new study; returns the exit status: 0 when every trial finished (completed or
     diverged), 1 when some trial failed, 130 when interrupted with trials left."""
     output = output.absolute()
-    output.mkdir(parents=True, exist_ok=True)
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output}: not a folder")
+    if tracking_uri is not None:
+        tracking.check_uri(tracking_uri)
     uri = tracking_uri or tracking.store_uri(output)
-    if _store_exists(uri) and tracking.find_parent(uri, spec.name) is not None:
-        raise ConfigError(
-            f"study {spec.name} already exists in {_store_label(uri)}; continue it with "
-            f"`study resume {spec.name} --output {output}`, or run into another --output"
+    _refuse_existing(spec, output, uri)
+    # Ray first: a wrong --address or a GPU request Ray cannot meet leaves no study behind.
+    with _ray_session(address, spec):
+        _check_gpus(spec, address, echo)
+        output.mkdir(parents=True, exist_ok=True)
+        artifacts = None
+        if tracking_uri is None:
+            artifacts = (tracking.artifact_dir(output) / spec.name).as_uri()
+        experiment_id = tracking.ensure_experiment(uri, spec.name, artifacts)
+        parent = tracking.start_parent(
+            uri, experiment_id, spec.name, _parent_tags(spec), spec.to_yaml()
         )
-    artifacts = None
-    if tracking_uri is None:
-        artifacts = (tracking.artifact_dir(output) / spec.name).as_uri()
-    experiment_id = tracking.ensure_experiment(uri, spec.name, artifacts)
-    parent = tracking.start_parent(
-        uri, experiment_id, spec.name, _parent_tags(spec), spec.to_yaml()
-    )
-    state = StudyState(spec, output, uri, parent)
-    state.save()
-    return _execute(state, address, max_concurrent, echo, resuming=False)
+        state = StudyState(spec, output, uri, parent)
+        state.save()
+        return _execute(state, address, max_concurrent, echo, resuming=False)
+
+
+def _refuse_existing(spec: StudySpec, output: Path, uri: str) -> None:
+    """A new study must not meet an old one of its name: in the MLflow store (its runs), or in
+    the output folder's Ray state (whose saved trial states would pass for this study's)."""
+    parent = tracking.find_parent(uri, spec.name) if _store_exists(uri) else None
+    if parent is not None:
+        tags = parent.data.tags
+        differs = ""
+        if tags.get("study.spec_hash") != spec.spec_hash():
+            smoke = " (its smoke variant)" if tags.get("study.smoke") == "true" else ""
+            differs = f", from a different search space{smoke}"
+        raise ConfigError(
+            f"study {spec.name} already exists in {_store_label(uri)}{differs}; continue it "
+            f"with `study resume {spec.name} --output {output}`, or run into another --output"
+        )
+    ray_state = output / "ray" / spec.name
+    if ray_state.exists():
+        earlier = ""
+        if (ray_state / STATE_FILE).is_file():
+            record = json.loads((ray_state / STATE_FILE).read_text())
+            earlier = f", logged to {_store_label(record.get('tracking_uri', '?'))}"
+        raise ConfigError(
+            f"study {spec.name}: {ray_state} holds the Ray state of an earlier run{earlier}; "
+            f"continue it with `study resume {spec.name} --output {output}`, or remove that "
+            "folder, or run into another --output"
+        )
+
+
+def _check_gpus(spec: StudySpec, address: str | None, echo: Echo) -> None:
+    """Trials that ask for more GPUs than Ray has would wait for ever, silently (Ray's warning
+    goes to its log). On a cluster an autoscaler may still add GPU nodes, so only say so."""
+    per_trial = _gpus_per_trial(spec)
+    found = ray.cluster_resources().get("GPU", 0)
+    cuda = set()
+    for axes in (spec.fixed, spec.scientific, spec.nuisance):
+        value = axes.get("device", "auto")  # a fixed value, or a grid axis (a list)
+        cuda |= {str(v) for v in (value if isinstance(value, list) else [value])}
+    cuda -= {"cpu", "auto"}
+    if cuda and per_trial == 0:
+        raise ConfigError(
+            f"device: {min(cuda)} needs resources.gpus >= 1 (Ray gives GPUs only to trials "
+            "that ask for them); or device: auto"
+        )
+    if per_trial > found:
+        message = f"resources.gpus: {per_trial:g} per trial, but Ray has {found:g} GPU(s)"
+        if address is None and not os.environ.get("RAY_ADDRESS"):
+            raise ConfigError(f"{message} on this machine; use gpus: auto or 0")
+        echo(f"{message}: trials wait for a GPU node")
 
 
 def resume_study(
@@ -490,6 +543,8 @@ def _execute(
     _reporter = _Reporter(state, total, finished, done, echo)
     try:
         with _ray_session(address, spec):
+            if resuming:  # a new study checked this before it created its runs (run_study)
+                _check_gpus(spec, address, echo)
             if spec.resources.gpus == AUTO_GPUS:
                 found = ray.cluster_resources().get("GPU", 0)
                 per_trial = _gpus_per_trial(spec)
@@ -716,6 +771,7 @@ def _ray_session(address: str | None, spec: StudySpec) -> Iterator[None]:
     # Ray's own convention: RAY_ADDRESS names the cluster to use when no flag does.
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is not None:
+        _check_ray_address(address)
         try:
             ray.init(address=address, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as error:
@@ -728,6 +784,15 @@ def _ray_session(address: str | None, spec: StudySpec) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def _check_ray_address(address: str) -> None:
+    """HOST:PORT (or ray://HOST:PORT) must accept a connection: ray.init would otherwise retry
+    for minutes, printing only Ray's own warnings. "auto" and other forms go to Ray as given."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)", address)
+    if match is not None:
+        hint = "is `ray start --head` running there (see docker/README.md)?"
+        check_reachable(f"--address {address}", match[1], int(match[2]), hint)
 
 
 def _packs_label(spec: StudySpec) -> str:
@@ -784,13 +849,13 @@ def _git_commit() -> str | None:
 
 
 def _store_exists(uri: str) -> bool:
-    prefix = "sqlite:///"
-    return not uri.startswith(prefix) or Path(uri[len(prefix) :]).is_file()
+    database = tracking.sqlite_path(uri)
+    return database is None or database.is_file()
 
 
 def _store_label(uri: str) -> str:
-    prefix = "sqlite:///"
-    return uri[len(prefix) :] if uri.startswith(prefix) else uri
+    database = tracking.sqlite_path(uri)
+    return str(database) if database is not None else uri
 
 
 def _server_uri(uri: str) -> str | None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, ViewType
 from mlflow.exceptions import MlflowException
 
-from study.config import ConfigError, TrialConfig
+from study.config import ConfigError, TrialConfig, check_reachable
 
 PARENT, TRIAL = "parent", "trial"
 COMPLETED, DIVERGED, FAILED, RUNNING = "completed", "diverged", "failed", "running"
@@ -35,6 +36,35 @@ STEP_KEY = "train/loss"
 def store_uri(output_dir: Path) -> str:
     """The embedded store: a SQLite file in the output folder."""
     return f"sqlite:///{output_dir.absolute()}/mlflow.db"
+
+
+# Stores `study` can use: the embedded SQLite file, an `mlflow server`, or a database server
+# (MLflow >= 3.7 refuses a plain folder, the old file store).
+URI_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
+
+
+def check_uri(tracking_uri: str, flag: str = "--tracking-uri") -> None:
+    """A one-line ConfigError for a URI no store answers at: an unknown scheme, or an MLflow
+    server that does not accept connections (MLflow itself retries for minutes, then raises)."""
+    parts = urllib.parse.urlsplit(tracking_uri)
+    if parts.scheme.split("+")[0] not in URI_SCHEMES or "://" not in tracking_uri:
+        raise ConfigError(
+            f"{flag} {tracking_uri}: not a tracking URI; use sqlite:///PATH/mlflow.db, "
+            "http://HOST:PORT (an mlflow server) or a database URI (postgresql://...)"
+        )
+    if parts.scheme in ("http", "https"):
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise ConfigError(f"{flag} {tracking_uri}: the port is not a number") from None
+        hint = "is `mlflow server` running there?"
+        check_reachable(f"{flag} {tracking_uri}", parts.hostname or "", port, hint)
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI; None for any other store."""
+    prefix = "sqlite:///"
+    return Path(tracking_uri[len(prefix) :]) if tracking_uri.startswith(prefix) else None
 
 
 def has_store(output_dir: Path) -> bool:
@@ -347,7 +377,12 @@ def summarize(tracking_uri: str, name: str) -> StudySummary | None:
 
 
 def list_studies(tracking_uri: str) -> list[StudySummary]:
-    """Every experiment in the store that holds a study (a parent run), by name."""
+    """Every experiment in the store that holds a study (a parent run), by name; none (and no
+    database file created) where a sqlite:/// URI names no file."""
+    check_uri(tracking_uri)
+    database = sqlite_path(tracking_uri)
+    if database is not None and not database.is_file():
+        return []
     mlflow = client(tracking_uri)
     summaries = []
     for experiment in mlflow.search_experiments(view_type=ViewType.ACTIVE_ONLY):

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from study.config import TrialConfig
+from study.config import ConfigError, TrialConfig
 from study.methods import make_method
 from study.models import SequenceClassifier
 from study.repro import derive_seed, make_generator
@@ -52,9 +52,18 @@ Reporter = Callable[[Progress], None]
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto`: a GPU where torch sees one, else the CPU. A GPU asked for by name must exist."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ConfigError(
+                f"device: {name} asked for, but torch sees {count} CUDA GPU(s) here; "
+                "use device: auto (a GPU where there is one) or cpu"
+            )
+    return device
 
 
 @torch.no_grad()

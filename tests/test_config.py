@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
-from study.config import ConfigError, TrialConfig
+from study.config import ConfigError, TrialConfig, check_reachable
 
 
 def test_yaml_strings_and_nulls_are_coerced() -> None:
@@ -42,3 +44,17 @@ def test_bad_values_name_the_field(values: dict, message: str) -> None:
 def test_round_trip_through_dict() -> None:
     config = TrialConfig(task_options={"T": 7}, method="c_detach", p_detach=0.5, clip_norm=None)
     assert TrialConfig.from_dict(config.to_dict()) == config
+
+
+def test_check_reachable_names_what_and_where_in_one_line() -> None:
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        check_reachable("--x", "127.0.0.1", port, "hint")
+    # Closed now: nothing listens there.
+    with pytest.raises(ConfigError) as error:
+        check_reachable("--x http://h", "127.0.0.1", port, "is it running?")
+    message = str(error.value)
+    assert message.startswith(f"--x http://h: cannot connect to 127.0.0.1:{port} (")
+    assert message.endswith("; is it running?") and "\n" not in message

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FASHION_MNIST, tiny_copying, write_space
+from conftest import FASHION_MNIST, free_port, tiny_copying, write_space
 from mlflow import MlflowClient
 
 from study import runner, space, tracking
@@ -119,6 +119,17 @@ def test_smoke_study_end_to_end(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="already exists.*study resume smoke4"):
         run(spec, output)
+    changed = load_spec(write_space(tmp_path, "smoke4", {**auto, "fixed": {"lr": 0.02}}))
+    with pytest.raises(ConfigError, match="already exists.*from a different search space;"):
+        run(changed, output)
+    # Another store into the same output: this folder's Ray state (its trials' saved states)
+    # belongs to the first study and must neither pass for the new one's nor be repointed.
+    state_file = output / "ray" / "smoke4" / runner.STATE_FILE
+    before = state_file.read_text()
+    other = tmp_path / "other.db"
+    with pytest.raises(ConfigError, match=r"ray/smoke4 holds the Ray state of an earlier run"):
+        run(spec, output, tracking_uri=f"sqlite:///{other}")
+    assert state_file.read_text() == before and not other.exists()
 
     # Resume without Tune's snapshot (a driver killed in its first moments): the trials MLflow
     # does not hold as finished run again, each in its own run, no step logged twice.
@@ -133,6 +144,30 @@ def test_smoke_study_end_to_end(tmp_path: Path) -> None:
     assert again["t0003"].info.status == "FINISHED"
     assert steps(uri, again["t0003"].info.run_id, "val/accuracy") == [10, 20]
     assert tracking.find_parent(uri, "smoke4").info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"resources": {"gpus": 1}}, r"resources.gpus: 1 per trial, but Ray has 0 GPU\(s\)"),
+        ({"fixed": {"device": "cuda"}}, r"device: cuda needs resources.gpus >= 1"),
+    ],
+)
+def test_gpu_requests_ray_cannot_meet_stop_before_the_study_starts(
+    tmp_path: Path, ray_cluster, changes: dict, message: str
+) -> None:
+    """Tune would keep such trials pending for ever, saying so only in Ray's log."""
+    spec = load_spec(write_space(tmp_path, "gpu", tiny_copying(**changes)))
+    with pytest.raises(ConfigError, match=message):
+        run(spec, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # no MLflow run, no Ray state to refuse a rerun
+
+
+def test_an_address_nobody_answers_at_is_one_line_at_once() -> None:
+    closed = free_port()  # nothing listens there
+    with pytest.raises(ConfigError, match=rf"--address 127.0.0.1:{closed}: cannot connect"):
+        runner._check_ray_address(f"127.0.0.1:{closed}")
+    runner._check_ray_address("auto")  # Ray's own forms are Ray's to resolve
 
 
 @pytest.mark.slow

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -179,3 +181,32 @@ def test_log_folder_logs_files_or_says_why_not(store: tuple[str, str], tmp_path:
     assert [artifact.path for artifact in logged] == ["report/summary.md"]
     refusal = tracking.log_folder(uri, "no-such-run", folder, artifact_path="report")
     assert refusal is not None and "\n" not in refusal and "no-such-run" in refusal
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("bogus", "not a tracking URI"),
+        ("mlruns/", "not a tracking URI"),
+        ("ftp://host/x", "not a tracking URI"),
+        ("http://127.0.0.1:notaport", "the port is not a number"),
+    ],
+)
+def test_check_uri_refuses_what_no_store_answers_at(uri: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"--tracking-uri {re.escape(uri)}: {message}"):
+        tracking.check_uri(uri)
+
+
+def test_check_uri_accepts_stores_and_tries_servers(tmp_path: Path) -> None:
+    tracking.check_uri(tracking.store_uri(tmp_path))
+    tracking.check_uri("postgresql+psycopg2://user@db/mlflow")  # its server is MLflow's to find
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        port = listening.getsockname()[1]
+    with pytest.raises(ConfigError, match="cannot connect.*is `mlflow server` running there"):
+        tracking.check_uri(f"http://127.0.0.1:{port}")
+
+
+def test_listing_a_missing_sqlite_file_creates_nothing(tmp_path: Path) -> None:
+    assert tracking.list_studies(f"sqlite:///{tmp_path}/absent/mlflow.db") == []
+    assert not (tmp_path / "absent").exists()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from mlflow import MlflowClient
@@ -17,7 +16,7 @@ from mlflow.exceptions import MlflowException
 
 from study.config import ConfigError
 from study.space import NUISANCE
-from study.tracking import search_all_runs, trial_state
+from study.tracking import check_uri, search_all_runs, sqlite_path, trial_state
 
 # Cell axes of the robustness grid (task x method x p x lr x clip); seeds are the replicates.
 CELL_PARAMS = ("task", "method", "p_detach", "lr", "clip_norm")
@@ -87,7 +86,7 @@ class Study:
 def load_study(name: str, tracking_uri: str) -> Study:
     """Read study `name` from the store at `tracking_uri`; ConfigError when it is not there."""
     where = f"study {name!r} at tracking URI {tracking_uri}"
-    _check_sqlite_file_exists(tracking_uri, where)
+    _check_store(tracking_uri, where)
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         experiment = client.get_experiment_by_name(name)
@@ -134,13 +133,12 @@ def load_study(name: str, tracking_uri: str) -> Study:
     )
 
 
-def _check_sqlite_file_exists(tracking_uri: str, where: str) -> None:
+def _check_store(tracking_uri: str, where: str) -> None:
+    check_uri(tracking_uri)
     # Opening a missing SQLite file would silently create an empty store; say what is wrong.
-    prefix = "sqlite:///"
-    if tracking_uri.startswith(prefix) and tracking_uri != "sqlite:///:memory:":
-        path = Path(tracking_uri[len(prefix) :])
-        if not path.is_file():
-            raise ConfigError(f"{where}: no MLflow database at {path}")
+    database = sqlite_path(tracking_uri)
+    if database is not None and str(database) != ":memory:" and not database.is_file():
+        raise ConfigError(f"{where}: no MLflow database at {database}")
 
 
 def _trial(client: MlflowClient, run) -> Trial:
