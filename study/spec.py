@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ PARAMS = tuple(
     for f in dataclasses.fields(TrialConfig)
     if f.name not in ("task", "task_options", "seed")
 )
+# What null means for each of config.NULLABLE_FIELDS, for error hints.
+NULL_MEANS = {"clip_norm": "no clipping", "anneal_last": "no annealing"}
 DEFAULT_MAX_FAILURES = 2
 AUTO_GPUS = "auto"  # resources.gpus: one GPU per trial where the cluster has GPUs
 
@@ -122,6 +125,25 @@ def _gpus(check: _Checker, value: Any) -> float | str:
         raise check.error("resources.gpus", message) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in a mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` may repeat, and its keys may be overridden
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader reports an unhashable key itself
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                problem = f"duplicate key {key!r}, first on line {lines[key]}"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def task_option_names(task: str) -> tuple[str, ...]:
     from study.tasks import TASKS  # torch-heavy: imported when a spec is checked, not on import
 
@@ -132,15 +154,26 @@ def task_option_names(task: str) -> tuple[str, ...]:
 def load_spec(path: str | Path, smoke: bool = False) -> StudySpec:
     """Read and validate a search-space YAML; ConfigError names the file and the field."""
     path = Path(path)
+    if str(path).strip() in ("", "."):
+        # `study plan ""` arrives as Path(".") (the CLI's type=Path), a folder, not a typo'd file.
+        raise ConfigError(
+            "no search space file given (the path is empty or '.'); "
+            "give a YAML file such as search_spaces/quick.yaml"
+        )
     where = str(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{where}: no such file") from None
     except OSError as error:
         raise ConfigError(f"{where}: cannot read ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{where}: must be UTF-8 text, found byte 0x{error.object[error.start]:02x} at "
+            f"offset {error.start}; save the file as UTF-8"
+        ) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark is not None else ""
@@ -157,6 +190,11 @@ def spec_from_mapping(raw: Any, name: str, where: str, smoke: bool = False) -> S
     check.keys("", raw, SECTIONS)
     if "task" not in raw:
         raise ConfigError(f"{where}: field task: missing; give at least task: {{name: copying}}")
+    if smoke and raw.get("smoke") is None:
+        # Running the full study labelled "(smoke)" would be a silent, costly surprise.
+        raise ConfigError(
+            f"{where}: --smoke asks for the smoke variant, but the file has no smoke section"
+        )
     overrides = raw.get("smoke") or {}
     check.mapping("smoke", overrides)
     check.keys("smoke", overrides, [s for s in SECTIONS if s != "smoke"])
@@ -456,7 +494,7 @@ class _Checker:
             return seeds
         return tuple(range(self.integer(field, value, minimum=1)))
 
-    def value(self, field: str, param: str, value: Any) -> Any:
+    def value(self, field: str, param: str, value: Any, range_end: bool = False) -> Any:
         """Cast one value of a TrialConfig parameter (task options are checked by the task)."""
         if value is None:
             if param in NULLABLE_FIELDS:
@@ -464,13 +502,21 @@ class _Checker:
             raise self.error(field, "null is only allowed for clip_norm and anneal_last")
         if isinstance(value, bool) and param in (*FLOAT_FIELDS, *INT_FIELDS):
             raise self.error(field, _bool_hint(value, param))
+        # `none` or `off` typed as a string: say how to write "off" (the design's null).
+        nullable = param in NULLABLE_FIELDS and not range_end
+        off = f", or null for {NULL_MEANS.get(param, 'off')}" if nullable else ""
         if param in FLOAT_FIELDS:
             try:
                 return float(value)
             except (TypeError, ValueError):
-                raise self.error(field, f"must be a number, got {value!r}") from None
+                raise self.error(field, f"must be a number{off}, got {value!r}") from None
         if param in INT_FIELDS:
-            return self.integer(field, value)
+            try:
+                return self.integer(field, value)
+            except ConfigError:
+                if not off:
+                    raise
+                raise self.error(field, f"must be an integer{off}, got {value!r}") from None
         if param in PARAMS and not isinstance(value, str):
             raise self.error(field, f"must be a string, got {value!r}")
         return value
@@ -501,8 +547,8 @@ class _Checker:
         for key in ("min", "max"):
             if key not in value:
                 raise self.error(f"{field}.{key}", "missing; a range is {min, max, scaling}")
-        low = self.value(f"{field}.min", param, value["min"])
-        high = self.value(f"{field}.max", param, value["max"])
+        low = self.value(f"{field}.min", param, value["min"], range_end=True)
+        high = self.value(f"{field}.max", param, value["max"], range_end=True)
         if low is None or high is None:
             raise self.error(field, "range ends must be numbers, not null")
         scaling = self.choice(f"{field}.scaling", value.get("scaling", "linear"), SCALINGS)

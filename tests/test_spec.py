@@ -137,3 +137,48 @@ def test_pack_defaults_to_one_and_works_with_grid_and_random(tmp_path: Path) -> 
         resources={"pack": "4"},
     )
     assert load_spec(write_space(tmp_path, "random", body)).resources.pack == 4
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"task: {name: copying}\n# caf\xff\n", "task: {name: copying}\n".encode("utf-16")],
+    ids=["stray_0xff", "utf16_bom"],
+)
+def test_non_utf8_file_is_one_line(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "latin.yaml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as caught:
+        load_spec(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: must be UTF-8 text, found byte 0xff")
+    assert "\n" not in message
+
+
+def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "bom.yaml"
+    path.write_bytes("task: {name: copying}\n".encode("utf-8-sig"))
+    assert load_spec(path).task == "copying"
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
+    path = tmp_path / "merge.yaml"
+    path.write_text("task: {name: copying}\nfixed: {<<: {lr: 0.1, clip_norm: 2}, lr: 0.2}\n")
+    assert load_spec(path).fixed == {"lr": 0.2, "clip_norm": 2.0}
+
+
+@pytest.mark.parametrize("extra", [{}, {"smoke": None}], ids=["absent", "empty"])
+def test_smoke_flag_needs_a_smoke_section(tmp_path: Path, extra: dict[str, None]) -> None:
+    path = write_space(tmp_path, "no_smoke", {**tiny_copying(), **extra})
+    assert not load_spec(path).smoke  # the full study is fine
+    expected = f"{path}: --smoke asks for the smoke variant, but the file has no smoke section"
+    with pytest.raises(ConfigError) as caught:
+        load_spec(path, smoke=True)
+    assert str(caught.value) == expected
+
+
+@pytest.mark.parametrize("given", ["", "."])
+def test_empty_path_says_no_file_given(given: str) -> None:
+    with pytest.raises(ConfigError, match=r"^no search space file given \(the path is empty"):
+        load_spec(Path(given))
+    with pytest.raises(ConfigError, match=r"^no search space file given"):
+        load_spec(given)

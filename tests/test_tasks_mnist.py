@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from study.config import ConfigError
+from study.config import ConfigError, TrialConfig
 from study.tasks import make_task
 from study.tasks.mnist_data import IDX_FILES
 from study.tasks.permuted_mnist import PermutedMNIST
@@ -133,6 +133,22 @@ def test_missing_files_name_folder_files_and_both_remedies(tmp_path: Path) -> No
     message = str(error.value)
     assert str(tmp_path) in message and "t10k-labels-idx1-ubyte" in message
     assert "data_dir" in message and "download=true" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("task", [PixelMNIST, PermutedMNIST])
+@pytest.mark.parametrize("data_dir", [5, 2024.0, "", ["a"]])
+def test_data_dir_must_be_a_folder_path(task: type[PixelMNIST], data_dir: object) -> None:
+    with pytest.raises(ConfigError) as error:
+        task.check_options({"data_dir": data_dir})
+    expected = f"task_options.data_dir: must be a folder path (a string), got {data_dir!r}"
+    assert str(error.value) == expected
+    task.check_options({"data_dir": "/some/folder"})
+    task.check_options({"data_dir": None})
+
+
+def test_bad_data_dir_fails_the_trial_config_not_the_trial() -> None:
+    with pytest.raises(ConfigError, match=r"^task_options\.data_dir: must be a folder path"):
+        TrialConfig(task="pixel_mnist", task_options={"data_dir": 5})
 
 
 @pytest.mark.skipif(not FASHION.is_dir(), reason="Debian package dataset-fashion-mnist absent")

@@ -55,6 +55,12 @@ class PixelMNIST(Task):
                 f"task_options.dataset: unknown dataset {dataset!r}; "
                 f"allowed: {', '.join(DATASETS)}"
             )
+        data_dir = options.get("data_dir")
+        # Checked here, not in load_images: a bad value must fail `study plan`, not every trial.
+        if data_dir is not None and (not isinstance(data_dir, str) or not data_dir.strip()):
+            raise ConfigError(
+                f"task_options.data_dir: must be a folder path (a string), got {data_dir!r}"
+            )
         if not isinstance(options.get("download", False), bool):
             raise ConfigError("task_options.download: must be true or false")
         for key in ("subset", "val_size"):
