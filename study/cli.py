@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, NoReturn
@@ -27,8 +29,18 @@ def _task_option(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
-    # YAML typing, so T=100 is an int and download=true a bool, as in a search-space file.
-    return key.strip(), yaml.safe_load(value)
+    key = key.strip()
+    if not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with a non-empty KEY, got {text!r}")
+    try:
+        # YAML typing, so T=100 is an int and download=true a bool, as in a search-space file.
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        # PyYAML's message spans several lines; one line naming the value is enough here.
+        raise argparse.ArgumentTypeError(
+            f"{key}: value {value!r} is not valid YAML; allowed: a number, true/false, "
+            "a list like [1, 2] or text (in YAML quotes if it holds [ ] { } : #)"
+        ) from None
 
 
 def _clip_norm(text: str) -> float | None:
@@ -108,7 +120,8 @@ def _flag_message(message: str) -> str:
         return f"--task-opt {field.removeprefix('task_options').lstrip('.')}:{rest}".replace(
             "--task-opt :", "--task-opt:"
         )
-    if field.isidentifier():
+    # Only config fields: a train-time message such as 'CUDA: ...' is not a flag.
+    if field in {f.name for f in dataclasses.fields(TrialConfig)}:
         return f"--{field.replace('_', '-')}:{rest}"
     return message
 
@@ -135,13 +148,74 @@ class _ProgressBar:
         print(line, end=end, file=sys.stderr, flush=True)
 
 
+def _check_out(path: Path) -> None:
+    """Fail before training when --out cannot be written, so a long run's result is not lost."""
+    if path.is_dir():
+        raise ConfigError(f"--out: {path} is a folder; give a file path, e.g. {path / 'r.json'}")
+    parent = path.parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ConfigError(f"--out: {existing} is a file, so it cannot hold {path}")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)  # a new nested folder is fine, as it was
+    except OSError as error:
+        raise ConfigError(f"--out: cannot create folder {parent} ({error.strerror})") from None
+    if not os.access(parent, os.W_OK | os.X_OK) or (
+        path.exists() and not os.access(path, os.W_OK)
+    ):
+        raise ConfigError(f"--out: {path} is not writable (permission denied)")
+    try:
+        # os.access says yes to root everywhere, even in /proc: a real file settles it.
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".study-out-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"--out: cannot write files in {parent} ({error.strerror})") from None
+
+
+def _write_out(path: Path, result: dict[str, Any]) -> bool:
+    """Write the result JSON; if that fails (disk full...), print it on stdout instead."""
+    text = json.dumps(result, indent=2) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as error:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        print(
+            f"study trial: error: --out: cannot write {path} ({error.strerror or error}); "
+            "the result JSON is on stdout",
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
 def _run_trial(args: argparse.Namespace) -> int:
     config = _trial_config(args)
+    if args.out is not None:
+        _check_out(args.out)
     from study.train import train  # torch import deferred so `--help` stays fast
 
     bar = _ProgressBar(config.iterations)
+    curve: list[dict[str, float]] = []
+
+    def report(progress: Any) -> None:
+        # The curve so far, kept here so that Ctrl-C can still save it.
+        curve.append({"iteration": progress.iteration, **progress.metrics})
+        bar.update(progress)
+
     started = time.perf_counter()
-    result = train(config, report=bar.update)
+    try:
+        result = train(config, report=report)
+    except ConfigError as error:
+        # Task constructors raise at train time (data_dir...): name the flag, as before training.
+        raise ConfigError(_flag_message(str(error))) from None
+    except KeyboardInterrupt:
+        if args.out is not None:
+            _write_out(
+                args.out, {"config": config.to_dict(), "status": "interrupted", "curve": curve}
+            )
+        raise  # main prints `interrupted` and exits 130
     seconds = time.perf_counter() - started
     final = result.final
     summary = (
@@ -154,9 +228,8 @@ def _run_trial(args: argparse.Namespace) -> int:
     if "test/accuracy" in final:
         summary += f", test/accuracy at best val {final['test/accuracy']:.4f}"
     print(f"{summary} | {seconds:.1f} s")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    if args.out is not None and not _write_out(args.out, result.to_json()):
+        return 1
     return 0
 
 
@@ -170,6 +243,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    # 0 (any free port) is refused too: `study ui` prints its URL before mlflow binds.
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 1..65535, got {text!r}")
     return value
 
 
@@ -211,7 +295,7 @@ def _add_study_parsers(commands: argparse._SubParsersAction) -> None:
 
     ui = commands.add_parser("ui", help="open the MLflow UI for a study folder on 127.0.0.1")
     _add_output(ui)
-    ui.add_argument("--port", type=_positive_int, default=5000, metavar="P")
+    ui.add_argument("--port", type=_port, default=5000, metavar="P")
     ui.set_defaults(handler=_ui)
 
 

@@ -56,6 +56,15 @@ def test_input_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "no studies in" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("port", ["99999", "0", "-1", "http"])
+def test_ui_port_must_be_a_tcp_port(port: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["ui", "--port", port])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"study ui: error: argument --port: expected a TCP port 1..65535, got {port!r}\n"
+
+
 @pytest.mark.slow
 def test_quick_smoke_from_the_command_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

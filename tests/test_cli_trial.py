@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
@@ -28,7 +29,7 @@ TINY = [
 
 
 def test_writes_config_status_and_curve(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "result.json"
+    out = tmp_path / "new" / "nested" / "result.json"  # --out creates missing folders
     args = [
         "trial",
         *TINY,
@@ -68,6 +69,8 @@ def test_writes_config_status_and_curve(tmp_path: Path, capsys: pytest.CaptureFi
         (["--lr", "-3"], "--lr: must be > 0"),
         (["--clip-norm", "big"], "argument --clip-norm: expected a number > 0 or none"),
         (["--task-opt", "T"], "argument --task-opt: expected KEY=VALUE"),
+        (["--task-opt", "T=[1"], "argument --task-opt: T: value '[1' is not valid YAML"),
+        (["--task-opt", "=5"], "argument --task-opt: expected KEY=VALUE with a non-empty KEY"),
         (["--iterations", "many"], "argument --iterations: invalid int value"),
         (["--device", "tpu"], "--device: must be cpu, cuda, cuda:N or auto"),
     ],
@@ -106,3 +109,78 @@ def test_console_script_reports_missing_data_without_traceback(tmp_path: Path) -
     assert process.returncode == 2
     assert process.stderr.count("\n") == 1 and "Traceback" not in process.stderr
     assert str(tmp_path) in process.stderr and "download=true" in process.stderr
+
+
+def test_missing_data_names_the_task_opt_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = ["trial", "--task", "pixel_mnist", "--task-opt", f"data_dir={tmp_path}"]
+    assert main([*args, "--iterations", "1"]) == 2  # raised by the task, at train time
+    err = capsys.readouterr().err
+    assert err.startswith(f"study trial: error: --task-opt data_dir: {tmp_path} lacks"), err
+    assert err.count("\n") == 1
+
+
+SHORT = [*TINY, "--iterations", "20", "--eval-every", "5"]
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file", "proc"])
+def test_bad_out_fails_before_training(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "afile").write_text("")
+    out, message = {
+        "folder": (tmp_path, "is a folder"),
+        "under_a_file": (tmp_path / "afile" / "x.json", "afile is a file"),
+        "proc": (Path("/proc/r.json"), "cannot write files in /proc"),
+    }[where]
+    if where == "proc" and not Path("/proc").is_dir():
+        pytest.skip("no /proc here")
+    assert main(["trial", *SHORT, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no training ran
+    assert captured.err.startswith("study trial: error: --out: ") and message in captured.err
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+
+
+def test_failed_write_prints_the_result_instead(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(self: Path, *args: object, **kwargs: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    out = tmp_path / "r.json"
+    assert main(["trial", *SHORT, "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    summary, _, text = captured.out.partition("\n")
+    assert summary.startswith("completed: copying")
+    result = json.loads(text)  # the result is not lost
+    assert result["status"] == "completed" and len(result["curve"]) == 4
+    assert captured.err.splitlines()[-1] == (
+        f"study trial: error: --out: cannot write {out} (No space left on device); "
+        "the result JSON is on stdout"
+    )
+
+
+def test_ctrl_c_saves_the_curve_so_far(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from study import cli
+    from study.train import Progress
+
+    update = cli._ProgressBar.update
+
+    def interrupt_at_10(self: cli._ProgressBar, progress: Progress) -> None:
+        update(self, progress)
+        if progress.iteration == 10:
+            raise KeyboardInterrupt  # as Ctrl-C would, mid-run
+
+    monkeypatch.setattr(cli._ProgressBar, "update", interrupt_at_10)
+    out = tmp_path / "r.json"
+    assert main(["trial", *SHORT, "--out", str(out)]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "study trial: interrupted"
+    result = json.loads(out.read_text())
+    assert result["status"] == "interrupted" and result["config"]["iterations"] == 20
+    assert [p["iteration"] for p in result["curve"]] == [5, 10]
+    assert "val/accuracy" in result["curve"][-1]
