@@ -66,12 +66,17 @@ def dump(folder: Path, only: str | None) -> None:
                     inputs = kernels_test._inputs((*case[:3], hidden, *case[4:]))
                     kernels_test._run(triton_lstm.TritonMaskedLSTM.apply, inputs)
                     _write(folder, f"rows-{hidden}-{precision}-{masks}", recorders)
-            for hidden, units in () if only == "rows" else ((100, 16), (128, 16), (100, 32)):
+            splits = [(100, 16, "barrier"), (128, 16, "barrier"), (100, 32, "barrier")]
+            splits += [(100, 16, "tagged"), (128, 16, "tagged")]
+            for hidden, units, sync in () if only == "rows" else splits:
                 with pytest.MonkeyPatch.context() as monkeypatch:
                     recorders = _record(triton_split, monkeypatch)
                     inputs = kernels_test._inputs((*case[:3], hidden, *case[4:]))
-                    kernels_test._run(kernels_test._split_apply(precision, units), inputs)
-                    _write(folder, f"split-{hidden}-{units}-{precision}-{masks}", recorders)
+                    apply = kernels_test._split_apply(precision, units, sync)
+                    kernels_test._run(apply, inputs)
+                    suffix = "" if sync == "barrier" else f"-{sync}"  # names as before tagged
+                    name = f"split-{hidden}-{units}-{precision}-{masks}{suffix}"
+                    _write(folder, name, recorders)
     print(f"{len(list(folder.glob('*.sass')))} kernels in {folder}")
 
 

@@ -46,8 +46,15 @@ PATHS = {
     # The hidden-split kernels (study/models/triton_split.py), one trial at a time.
     "Triton split fp32-ieee": {triton_lstm.ENV_PRECISION: "ieee", triton_lstm.ENV_KERNEL: "split"},
     "Triton split tf32": {triton_lstm.ENV_PRECISION: "tf32", triton_lstm.ENV_KERNEL: "split"},
+    # The same with the tagged exchange between programs (triton_split.exchange()).
+    "Triton split tagged tf32": {
+        triton_lstm.ENV_PRECISION: "tf32",
+        triton_lstm.ENV_KERNEL: "split",
+        triton_lstm.ENV_SPLIT_SYNC: "tagged",
+    },
 }
 SPLIT = ("Triton split fp32-ieee", "Triton split tf32")
+TAGGED = ("Triton split tagged tf32",)
 
 
 @contextmanager
@@ -216,6 +223,7 @@ def measure_shape(
     members: int,
     device: torch.device,
     split: bool,
+    tagged: bool,
 ) -> list[tuple[str, float]]:
     """(implementation, median ms per step) rows for one task shape."""
     seq_len, batch, hidden, classes, readout = shape
@@ -272,6 +280,7 @@ def measure_shape(
         ms = time_steps(graphed, steps, rounds)
         rows.append(("DetachLSTM p=0.25, per-step, CUDA graph" + path_note("", graphed), ms))
     triton_paths = ("Triton fp32-ieee", "Triton tf32", *(SPLIT if split else ()))
+    triton_paths += TAGGED if split and tagged else ()
     for name in triton_paths if cuda else ():
         with lstm_path(name):
             graphed = GraphedStep(detach_lstm_step(), [], device)
@@ -299,6 +308,11 @@ def measure_shape(
         note = path_note("Triton")
         label = f"STEP {members} packed h-detach trials, per trial, precision {precision}"
         rows.append((f"{label} [{kernels}]{note}", packed / members))
+    if cuda and split and tagged:
+        with lstm_path("Triton split tagged tf32"):
+            solo, kernels = study_step(task_shape, 1, device, "tf32", rounds, steps)
+        note = path_note("Triton")
+        rows.append((f"STEP h-detach trial, precision tf32, tagged [{kernels}]{note}", solo))
     return rows
 
 
@@ -321,7 +335,9 @@ def target_verdicts(rows: dict[str, float], members: int) -> list[str]:
     return verdicts
 
 
-def triton_sweep(rounds: int, device: torch.device, split: bool, smoke: bool) -> None:
+def triton_sweep(
+    rounds: int, device: torch.device, split: bool, tagged: bool, smoke: bool
+) -> None:
     """Forward + backward at the pixel-MNIST shape, graphed, per Triton configuration."""
     _, seq_len, batch, hidden, classes, readout = SHAPES[1]
     if smoke:  # the script's own check, on any device (a CPU runs every row eagerly)
@@ -349,6 +365,8 @@ def triton_sweep(rounds: int, device: torch.device, split: bool, smoke: bool) ->
         configs += [("Triton split tf32", 16, u, w) for u, w in ((16, 2), (16, 4), (16, 8))]
         configs += [("Triton split tf32", 16, 32, w) for w in (4, 8)]
         configs += [("Triton split fp32-ieee", 16, u, w) for u, w in ((16, 4), (32, 8))]
+    if split and tagged:  # 8 warps: its default (fewer spill, triton_split.WARPS)
+        configs += [("Triton split tagged tf32", 16, u, w) for u, w in ((16, 8), (32, 8))]
     for name, block_b, units, warps in configs:
         model = SequenceClassifier(1, hidden, classes).to(device)
         model.load_state_dict(template.state_dict())
@@ -381,6 +399,9 @@ def main() -> None:
         "--smoke", action="store_true", help="tiny shapes, one round; runs on a CPU too"
     )
     parser.add_argument("--no-split", action="store_true", help="skip the hidden-split kernels")
+    parser.add_argument(
+        "--no-tagged", action="store_true", help="skip the split kernels' tagged exchange"
+    )
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
@@ -398,7 +419,8 @@ def main() -> None:
         started = time.perf_counter()
         rounds = 1 if args.smoke else args.rounds
         shape = (seq_len, batch, hidden, classes, readout)
-        rows = dict(measure_shape(shape, rounds, args.members, device, not args.no_split))
+        split, tagged = not args.no_split, not args.no_tagged
+        rows = dict(measure_shape(shape, rounds, args.members, device, split, tagged))
         cudnn = rows["nn.LSTM (cuDNN), no detach"]
         cudnn_step = rows["STEP nn.LSTM + clip + Adam, eager"]
         print(f"\n{name}: T={seq_len}, B={batch}, H={hidden}; median ms per step")
@@ -409,7 +431,8 @@ def main() -> None:
             print(verdict)
         print(f"({time.perf_counter() - started:.0f} s)", flush=True)
     if args.triton_sweep:
-        triton_sweep(1 if args.smoke else args.rounds, device, not args.no_split, args.smoke)
+        rounds = 1 if args.smoke else args.rounds
+        triton_sweep(rounds, device, not args.no_split, not args.no_tagged, args.smoke)
     if args.shapes == "none":
         return
     print(

@@ -17,14 +17,18 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "HDETACH_TRITON": ("1", "0"),
     # Triton kernels: split over hidden units where every program fits at once, or batch rows.
     "HDETACH_TRITON_KERNEL": ("auto", "split", "rows"),
+    # How split programs hand each other a step's h (and gate gradients): a counter barrier, or
+    # values tagged with their step number (study/models/triton_split.py, exchange()).
+    "HDETACH_TRITON_SPLIT_SYNC": ("barrier", "tagged"),
     # tl.dot precision; auto follows torch.backends.cuda.matmul.allow_tf32 (a trial's precision).
     "HDETACH_TRITON_PRECISION": ("auto", "ieee", "tf32", "tf32x3"),
     # Tuning for benchmark sweeps: batch rows and warps per row-kernel program (auto: 8 warps
-    # for H > 64, else 4), hidden units and warps per split program, fp32 reduction slice.
+    # for H > 64, else 4), hidden units and warps per split program (auto: triton_split.WARPS),
+    # fp32 reduction slice.
     "HDETACH_TRITON_BLOCK_B": ("16", "32", "64"),
     "HDETACH_TRITON_WARPS": ("auto", "1", "2", "4", "8", "16"),
     "HDETACH_TRITON_SPLIT_UNITS": ("16", "32"),
-    "HDETACH_TRITON_SPLIT_WARPS": ("4", "1", "2", "8"),
+    "HDETACH_TRITON_SPLIT_WARPS": ("auto", "1", "2", "4", "8"),
     "HDETACH_TRITON_IEEE_SLICE": ("16", "32"),
 }
 

@@ -31,6 +31,11 @@ def test_unset_switches_give_their_defaults(monkeypatch: pytest.MonkeyPatch) -> 
     assert triton_lstm.tuning(100) == (16, 8) and triton_lstm.tuning(64) == (16, 4)
     assert triton_lstm._split_units() == 16 and triton_lstm._split_warps() == 4
     check_switches()
+    # The tagged exchange's programs hold a whole step's words: 8 warps, unless asked otherwise.
+    monkeypatch.setenv("HDETACH_TRITON_SPLIT_SYNC", "tagged")
+    assert triton_lstm._split_warps() == 8
+    monkeypatch.setenv("HDETACH_TRITON_SPLIT_WARPS", "4")
+    assert triton_lstm._split_warps() == 4
 
 
 def test_an_allowed_value_is_used(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import os
 import subprocess
@@ -339,9 +340,9 @@ SPLIT_CASES = [
 ]
 
 
-def _split_apply(precision: str, units: int = 16):
+def _split_apply(precision: str, units: int = 16, sync: str = "barrier"):
     def apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, keep_h, keep_c):
-        launch = (precision, units)
+        launch = (precision, units, sync)
         return SplitFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, keep_h, keep_c, launch)
 
     return apply
@@ -361,8 +362,9 @@ class SplitFunction(torch.autograd.Function):
         all_h = x.new_empty(steps + 1, members, batch, hidden)
         all_c = torch.empty_like(all_h)
         all_h[0], all_c[0] = h0, c0
-        precision, units = ctx.launch = launch
-        triton_split.forward(gates, w_hh.contiguous(), all_h, all_c, precision, 4, units)
+        precision, units, sync = ctx.launch = launch
+        warps = triton_split.WARPS[sync]
+        triton_split.forward(gates, w_hh.contiguous(), all_h, all_c, precision, warps, units, sync)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, w_ih, w_hh, all_h, all_c, gates, keep_h, keep_c)
         return all_h[1:], all_h[steps], all_c[steps]
@@ -383,8 +385,9 @@ class SplitFunction(torch.autograd.Function):
             (keep_h, keep_c),
             (grad_gates, grad_h0, grad_c0),
             ctx.launch[0],
-            4,
+            triton_split.WARPS[ctx.launch[2]],
             ctx.launch[1],
+            ctx.launch[2],
         )
         needs = ctx.needs_input_grad
         grads = _parameter_grads(needs, grad_gates, x, w_ih, all_h, grad_h0, grad_c0)
@@ -395,12 +398,12 @@ def _split_interpreter_report() -> dict:
     """In the interpreter child: the split kernels' largest error against the eager path."""
     errors = {}
     # "tf32" takes the one-product forward (ONE_PRODUCT); the interpreter computes it in fp32.
-    for precision in ("ieee", "tf32"):
+    for precision, sync in itertools.product(("ieee", "tf32"), ("barrier", "tagged")):
         for case, units in SPLIT_CASES:
             inputs = _inputs(case, seed=7)
             expected = _run(DeviceMaskedLSTM.apply, inputs)
-            got = _run(_split_apply(precision, units), inputs)
-            errors[f"{precision} {case} units={units}"] = _max_error(got, expected)
+            got = _run(_split_apply(precision, units, sync), inputs)
+            errors[f"{precision} {sync} {case} units={units}"] = _max_error(got, expected)
     wrong_inputs = _inputs(SPLIT_CASES[0][0], seed=7)
     expected = _run(DeviceMaskedLSTM.apply, wrong_inputs)
     wrong = _run(_split_apply("tf32"), wrong_inputs, keep_h=1 - wrong_inputs["keep_h"])
@@ -427,15 +430,18 @@ def test_split_kernels_match_the_eager_path_in_the_interpreter() -> None:
 @CUDA
 @pytest.mark.parametrize("shape", GPU_SHAPES[:2], ids=["copying", "mnist"])
 @pytest.mark.parametrize("precision", ["ieee", "tf32"])
-@pytest.mark.parametrize("units", [16, 32])
+@pytest.mark.parametrize(
+    ("units", "sync"), [(16, "barrier"), (32, "barrier"), (16, "tagged")], ids=str
+)
 def test_split_kernels_match_the_eager_path_on_cuda(
-    shape: tuple, precision: str, units: int, monkeypatch
+    shape: tuple, precision: str, units: int, sync: str, monkeypatch
 ):
     from study.models import triton_lstm, triton_split
 
     monkeypatch.setenv(triton_lstm.ENV_KERNEL, "split")
     monkeypatch.setenv(triton_lstm.ENV_PRECISION, precision)
     monkeypatch.setenv(triton_lstm.ENV_SPLIT_UNITS, str(units))
+    monkeypatch.setenv(triton_lstm.ENV_SPLIT_SYNC, sync)
     case = (*shape, "hc", True, True, True)
     inputs = _inputs(case, device="cuda", seed=3)
     assert triton_split.fits(shape[1], shape[2], shape[3], torch.device("cuda"), units)
@@ -480,7 +486,8 @@ def _compile_for_hopper(kernel, args: tuple, kwargs: dict):
         if name in kwargs:
             signature[name], constants[(index,)] = "constexpr", value
         elif isinstance(value, torch.Tensor):
-            signature[name] = {torch.float32: "*fp32", torch.int32: "*i32"}[value.dtype]
+            pointer = {torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64"}
+            signature[name] = pointer[value.dtype]
         else:
             signature[name] = "i32"
     source = ASTSource(kernel, signature, constexprs=constants)
@@ -517,14 +524,15 @@ def test_row_kernels_compile_for_an_h100(hidden: int, monkeypatch) -> None:
         _compile_for_hopper(recorder.kernel, args, kwargs)
 
 
-# The default 16 units per program in both precisions; 32 (a sweep option) in tf32 only: full
-# fp32 at 32 units keeps twice the weights in registers and spills at 4 warps.
+# The default 16 units per program in both precisions and both exchanges; 32 (a sweep option)
+# in tf32 only: full fp32 at 32 units keeps twice the weights in registers and spills at 4 warps.
 @pytest.mark.parametrize(
-    ("hidden", "units", "precision"),
-    [(h, 16, p) for h in (100, 128) for p in ("ieee", "tf32")] + [(100, 32, "tf32")],
+    ("hidden", "units", "precision", "sync"),
+    [(h, 16, p, s) for h in (100, 128) for p in ("ieee", "tf32") for s in ("barrier", "tagged")]
+    + [(100, 32, "tf32", "barrier")],
 )
 def test_split_kernels_compile_for_an_h100_without_spilling(
-    hidden: int, units: int, precision: str, monkeypatch, tmp_path: Path
+    hidden: int, units: int, precision: str, sync: str, monkeypatch, tmp_path: Path
 ) -> None:
     from study.models import triton_split
 
@@ -533,7 +541,7 @@ def test_split_kernels_compile_for_an_h100_without_spilling(
         recorders[name] = _Recorded(getattr(triton_split, name))
         monkeypatch.setattr(triton_split, name, recorders[name])
     inputs = _inputs((5, 1, 19, hidden, 1, "hc", True, True, True))
-    _run(_split_apply(precision, units), inputs)
+    _run(_split_apply(precision, units, sync), inputs)
     for name, recorder in recorders.items():
         ((args, kwargs),) = recorder.calls
         compiled = _compile_for_hopper(recorder.kernel, args, kwargs)

@@ -29,6 +29,7 @@ ENV_BLOCK_B, ENV_WARPS = "HDETACH_TRITON_BLOCK_B", "HDETACH_TRITON_WARPS"
 # 8.2 ms per forward + backward, rows 14.1 (benchmarks/results/h100.txt).
 ENV_KERNEL, ENV_SPLIT_WARPS = "HDETACH_TRITON_KERNEL", "HDETACH_TRITON_SPLIT_WARPS"
 ENV_SPLIT_UNITS = "HDETACH_TRITON_SPLIT_UNITS"  # hidden units per split program
+ENV_SPLIT_SYNC = "HDETACH_TRITON_SPLIT_SYNC"  # barrier or tagged (triton_split.exchange)
 # Reduction slice of the full-fp32 products (see _product_from_memory).
 ENV_IEEE_SLICE = "HDETACH_TRITON_IEEE_SLICE"
 # The kernels each forward ran ("split", "rows"), for benchmarks to label what they timed.
@@ -86,7 +87,8 @@ def _split(x: torch.Tensor, members: int, batch: int, hidden: int) -> bool:
 
 
 def _split_warps() -> int:
-    return int(switch(ENV_SPLIT_WARPS))
+    warps = switch(ENV_SPLIT_WARPS)
+    return triton_split.WARPS[switch(ENV_SPLIT_SYNC)] if warps == "auto" else int(warps)
 
 
 def _split_units() -> int:
@@ -188,6 +190,7 @@ class TritonMaskedLSTM(torch.autograd.Function):
                     prec,
                     _split_warps(),
                     _split_units(),
+                    switch(ENV_SPLIT_SYNC),
                 )
             else:
                 _forward_kernel[(members, triton.cdiv(batch, block_b))](
@@ -248,6 +251,7 @@ class TritonMaskedLSTM(torch.autograd.Function):
                     ctx.precision,
                     _split_warps(),
                     _split_units(),
+                    switch(ENV_SPLIT_SYNC),
                 )
             else:
                 _backward_kernel[(members, triton.cdiv(batch, block_b))](
