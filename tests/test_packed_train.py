@@ -169,11 +169,17 @@ def _write_idx(folder: Path, train: int = 30, test: int = 10) -> Path:
     return folder
 
 
-def test_permuted_mnist_pack_reads_the_last_step_and_equals_solo(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def mnist_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Task options of a 24-image train split (6 validate) in IDX files, with a private cache."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    options = {"data_dir": str(_write_idx(tmp_path / "idx")), "val_size": 6}
+    return {"data_dir": str(_write_idx(tmp_path / "idx")), "val_size": 6}
+
+
+def test_permuted_mnist_pack_reads_the_last_step_and_equals_solo(
+    mnist_options: dict[str, Any],
+) -> None:
+    options = mnist_options
     base = dict(task_options=options, hidden_size=6, batch_size=6, iterations=4, eval_every=2)
     # Members with their own permutation get their own task object; shapes still match.
     authors = {**options, "permutation_seed": "seed"}
@@ -188,13 +194,11 @@ def test_permuted_mnist_pack_reads_the_last_step_and_equals_solo(
 
 
 def test_pixel_mnist_members_sharing_one_task_object_keep_their_own_data_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mnist_options: dict[str, Any],
 ) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    options = {"data_dir": str(_write_idx(tmp_path / "idx")), "val_size": 6}
     # 24 training images in batches of 6: 4 iterations per epoch, so 6 cross into a second.
-    base = dict(task_options=options, hidden_size=6, batch_size=6, iterations=6, eval_every=3)
-    configs = [TrialConfig(task="pixel_mnist", seed=seed, **base) for seed in (1, 2)]
+    base = dict(task_options=mnist_options, hidden_size=6, batch_size=6, iterations=6)
+    configs = [TrialConfig(task="pixel_mnist", seed=seed, eval_every=3, **base) for seed in (1, 2)]
     first, second = packed_train._shared_tasks(configs)
     assert first is second
     packed = train_packed(configs)
