@@ -152,6 +152,13 @@ def _check_out(path: Path) -> None:
     """Fail before training when --out cannot be written, so a long run's result is not lost."""
     if path.is_dir():
         raise ConfigError(f"--out: {path} is a folder; give a file path, e.g. {path / 'r.json'}")
+    if path.exists():  # a file (or /dev/stdout) that takes writes is enough, whatever its folder
+        try:
+            with path.open("a"):
+                pass
+        except OSError as error:
+            raise ConfigError(f"--out: cannot write {path} ({error.strerror})") from None
+        return
     parent = path.parent
     existing = next((p for p in (parent, *parent.parents) if p.exists()), Path("."))
     if not existing.is_dir():
@@ -160,10 +167,8 @@ def _check_out(path: Path) -> None:
         parent.mkdir(parents=True, exist_ok=True)  # a new nested folder is fine, as it was
     except OSError as error:
         raise ConfigError(f"--out: cannot create folder {parent} ({error.strerror})") from None
-    if not os.access(parent, os.W_OK | os.X_OK) or (
-        path.exists() and not os.access(path, os.W_OK)
-    ):
-        raise ConfigError(f"--out: {path} is not writable (permission denied)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out: cannot write files in {parent} (permission denied)")
     try:
         # os.access says yes to root everywhere, even in /proc: a real file settles it.
         with tempfile.NamedTemporaryFile(dir=parent, prefix=".study-out-"):

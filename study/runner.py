@@ -466,20 +466,26 @@ def _refuse_existing(spec: StudySpec, output: Path, uri: str) -> None:
     parent = tracking.find_parent(uri, spec.name) if _store_exists(uri) else None
     if parent is not None:
         tags = parent.data.tags
-        differs = ""
+        where = f"study {spec.name} already exists in {_store_label(uri)}"
         if tags.get("study.spec_hash") != spec.spec_hash():
+            # `study resume` would continue that other search space, not this one.
             smoke = " (its smoke variant)" if tags.get("study.smoke") == "true" else ""
-            differs = f", from a different search space{smoke}"
+            raise ConfigError(
+                f"{where}, from a different search space{smoke}; run this one into another "
+                "--output (study resume continues the existing one)"
+            )
         raise ConfigError(
-            f"study {spec.name} already exists in {_store_label(uri)}{differs}; continue it "
-            f"with `study resume {spec.name} --output {output}`, or run into another --output"
+            f"{where}; continue it with `study resume {spec.name} --output {output}`, or run "
+            "into another --output"
         )
     ray_state = output / "ray" / spec.name
     if ray_state.exists():
         earlier = ""
-        if (ray_state / STATE_FILE).is_file():
+        try:
             record = json.loads((ray_state / STATE_FILE).read_text())
-            earlier = f", logged to {_store_label(record.get('tracking_uri', '?'))}"
+            earlier = f", logged to {_store_label(record['tracking_uri'])}"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no readable study.json: the folder alone is reason enough
         raise ConfigError(
             f"study {spec.name}: {ray_state} holds the Ray state of an earlier run{earlier}; "
             f"continue it with `study resume {spec.name} --output {output}`, or remove that "
@@ -498,6 +504,11 @@ def _check_gpus(spec: StudySpec, address: str | None, echo: Echo) -> None:
         cuda |= {str(v) for v in (value if isinstance(value, list) else [value])}
     cuda -= {"cpu", "auto"}
     if cuda and per_trial == 0:
+        if spec.resources.gpus == AUTO_GPUS:
+            raise ConfigError(
+                f"device: {min(cuda)} needs a GPU, but resources.gpus: auto found none in Ray; "
+                "use device: auto (the CPU then) or a Ray cluster with GPUs (--address)"
+            )
         raise ConfigError(
             f"device: {min(cuda)} needs resources.gpus >= 1 (Ray gives GPUs only to trials "
             "that ask for them); or device: auto"
@@ -518,8 +529,11 @@ def resume_study(
         raise ConfigError(
             f"study {name}: no parent run in {_store_label(state.tracking_uri)}; was it deleted?"
         )
-    tracking.reopen_run(state.tracking_uri, state.parent_run_id)
-    return _execute(state, address, None, echo, resuming=True)
+    # Ray first, as run_study: a refused start leaves the parent run as it was, not RUNNING.
+    with _ray_session(address, state.spec):
+        _check_gpus(state.spec, address, echo)
+        tracking.reopen_run(state.tracking_uri, state.parent_run_id)
+        return _execute(state, address, None, echo, resuming=True)
 
 
 def _execute(
@@ -542,9 +556,7 @@ def _execute(
     )
     _reporter = _Reporter(state, total, finished, done, echo)
     try:
-        with _ray_session(address, spec):
-            if resuming:  # a new study checked this before it created its runs (run_study)
-                _check_gpus(spec, address, echo)
+        with _ray_session(address, spec):  # run_study and resume_study opened it already
             if spec.resources.gpus == AUTO_GPUS:
                 found = ray.cluster_resources().get("GPU", 0)
                 per_trial = _gpus_per_trial(spec)

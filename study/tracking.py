@@ -38,16 +38,13 @@ def store_uri(output_dir: Path) -> str:
     return f"sqlite:///{output_dir.absolute()}/mlflow.db"
 
 
-# Stores `study` can use: the embedded SQLite file, an `mlflow server`, or a database server
-# (MLflow >= 3.7 refuses a plain folder, the old file store).
-URI_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
-
-
 def check_uri(tracking_uri: str, flag: str = "--tracking-uri") -> None:
-    """A one-line ConfigError for a URI no store answers at: an unknown scheme, or an MLflow
-    server that does not accept connections (MLflow itself retries for minutes, then raises)."""
+    """A one-line ConfigError for a URI no store answers at: a bare word or path (MLflow >= 3.7
+    refuses the old folder store unless told otherwise, with a traceback), or an MLflow server
+    that does not accept connections (MLflow itself retries for minutes, then raises). Other
+    schemes (databases, file:, plugins) are MLflow's to judge."""
     parts = urllib.parse.urlsplit(tracking_uri)
-    if parts.scheme.split("+")[0] not in URI_SCHEMES or "://" not in tracking_uri:
+    if "://" not in tracking_uri and tracking_uri.split(":")[0] != "databricks":
         raise ConfigError(
             f"{flag} {tracking_uri}: not a tracking URI; use sqlite:///PATH/mlflow.db, "
             "http://HOST:PORT (an mlflow server) or a database URI (postgresql://...)"

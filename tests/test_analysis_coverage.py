@@ -9,11 +9,14 @@ from study.analysis.stats import MIN_SEEDS
 
 
 @pytest.mark.parametrize("kind", list(coverage.KINDS))
-def test_expanded_interval_holds_95_percent_at_the_fewest_seeds_that_enter(kind: str) -> None:
+def test_expanded_interval_covers_far_more_than_the_plain_one_at_the_fewest_seeds(
+    kind: str,
+) -> None:
     seeds = (MIN_SEEDS,) * 3
     expanded = coverage.coverage(kind, seeds)
-    # Seeded (200 studies): 0.925 (IQM), 0.940 (P(better)); the plain interval 0.860, 0.825.
-    assert expanded >= 0.92
+    # Seeded, 200 studies: 0.925 (IQM), 0.940 (P(better)); the plain interval 0.860, 0.825.
+    # (Over 3000 studies the expanded one held 0.936 and 0.909: about, not quite, 95%.)
+    assert expanded >= 0.88
     assert coverage.coverage(kind, seeds, coverage.plain_percentile) < expanded - 0.05
 
 

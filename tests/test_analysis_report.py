@@ -185,7 +185,8 @@ def test_partial_study_says_what_is_missing(tmp_path):
 
 
 def test_optuna_study_compares_each_seeds_best_tuned_trial(tmp_path):
-    """Optuna tunes lr per method x seed: two samples each, one good, at lrs no two seeds share."""
+    """Optuna tunes lr and clip_norm per method x seed (the fixture's roles: both nuisance): two
+    samples each, one good, at values no two seeds share."""
     trials = []
     for seed in range(3):
         for method, p_detach, good in (("none", 0.0, VANILLA_REACH), ("h_detach", 0.5, H_FAST)):
@@ -193,22 +194,29 @@ def test_optuna_study_compares_each_seeds_best_tuned_trial(tmp_path):
                 lr = 1e-3 * (1 + seed + 0.1 * sample + (method == "none"))
                 trials.append(
                     make_trial(f"t{len(trials):04d}", curve, method=method, p_detach=p_detach,
-                               lr=lr, seed=seed)
+                               lr=lr, clip_norm=(None, 0.5 + seed)[sample], seed=seed)
                 )  # fmt: skip
-    roles = {"clip_norm": "fixed"}
-    write_study(tmp_path, "tuned", trials, searcher="optuna", roles=roles)
+    write_study(tmp_path, "tuned", trials, searcher="optuna")
     with contextlib.redirect_stdout(io.StringIO()):
         report_dir = write_report("tuned", tmp_path, None)
     summary = json.loads((report_dir / "summary.json").read_text())
-    assert "Optuna study: lr tuned per scientific point and seed" in "\n".join(summary["status"])
-    assert "the 6 of 12 trials scored" in "\n".join(summary["status"])
+    status = "\n".join(summary["status"])
+    assert "Optuna study: clip_norm, lr tuned per scientific point and seed" in status
+    assert "the 6 of 12 trials scored" in status
     verdicts = "\n".join(summary["verdicts"])
-    assert "h-detach p=0.5 (lr=tuned, clip=1) reached 99% in 3/3 seeds" in verdicts
-    assert "vanilla (lr=tuned, clip=1) reached 99% in 3/3 seeds" in verdicts
-    assert "over 3 runs paired by (lr, clip, seed)" in verdicts
-    assert "not enough data" not in verdicts
+    assert "h-detach p=0.5 (lr=tuned, clip=tuned) reached 99% in 3/3 seeds" in verdicts
+    assert "vanilla (lr=tuned, clip=tuned) reached 99% in 3/3 seeds" in verdicts
+    assert "over 3 runs paired by" in verdicts and "not enough data" not in verdicts
     cells = list(csv.DictReader((report_dir / "cells.csv").open()))
-    assert [(row["method"], row["n"]) for row in cells] == [("none", "3"), ("h_detach", "3")]
+    assert [(row["method"], row["lr"], row["n"]) for row in cells] == [
+        ("none", "tuned", "3"), ("h_detach", "tuned", "3"),
+    ]  # fmt: skip
+    # Each run keeps what its seed's search found.
+    assert {run["trial_id"]: run["tuned"]["clip_norm"] for run in summary["runs"]} == {
+        "t0001": "0.5", "t0003": "0.5", "t0005": "1.5", "t0007": "1.5", "t0009": "2.5",
+        "t0011": "2.5",
+    }  # fmt: skip
+    assert "lr -1" not in (report_dir / "index.html").read_text()
 
 
 def test_unknown_study_is_a_config_error_naming_study_and_uri(tmp_path):

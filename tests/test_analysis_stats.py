@@ -271,17 +271,22 @@ def test_bootstrap_needs_two_values_per_stratum():
 def test_best_tuned_trials_keep_each_seeds_best_and_mark_what_was_tuned():
     trials = [
         make_trial("t0", MISS, lr=1e-3, seed=0),
-        make_trial("t1", REACH, lr=2e-3, seed=0),  # vanilla seed 0's best
-        make_trial("t2", REACH, method="h_detach", p_detach=0.25, lr=3e-3, seed=0),
+        make_trial("t1", REACH, lr=2e-3, clip_norm=None, seed=0),  # vanilla seed 0's best
+        make_trial("t2", REACH, method="h_detach", p_detach=0.25, lr=3e-3, seed=0, T=7),
         make_trial("t3", [0.9], method="h_detach", p_detach=0.5, lr=4e-3, seed=0),
         make_trial("t4", [0.1], lr=5e-3, seed=1, state="failed"),  # nothing finished: kept
         make_trial("t5", [0.1], lr=6e-3, seed=1, state="failed"),
     ]
-    chosen = best_tuned_trials(trials, ["lr", "p_detach"])
+    tuned = ["clip_norm", "lr", "p_detach", "task_options.T"]
+    chosen = best_tuned_trials(trials, tuned)
     assert [t.trial_id for t in chosen] == ["t1", "t2", "t4"]
-    assert all(t.lr == TUNED and t.params["lr"] == "tuned" for t in chosen)
+    assert all(t.lr == TUNED == t.clip_norm and t.params["lr"] == "tuned" for t in chosen)
+    assert {t.task for t in chosen} == {"copying T=tuned"}  # one cell whatever T each found
     # Vanilla never detaches: its p_detach stays 0, so it is still the baseline.
     assert [(t.method, t.p_detach) for t in chosen] == [
         ("none", 0.0), ("h_detach", TUNED), ("none", 0.0),
     ]  # fmt: skip
+    assert chosen[1].tuned_values == {
+        "clip_norm": "1.0", "lr": "0.003", "p_detach": "0.25", "task_options.T": "7",
+    }  # fmt: skip
     assert [t.lr for t in trials] == [1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3]  # records untouched

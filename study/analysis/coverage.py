@@ -61,9 +61,13 @@ def coverage(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=400, help="simulated studies per row")
+    parser.add_argument("--repeats", type=int, default=2000, help="simulated studies per row")
     args = parser.parse_args()
-    print(f"coverage of 95% intervals, {args.repeats} simulated studies of 3 cells per row")
+    error = (0.95 * 0.05 / args.repeats) ** 0.5  # the binomial standard error near 95%
+    print(
+        f"coverage of 95% intervals, {args.repeats} simulated studies of 3 cells per row "
+        f"(standard error about {error:.3f})"
+    )
     print(f"{'statistic':<14}{'seeds per cell':<16}{'plain percentile':>18}{'expanded':>10}")
     for kind in KINDS:
         for seeds in ((2, 2, 2), (3, 3, 3), (3, 4, 5), (5, 5, 5), (10, 10, 10)):

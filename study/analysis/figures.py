@@ -13,7 +13,7 @@ import re
 import numpy as np
 from matplotlib.figure import Figure
 
-from study.analysis.stats import TUNED, Analysis, format_float, variant_label
+from study.analysis.stats import TUNED, Analysis, format_clip, format_float, variant_label
 
 _DPI = 100
 _SEED_COLORS = [f"C{i}" for i in range(10)]
@@ -73,7 +73,7 @@ def curves_figure(analysis: Analysis, task: str) -> Figure:
                 if trial.state == "diverged" and len(trial.val_steps):
                     ax.plot(trial.val_steps[-1], trial.val_acc[-1], "x", color=color, ms=7)
             ax.axhline(analysis.study.target, color="grey", ls=":", lw=1)
-            title = f"{variant_label(*variant)}, lr={format_float(lr)}, clip={_clip(clip)}"
+            title = f"{variant_label(*variant)}, lr={format_float(lr)}, clip={format_clip(clip)}"
             ax.set_title(title, fontsize=9)
             ax.set_ylim(0, 1.02)
             ax.grid(alpha=0.3)
@@ -108,7 +108,7 @@ def lr_sensitivity_figure(analysis: Analysis, task: str) -> Figure:
                 lrs, median, yerr=errors, marker="o", capsize=3, label=variant_label(*variant)
             )
         ax.set_xscale("log")
-        ax.set_title(f"clip={_clip(clip)}", fontsize=10)
+        ax.set_title(f"clip={format_clip(clip)}", fontsize=10)
         ax.set_xlabel("learning rate")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -145,7 +145,7 @@ def success_heatmap_figure(analysis: Analysis, task: str) -> Figure:
             )
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(lrs)), [format_float(lr) for lr in lrs], rotation=45, fontsize=8)
-        ax.set_yticks(range(len(clips)), [_clip(clip) for clip in clips], fontsize=8)
+        ax.set_yticks(range(len(clips)), [format_clip(clip) for clip in clips], fontsize=8)
         ax.set_title(variant_label(*variant), fontsize=10)
         ax.set_xlabel("learning rate")
     axes[0].set_ylabel("clip norm")
@@ -173,10 +173,6 @@ def expected_best_figure(analysis: Analysis, task: str) -> Figure:
     ax.legend(fontsize=8)
     ax.set_title(f"{task}: expected best of n trials (Dodge et al. 2019)", fontsize=10)
     return figure
-
-
-def _clip(clip: float | None) -> str:
-    return "none" if clip is None else f"{clip:g}"
 
 
 def _variant_order(variant: tuple[str, float]) -> tuple:

@@ -46,6 +46,8 @@ class Trial:
     test_at_best: float = math.nan
     error: str = ""
     params: dict[str, str] = field(default_factory=dict)
+    # An Optuna study's analysed trial: the values its search found (stats.best_tuned_trials).
+    tuned_values: dict[str, str] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:

@@ -24,7 +24,9 @@ from study.analysis.stats import (
     CellStats,
     Spread,
     analyse,
+    format_clip,
     format_float,
+    json_value,
     variant_label,
     wilson_interval,
 )
@@ -138,7 +140,7 @@ def _best_setting_verdict(analysis: Analysis, task: str) -> list[str]:
         best = max(enough, key=lambda c: (c.success_rate, c.best.median, -c.lr))
         test = "" if math.isnan(best.test_at_best) else f", median test {best.test_at_best:.3f}"
         parts.append(
-            f"{name} (lr={format_float(best.lr)}, clip={_clip(best.clip_norm)}) reached "
+            f"{name} (lr={format_float(best.lr)}, clip={format_clip(best.clip_norm)}) reached "
             f"{target} in {best.successes}/{best.n} seeds {_interval(best.success_ci)}, median "
             f"best val {best.best.median:.3f}{test}"
         )
@@ -162,7 +164,7 @@ def _paired_verdicts(analysis: Analysis, task: str) -> list[str]:
             else ""
         )
         lines.append(
-            f"{task}: over {p.n_pairs} runs paired by (lr, clip, seed) in {p.n_cells} cell(s)"
+            f"{task}: over {p.n_pairs} runs paired by seed and setting in {p.n_cells} cell(s)"
             f"{left_out}, {name} reached {target} in {p.successes}/{p.n_pairs} "
             f"{_interval(wilson_interval(p.successes, p.n_pairs))} and vanilla in "
             f"{p.baseline_successes}/{p.n_pairs} "
@@ -210,7 +212,7 @@ def _lr_verdicts(analysis: Analysis, task: str) -> list[str]:
     for clip in sorted({t.clip_norm for t in trials}, key=lambda c: (c is not None, c or 0)):
         entries = [s for s in analysis.lr_sensitivity if s.task == task and s.clip_norm == clip]
         entries = [s for s in entries if len(s.lrs) >= 2]
-        head = f"{task}, clip={_clip(clip)}, good-lr range (median best val >= "
+        head = f"{task}, clip={format_clip(clip)}, good-lr range (median best val >= "
         head += f"{GOOD_LR_FRACTION:.0%} of the best lr's)"
         if not entries:
             lines.append(f"{head}: not enough data (fewer than 2 lrs with {MIN_SEEDS} seeds).")
@@ -261,7 +263,7 @@ def status_lines(analysis: Analysis) -> list[str]:
     for trial in study.trials:
         where = (
             f"{trial.trial_id} ({variant_label(*trial.variant)}, lr={trial.lr:g}, "
-            f"clip={_clip(trial.clip_norm)}, seed {trial.seed})"
+            f"clip={format_clip(trial.clip_norm)}, seed {trial.seed})"
         )
         if trial.state == "failed":
             lines.append(f"failed, not scored: {where}: {trial.error or 'no error recorded'}")
@@ -312,9 +314,9 @@ def cell_row(cell: CellStats) -> dict[str, Any]:
     return {
         "task": cell.task,
         "method": cell.method,
-        "p_detach": cell.p_detach,
-        "lr": cell.lr,
-        "clip_norm": _clip(cell.clip_norm),
+        "p_detach": json_value(cell.p_detach),
+        "lr": json_value(cell.lr),
+        "clip_norm": format_clip(cell.clip_norm),
         "n": cell.n,
         "n_diverged": cell.n_diverged,
         "n_failed": cell.n_failed,
@@ -351,8 +353,9 @@ def summary_dict(analysis: Analysis, verdict_lines: list[str], status: list[str]
             "task": r.trial.task,
             "method": r.trial.method,
             "p_detach": r.trial.p_detach,
-            "lr": r.trial.lr,
-            "clip_norm": r.trial.clip_norm,
+            "lr": json_value(r.trial.lr),
+            "clip_norm": json_value(r.trial.clip_norm),
+            "tuned": r.trial.tuned_values,
             "seed": r.trial.seed,
             "best": r.best,
             "final": r.final,
@@ -427,7 +430,7 @@ def _table_cells(c: CellStats) -> list[str]:
         c.task,
         variant_label(c.method, c.p_detach),
         format_float(c.lr),
-        _clip(c.clip_norm),
+        format_clip(c.clip_norm),
         f"{c.n}{extra}",
         _spread(c.best),
         _spread(c.final),
@@ -476,7 +479,7 @@ def render_html(
         _html_table(*_lr_table(analysis)),
         "<h3>Clipping dependence (success rate)</h3>",
         _html_table(*_clip_table(analysis)),
-        "<h3>Paired against vanilla by (lr, clip, seed)</h3>",
+        "<h3>Paired against vanilla by seed and setting</h3>",
         _html_table(*_paired_table(analysis)),
         "<h3>Interquartile mean</h3>",
         _html_table(*_iqm_table(analysis)),
@@ -506,7 +509,7 @@ def _lr_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
         [
             s.task,
             variant_label(s.method, s.p_detach),
-            _clip(s.clip_norm),
+            format_clip(s.clip_norm),
             ", ".join(
                 f"{format_float(lr)}: {m:.3f} ({r:.2f})"
                 for lr, m, r in zip(s.lrs, s.median_best, s.relative, strict=True)
@@ -525,7 +528,7 @@ def _clip_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
         [
             d.task,
             variant_label(d.method, d.p_detach),
-            f"{d.clip_norm:g}",
+            format_clip(d.clip_norm),
             f"{d.with_successes}/{d.with_n}",
             f"{d.without_successes}/{d.without_n}",
             f"{d.difference:+.2f} {_interval(d.difference_ci)}",
@@ -576,15 +579,12 @@ def _variants(analysis: Analysis, task: str) -> list[tuple[str, float]]:
 
 
 def _lr_range(lrs: tuple[float, float]) -> str:
-    return f"lr {lrs[0]:g} only" if lrs[0] == lrs[1] else f"lr {lrs[0]:g} to {lrs[1]:g}"
+    low, high = format_float(lrs[0]), format_float(lrs[1])
+    return f"lr {low} only" if low == high else f"lr {low} to {high}"
 
 
 def _percent(value: float) -> str:
     return f"{100 * value:g}%"
-
-
-def _clip(clip: float | None) -> str:
-    return "none" if clip is None else f"{clip:g}"
 
 
 def _number(value: float, digits: int = 3) -> str:

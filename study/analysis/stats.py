@@ -28,7 +28,7 @@ GOOD_LR_FRACTION = 0.95
 BOOTSTRAP_SEED = 0
 BOOTSTRAP_RESAMPLES = 4999
 VANILLA = ("none", 0.0)
-# An Optuna study's cell value of a param tuned per seed (lr and p_detach are never negative).
+# An Optuna study's cell value of a param tuned per seed (lr, p_detach, clip_norm: never < 0).
 TUNED, TUNED_LABEL = -1.0, "tuned"
 # Accuracies are ratios of counts; tolerate float round-off when comparing with the target.
 _TARGET_TOLERANCE = 1e-9
@@ -120,7 +120,7 @@ class ClipDependence:
 
 @dataclass(frozen=True)
 class PairedComparison:
-    """A method against vanilla on runs paired by (lr, clip, seed)."""
+    """A method against vanilla on runs paired by seed and setting (_pairing_key)."""
 
     task: str
     method: str
@@ -198,28 +198,36 @@ def analyse(study: Study) -> Analysis:
 
 def best_tuned_trials(trials: list[Trial], tuned: list[str]) -> list[Trial]:
     """One trial per scientific point x seed of an Optuna study: the finished one with the best
-    val accuracy (tuning playbook: compare methods at their best nuisance setting), its tuned
-    params replaced by TUNED so that a cell's seeds meet whatever value each seed's search found.
-    A point with no finished trial keeps its first, so that its failures still show.
-    p_detach is never tuned for vanilla, which does not detach."""
+    val accuracy (tuning playbook: compare methods at their best nuisance setting). Its tuned
+    fields read TUNED (task options: "T=tuned" in the task label), so that a cell's seeds meet
+    whatever values each seed's search found; those values stay in `tuned_values`. A point with
+    no finished trial keeps its first, so that its failures still show. p_detach is never tuned
+    for vanilla, which does not detach."""
     groups: dict[tuple, list[Trial]] = defaultdict(list)
     for trial in trials:
-        groups[tuple(sorted((k, v) for k, v in trial.params.items() if k not in tuned))].append(
-            trial
-        )
+        point = tuple(sorted((k, v) for k, v in trial.params.items() if k not in tuned))
+        groups[point].append(trial)
+    options = {k.removeprefix("task_options.") for k in tuned if k.startswith("task_options.")}
     chosen = []
     for members in groups.values():
         finished = [t for t in members if t.finished]
         best = max(finished, key=_best_accuracy) if finished else members[0]
-        marked = {k: TUNED_LABEL for k in tuned if k in best.params}
-        if best.method == "none":
-            marked.pop("p_detach", None)
+        marked = [k for k in tuned if k in best.params]
+        if best.method == "none" and "p_detach" in marked:
+            marked.remove("p_detach")
+        task = " ".join(
+            f"{word.split('=')[0]}={TUNED_LABEL}" if word.split("=")[0] in options else word
+            for word in best.task.split(" ")
+        )
         chosen.append(
             dataclasses.replace(
                 best,
+                task=task,
                 lr=TUNED if "lr" in marked else best.lr,
                 p_detach=TUNED if "p_detach" in marked else best.p_detach,
-                params={**best.params, **marked},
+                clip_norm=TUNED if "clip_norm" in marked else best.clip_norm,
+                params={**best.params, **dict.fromkeys(marked, TUNED_LABEL)},
+                tuned_values={k: best.params[k] for k in marked},
             )
         )
     return sorted(chosen, key=lambda t: t.trial_id)
@@ -319,7 +327,7 @@ def lr_sensitivity(cells: list[CellStats]) -> list[LrSensitivity]:
     """
     groups: dict[tuple, list[CellStats]] = defaultdict(list)
     for cell in cells:
-        if cell.n >= MIN_SEEDS:
+        if cell.n >= MIN_SEEDS and cell.lr != TUNED:  # an Optuna study has no lr axis
             groups[(cell.task, cell.method, cell.p_detach, cell.clip_norm)].append(cell)
     results = []
     for key in sorted(groups, key=_cell_order):
@@ -570,6 +578,16 @@ def variant_label(method: str, p_detach: float) -> str:
 def format_float(value: float) -> str:
     """A cell's lr or p_detach as the report shows it: "0.001", or "tuned" (Optuna)."""
     return TUNED_LABEL if value == TUNED else f"{value:g}"
+
+
+def format_clip(clip: float | None) -> str:
+    """A clip norm as the report shows it: "1", "none" (no clipping) or "tuned"."""
+    return "none" if clip is None else format_float(clip)
+
+
+def json_value(value: float | None) -> float | str | None:
+    """A cell value for cells.csv and summary.json: the number, or "tuned"."""
+    return TUNED_LABEL if value == TUNED else value
 
 
 def _pooled_mean(*samples: np.ndarray, axis: int = -1) -> np.ndarray:

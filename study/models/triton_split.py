@@ -1,4 +1,4 @@
-"""Persistent Triton LSTM kernels split over hidden units, with a barrier per step (one trial)."""
+"""Persistent Triton LSTM kernels split over hidden units, exchanging each step (one trial)."""
 
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ def exchange(
     """
     if sync == "tagged":
         ring = torch.zeros(2 * step_size, dtype=torch.int64, device=device)
-        return torch.zeros(1, dtype=torch.int32, device=device), ring
+        return torch.empty(1, dtype=torch.int32, device=device), ring  # never read
     arrivals = torch.zeros(members * row_blocks, dtype=torch.int32, device=device)
-    return arrivals, torch.zeros(1, dtype=torch.int64, device=device)
+    return arrivals, torch.empty(1, dtype=torch.int64, device=device)  # never read
 
 
 def forward(
