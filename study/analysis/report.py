@@ -58,7 +58,7 @@ DEFINITIONS = {
     "bootstrap interval": "95%, resampling seeds within each lr x clip cell (scipy.stats."
     "bootstrap, percentile, seed 0), expanded for few seeds (Hesterberg 2015): the percentiles "
     "of level 2 Phi(sqrt(n/(n-1)) t_{0.975, N - cells}) - 1, n = the smallest cell's seeds, "
-    "N = all runs. Simulated coverage: 94-96% at 3 seeds per cell, 96-97% at 5 "
+    "N = all runs. Simulated coverage: 92-94% at 3 seeds per cell, 96% at 5 "
     "(python -m study.analysis.coverage).",
     "clipping dependence": "success rate with a clip norm minus without clipping, pooled over "
     "the lrs run both ways; bootstrap interval.",

@@ -19,8 +19,8 @@ from study.analysis.load import Study, Trial
 
 CONFIDENCE = 0.95
 # A cell enters a cross-cell statistic only with this many finished seeds: one seed says nothing
-# about seed-to-seed spread, and at two the 95% bootstrap intervals held the truth in only 75-78%
-# of simulated studies, at three in 94-96% (`python -m study.analysis.coverage`).
+# about seed-to-seed spread, and at two the 95% bootstrap intervals held the truth in only 73-76%
+# of simulated studies, at three in 92-94% (`python -m study.analysis.coverage`, 2000 studies).
 MIN_SEEDS = 3
 # "Good" learning rates reach at least this fraction of the best lr's median best accuracy.
 GOOD_LR_FRACTION = 0.95
@@ -540,8 +540,8 @@ def stratified_bootstrap_ci(
 
     "Expanded" (Hesterberg 2015, "What teachers should know about the bootstrap", Sec. 5): at a
     handful of seeds per cell the plain percentile interval is too narrow (a resample's spread is
-    (n-1)/n of the sample's, and normal rather than t quantiles): it held the truth in 86-87% of
-    simulated studies at 3 seeds per cell, the expanded one in 94-96% (study/analysis/coverage.py).
+    (n-1)/n of the sample's, and normal rather than t quantiles): it held the truth in 84-86% of
+    simulated studies at 3 seeds per cell, the expanded one in 92-94% (study/analysis/coverage.py).
     The percentiles taken are those of level 2 Phi(sqrt(n / (n - 1)) t_{1 - alpha/2, N - cells})
     - 1, with n the smallest cell's size and N all values.
     (NaN, NaN) when there is no stratum or one has fewer than 2 values.
