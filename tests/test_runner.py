@@ -171,6 +171,20 @@ def test_gpu_requests_ray_cannot_meet_stop_before_the_study_starts(
     assert not (tmp_path / "out").exists()  # no MLflow run, no Ray state to refuse a rerun
 
 
+def test_on_a_cluster_missing_gpus_are_waited_for_and_said(tmp_path: Path, ray_cluster) -> None:
+    """An autoscaler may still add GPU nodes to a cluster: say so, do not refuse."""
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0):
+        pytest.skip("this Ray has a GPU")
+    spec = load_spec(write_space(tmp_path, "gpu", tiny_copying(resources={"gpus": 1})))
+    lines: list[str] = []
+    runner._check_gpus(spec, "head:6379", lines.append)  # as after `--address head:6379`
+    assert lines == [
+        "resources.gpus: 1 per trial, but Ray has 0 GPU(s): trials wait for a GPU node"
+    ]
+
+
 def test_an_address_nobody_answers_at_is_one_line_at_once() -> None:
     closed = free_port()  # nothing listens there
     with pytest.raises(ConfigError, match=rf"--address 127.0.0.1:{closed}: cannot connect"):

@@ -526,10 +526,11 @@ def test_row_kernels_compile_for_an_h100(hidden: int, monkeypatch) -> None:
 
 # The default 16 units per program in both precisions and both exchanges; 32 (a sweep option)
 # in tf32 only: full fp32 at 32 units keeps twice the weights in registers and spills at 4 warps.
+# (Each exchange at its own default warps: triton_split.WARPS.)
 @pytest.mark.parametrize(
     ("hidden", "units", "precision", "sync"),
     [(h, 16, p, s) for h in (100, 128) for p in ("ieee", "tf32") for s in ("barrier", "tagged")]
-    + [(100, 32, "tf32", "barrier")],
+    + [(100, 32, "tf32", "barrier"), (100, 32, "tf32", "tagged")],
 )
 def test_split_kernels_compile_for_an_h100_without_spilling(
     hidden: int, units: int, precision: str, sync: str, monkeypatch, tmp_path: Path
