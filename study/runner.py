@@ -457,7 +457,7 @@ def run_study(
         )
         state = StudyState(spec, output, uri, parent)
         state.save()
-        return _execute(state, address, max_concurrent, echo, resuming=False)
+        return _execute(state, max_concurrent, echo, resuming=False)
 
 
 def _refuse_existing(spec: StudySpec, output: Path, uri: str) -> None:
@@ -494,10 +494,13 @@ def _refuse_existing(spec: StudySpec, output: Path, uri: str) -> None:
 
 
 def _check_gpus(spec: StudySpec, address: str | None, echo: Echo) -> None:
-    """Trials that ask for more GPUs than Ray has would wait for ever, silently (Ray's warning
-    goes to its log). On a cluster an autoscaler may still add GPU nodes, so only say so."""
+    """Say what `gpus: auto` resolved to, and refuse what Ray cannot give: such trials would wait
+    for ever, silently (Ray's warning goes to its log). On a cluster an autoscaler may still add
+    GPU nodes, so there it only says so."""
     per_trial = _gpus_per_trial(spec)
     found = ray.cluster_resources().get("GPU", 0)
+    if spec.resources.gpus == AUTO_GPUS:
+        echo(f"resources.gpus: auto -> {per_trial:g} per trial (GPUs in Ray: {found:g})")
     cuda = set()
     for axes in (spec.fixed, spec.scientific, spec.nuisance):
         value = axes.get("device", "auto")  # a fixed value, or a grid axis (a list)
@@ -533,12 +536,11 @@ def resume_study(
     with _ray_session(address, state.spec):
         _check_gpus(state.spec, address, echo)
         tracking.reopen_run(state.tracking_uri, state.parent_run_id)
-        return _execute(state, address, None, echo, resuming=True)
+        return _execute(state, None, echo, resuming=True)
 
 
-def _execute(
-    state: StudyState, address: str | None, max_concurrent: int | None, echo: Echo, resuming: bool
-) -> int:
+def _execute(state: StudyState, max_concurrent: int | None, echo: Echo, resuming: bool) -> int:
+    """Fit the study's trials on the connected Ray (run_study and resume_study open it)."""
     global _reporter
     spec = state.spec
     started = time.monotonic()
@@ -556,16 +558,11 @@ def _execute(
     )
     _reporter = _Reporter(state, total, finished, done, echo)
     try:
-        with _ray_session(address, spec):  # run_study and resume_study opened it already
-            if spec.resources.gpus == AUTO_GPUS:
-                found = ray.cluster_resources().get("GPU", 0)
-                per_trial = _gpus_per_trial(spec)
-                echo(f"resources.gpus: auto -> {per_trial:g} per trial (GPUs in Ray: {found:g})")
-            if spec.search.searcher == "optuna":
-                for cell in space.plan_cells(spec):
-                    _fit_cell(state, cell, max_concurrent, started_ids, echo)
-            else:
-                _fit_grid(state, max_concurrent, done, resuming)
+        if spec.search.searcher == "optuna":
+            for cell in space.plan_cells(spec):
+                _fit_cell(state, cell, max_concurrent, started_ids, echo)
+        else:
+            _fit_grid(state, max_concurrent, done, resuming)
     finally:
         _reporter = None
     summary = tracking.summarize(state.tracking_uri, spec.name)

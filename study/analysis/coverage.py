@@ -6,9 +6,8 @@ import argparse
 from collections.abc import Callable
 
 import numpy as np
-from scipy import stats
 
-from study.analysis.stats import BOOTSTRAP_RESAMPLES, stratified_bootstrap_ci
+from study.analysis.stats import pooled_iqm, pooled_mean, stratified_bootstrap_ci
 
 Interval = Callable[[list[np.ndarray], Callable[..., np.ndarray]], tuple[float, float]]
 # Each kind: the population's value of the statistic, and one draw of a cell of n seeds.
@@ -19,28 +18,11 @@ KINDS: dict[str, tuple[float, Callable[..., np.ndarray]]] = {
 }
 
 
-def _pooled_iqm(*cells: np.ndarray, axis: int = -1) -> np.ndarray:
-    return stats.trim_mean(np.concatenate(cells, axis=axis), 0.25, axis=axis)
-
-
-def _pooled_mean(*cells: np.ndarray, axis: int = -1) -> np.ndarray:
-    return np.mean(np.concatenate(cells, axis=axis), axis=axis)
-
-
 def plain_percentile(
     strata: list[np.ndarray], statistic: Callable[..., np.ndarray]
 ) -> tuple[float, float]:
     """The unexpanded stratified percentile interval, for comparison."""
-    result = stats.bootstrap(
-        tuple(strata),
-        statistic,
-        vectorized=True,
-        paired=False,
-        method="percentile",
-        n_resamples=BOOTSTRAP_RESAMPLES,
-        rng=0,
-    )
-    return (float(result.confidence_interval.low), float(result.confidence_interval.high))
+    return stratified_bootstrap_ci(strata, statistic, expand=False)
 
 
 def coverage(
@@ -50,7 +32,7 @@ def coverage(
     """Fraction of `repeats` simulated studies (one cell per entry of `seeds`, that many seeds
     each) whose interval of the kind's statistic holds the population value."""
     truth, draw = KINDS[kind]
-    statistic = _pooled_iqm if kind == "accuracy_iqm" else _pooled_mean
+    statistic = pooled_iqm if kind == "accuracy_iqm" else pooled_mean
     rng = np.random.default_rng(seed)
     held = 0
     for _ in range(repeats):

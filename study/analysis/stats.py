@@ -384,7 +384,7 @@ def clipping_dependence(runs: list[RunResult]) -> list[ClipDependence]:
             k = len(lrs)
 
             def difference(*strata: np.ndarray, axis: int = -1, k: int = k) -> np.ndarray:
-                return _pooled_mean(*strata[:k], axis=axis) - _pooled_mean(*strata[k:], axis=axis)
+                return pooled_mean(*strata[:k], axis=axis) - pooled_mean(*strata[k:], axis=axis)
 
             task, method, p_detach = key
             results.append(
@@ -435,7 +435,7 @@ def paired_comparisons(runs: list[RunResult]) -> list[PairedComparison]:
                 n_pairs=len(pairs),
                 n_cells=len(used),
                 cells_left_out=len(cells) - len(used),
-                p_better=float(_pooled_mean(*scores)) if scores else math.nan,
+                p_better=float(pooled_mean(*scores)) if scores else math.nan,
                 p_better_ci=_p_better_interval(scores),
                 successes=sum(a.success for a, _ in pairs),
                 baseline_successes=sum(b.success for _, b in pairs),
@@ -458,7 +458,7 @@ def _p_better_interval(scores: list[np.ndarray]) -> tuple[float, float]:
     seeds. All wins (or all losses) are then a plain binomial count, so the Wilson interval of
     n out of n (or 0 out of n) is used; all ties get no interval.
     """
-    ci = stratified_bootstrap_ci(scores, _pooled_mean)
+    ci = stratified_bootstrap_ci(scores, pooled_mean)
     if math.isnan(ci[0]) or ci[0] < ci[1]:
         return ci
     pooled = np.concatenate(scores)
@@ -494,7 +494,7 @@ def interquartile_means(runs: list[RunResult]) -> list[IQM]:
                 n_runs=len(pooled),
                 n_cells=len(strata),
                 value=float(stats.trim_mean(pooled, 0.25)) if len(pooled) else math.nan,
-                ci=stratified_bootstrap_ci(strata, _iqm),
+                ci=stratified_bootstrap_ci(strata, pooled_iqm),
             )
         )
     return results
@@ -531,6 +531,7 @@ def stratified_bootstrap_ci(
     strata: list[np.ndarray],
     statistic: Callable[..., np.ndarray],
     confidence: float = CONFIDENCE,
+    expand: bool = True,
 ) -> tuple[float, float]:
     """Expanded percentile bootstrap interval, resampling within each stratum (scipy.stats).
 
@@ -543,14 +544,14 @@ def stratified_bootstrap_ci(
     (n-1)/n of the sample's, and normal rather than t quantiles): it held the truth in 84-86% of
     simulated studies at 3 seeds per cell, the expanded one in 92-94% (study/analysis/coverage.py).
     The percentiles taken are those of level 2 Phi(sqrt(n / (n - 1)) t_{1 - alpha/2, N - cells})
-    - 1, with n the smallest cell's size and N all values.
-    (NaN, NaN) when there is no stratum or one has fewer than 2 values.
+    - 1, with n the smallest cell's size and N all values (expand=False: the plain interval,
+    for that comparison). (NaN, NaN) when there is no stratum or one has fewer than 2 values.
     """
     if not strata or any(len(s) < 2 for s in strata):
         return (math.nan, math.nan)
     n, runs = min(len(s) for s in strata), sum(len(s) for s in strata)
     t = stats.t.ppf(0.5 + confidence / 2, runs - len(strata))
-    expanded = 2 * stats.norm.cdf(math.sqrt(n / (n - 1)) * t) - 1
+    expanded = 2 * stats.norm.cdf(math.sqrt(n / (n - 1)) * t) - 1 if expand else confidence
     result = stats.bootstrap(
         tuple(strata),
         statistic,
@@ -590,7 +591,7 @@ def json_value(value: float | None) -> float | str | None:
     return TUNED_LABEL if value == TUNED else value
 
 
-def _pooled_mean(*samples: np.ndarray, axis: int = -1) -> np.ndarray:
+def pooled_mean(*samples: np.ndarray, axis: int = -1) -> np.ndarray:
     """Mean over the concatenation of samples: every run weighs the same."""
     return np.mean(np.concatenate(samples, axis=axis), axis=axis)
 
@@ -599,7 +600,8 @@ def _improvement(a: float, b: float) -> float:
     return 1.0 if a > b else 0.5 if a == b else 0.0
 
 
-def _iqm(*samples: np.ndarray, axis: int = -1) -> np.ndarray:
+def pooled_iqm(*samples: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Interquartile mean (25% trimmed each side) over the concatenation of samples."""
     return stats.trim_mean(np.concatenate(samples, axis=axis), 0.25, axis=axis)
 
 

@@ -436,6 +436,7 @@ if triton is not None:
                 _publish(slot + H, d_f, tag, own_ok)
                 _publish(slot + 2 * H, d_g, tag, own_ok)
                 _publish(slot + 3 * H, d_o, tag, own_ok)
+            # Also plainly, for the weight gradients after the kernel (and the barrier's readers).
             tl.store(dg_ptr + gate, d_i, mask=own_ok)
             tl.store(dg_ptr + gate + H, d_f, mask=own_ok)
             tl.store(dg_ptr + gate + 2 * H, d_g, mask=own_ok)
