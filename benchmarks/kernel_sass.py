@@ -33,6 +33,7 @@ from study.models import triton_lstm, triton_split  # noqa: E402
 CUOBJDUMP = Path(triton.backends.nvidia.__file__).parent / "bin" / "cuobjdump"
 # (T, K, B, H, I, masks, grad_output, grad_h_n, grad_c_n) with all optional inputs, then none.
 CASES = [(5, 1, 19, 0, 1, "hc", True, True, True), (5, 1, 19, 0, 3, "", True, False, False)]
+DEFAULTS = ("barrier", "gates")  # the split kernels' exchange and backward handoff
 
 
 def _record(module, monkeypatch: pytest.MonkeyPatch) -> dict:
@@ -68,13 +69,16 @@ def dump(folder: Path, only: str | None) -> None:
                     _write(folder, f"rows-{hidden}-{precision}-{masks}", recorders)
             splits = [(100, 16, "barrier"), (128, 16, "barrier"), (100, 32, "barrier")]
             splits += [(100, 16, "tagged"), (128, 16, "tagged")]
-            for hidden, units, sync in () if only == "rows" else splits:
+            splits = [(*split, "gates") for split in splits]
+            splits += [(100, 16, "barrier", "partials"), (100, 16, "tagged", "partials")]
+            for hidden, units, sync, handoff in () if only == "rows" else splits:
                 with pytest.MonkeyPatch.context() as monkeypatch:
                     recorders = _record(triton_split, monkeypatch)
                     inputs = kernels_test._inputs((*case[:3], hidden, *case[4:]))
-                    apply = kernels_test._split_apply(precision, units, sync)
+                    apply = kernels_test._split_apply(precision, units, sync, handoff)
                     kernels_test._run(apply, inputs)
-                    suffix = "" if sync == "barrier" else f"-{sync}"  # names as before tagged
+                    # Names as before the variants: the barrier and gates add no suffix.
+                    suffix = "".join(f"-{v}" for v in (sync, handoff) if v not in DEFAULTS)
                     name = f"split-{hidden}-{units}-{precision}-{masks}{suffix}"
                     _write(folder, name, recorders)
     print(f"{len(list(folder.glob('*.sass')))} kernels in {folder}")

@@ -46,15 +46,33 @@ PATHS = {
     # The hidden-split kernels (study/models/triton_split.py), one trial at a time.
     "Triton split fp32-ieee": {triton_lstm.ENV_PRECISION: "ieee", triton_lstm.ENV_KERNEL: "split"},
     "Triton split tf32": {triton_lstm.ENV_PRECISION: "tf32", triton_lstm.ENV_KERNEL: "split"},
-    # The same with the tagged exchange between programs (triton_split.exchange()).
-    "Triton split tagged tf32": {
-        triton_lstm.ENV_PRECISION: "tf32",
-        triton_lstm.ENV_KERNEL: "split",
-        triton_lstm.ENV_SPLIT_SYNC: "tagged",
-    },
 }
 SPLIT = ("Triton split fp32-ieee", "Triton split tf32")
-TAGGED = ("Triton split tagged tf32",)
+# Split kernels not yet measured on a GPU, as "Triton split <variant> tf32" paths: the tagged
+# exchange (triton_split.exchange()) and the backward's partial sums (triton_split.backward()),
+# alone and together. Each needs its features; --no-<feature> skips the rows of one that failed.
+VARIANTS = {
+    "tagged": {"tagged"},
+    "partials": {"partials"},
+    "tagged partials": {"tagged", "partials"},
+}
+FEATURES = {
+    "tagged": {triton_lstm.ENV_SPLIT_SYNC: "tagged"},
+    "partials": {triton_lstm.ENV_SPLIT_BACKWARD: "partials"},
+}
+for _variant, _needs in VARIANTS.items():
+    PATHS[f"Triton split {_variant} tf32"] = {
+        triton_lstm.ENV_PRECISION: "tf32",
+        triton_lstm.ENV_KERNEL: "split",
+        **{key: value for feature in sorted(_needs) for key, value in FEATURES[feature].items()},
+    }
+
+
+def variant_paths(split: bool, skipped: set[str]) -> list[str]:
+    """The PATHS names of the variants to time: none without split, none needing a skipped one."""
+    if not split:
+        return []
+    return [f"Triton split {v} tf32" for v, needs in VARIANTS.items() if not needs & skipped]
 
 
 @contextmanager
@@ -223,9 +241,10 @@ def measure_shape(
     members: int,
     device: torch.device,
     split: bool,
-    tagged: bool,
+    variants: list[str],
 ) -> list[tuple[str, float]]:
-    """(implementation, median ms per step) rows for one task shape."""
+    """(implementation, median ms per step) rows for one task shape; `variants`: PATHS names
+    of the split variants to time too (variant_paths)."""
     seq_len, batch, hidden, classes, readout = shape
     x = torch.rand(seq_len, batch, 1, device=device)
     y_shape = (seq_len, batch) if readout == "all" else (batch,)
@@ -279,8 +298,7 @@ def measure_shape(
         graphed = GraphedStep(detach_lstm_step(), [], device)
         ms = time_steps(graphed, steps, rounds)
         rows.append(("DetachLSTM p=0.25, per-step, CUDA graph" + path_note("", graphed), ms))
-    triton_paths = ("Triton fp32-ieee", "Triton tf32", *(SPLIT if split else ()))
-    triton_paths += TAGGED if split and tagged else ()
+    triton_paths = ("Triton fp32-ieee", "Triton tf32", *(SPLIT if split else ()), *variants)
     for name in triton_paths if cuda else ():
         with lstm_path(name):
             graphed = GraphedStep(detach_lstm_step(), [], device)
@@ -308,11 +326,12 @@ def measure_shape(
         note = path_note("Triton")
         label = f"STEP {members} packed h-detach trials, per trial, precision {precision}"
         rows.append((f"{label} [{kernels}]{note}", packed / members))
-    if cuda and split and tagged:
-        with lstm_path("Triton split tagged tf32"):
+    for name in variants if cuda else ():
+        with lstm_path(name):
             solo, kernels = study_step(task_shape, 1, device, "tf32", rounds, steps)
         note = path_note("Triton")
-        rows.append((f"STEP h-detach trial, precision tf32, tagged [{kernels}]{note}", solo))
+        variant = name.removeprefix("Triton split ").removesuffix(" tf32")
+        rows.append((f"STEP h-detach trial, precision tf32, {variant} [{kernels}]{note}", solo))
     return rows
 
 
@@ -336,7 +355,7 @@ def target_verdicts(rows: dict[str, float], members: int) -> list[str]:
 
 
 def triton_sweep(
-    rounds: int, device: torch.device, split: bool, tagged: bool, smoke: bool
+    rounds: int, device: torch.device, split: bool, variants: list[str], smoke: bool
 ) -> None:
     """Forward + backward at the pixel-MNIST shape, graphed, per Triton configuration."""
     _, seq_len, batch, hidden, classes, readout = SHAPES[1]
@@ -356,17 +375,23 @@ def triton_sweep(
     cudnn = time_steps(cudnn_step, 5, rounds)
     print(f"\nTriton sweep, pixel MNIST (T={seq_len}, B={batch}, H={hidden}), forward + backward")
     print(f"nn.LSTM (cuDNN, TF32 default): {cudnn:.2f} ms")
-    print(f"{'kernel':<24}{'tile':>8}{'warps':>7}{'ms':>9}{'/ cuDNN':>9}")
-    # (kernel, batch rows, hidden units per program (split only), warps). TF32 rows kernels
-    # only: full fp32 is not the study's path there (measured 2.5-3.4x slower than the per-step
-    # kernels on an H100, whatever the warps). Split: 4 warps measured best at 16 units.
-    configs = [("Triton tf32", 16, 0, w) for w in (4, 8)]
+    print(f"{'kernel':<36}{'tile':>8}{'warps':>7}{'ms':>9}{'/ cuDNN':>9}")
+    # (kernel, batch rows, hidden units per program (split only), warps: "auto" is
+    # triton_split.default_warps, which may differ between the forward and the backward). TF32
+    # only: full fp32 is not the study's path there (rows kernels measured 2.5-3.4x slower than
+    # the per-step kernels on an H100, whatever the warps). Split: 4 warps measured best at 16
+    # units (2: 1.84x cuDNN, 4: 1.69x, 8: 2.01x), so the sweep keeps 4 as its baseline.
+    configs = [("Triton tf32", 16, 0, w) for w in ("4", "8")]
     if split:
-        configs += [("Triton split tf32", 16, u, w) for u, w in ((16, 2), (16, 4), (16, 8))]
-        configs += [("Triton split tf32", 16, 32, w) for w in (4, 8)]
-        configs += [("Triton split fp32-ieee", 16, u, w) for u, w in ((16, 4), (32, 8))]
-    if split and tagged:  # 8 warps: its default (fewer spill, triton_split.WARPS)
-        configs += [("Triton split tagged tf32", 16, u, w) for u, w in ((16, 8), (32, 8))]
+        configs += [("Triton split tf32", 16, u, "4") for u in (16, 32)]
+    # The variants at 16 and 32 units. Tagged gates: 8 warps only (4 spill there).
+    sweeps = {
+        "Triton split tagged tf32": ((16, "8"), (32, "8")),
+        "Triton split partials tf32": ((16, "4"), (16, "8"), (32, "4")),
+        "Triton split tagged partials tf32": ((16, "auto"), (16, "4"), (32, "auto")),
+    }
+    for name in variants:
+        configs += [(name, 16, units, warps) for units, warps in sweeps[name]]
     for name, block_b, units, warps in configs:
         model = SequenceClassifier(1, hidden, classes).to(device)
         model.load_state_dict(template.state_dict())
@@ -375,15 +400,15 @@ def triton_sweep(
         def step(model: nn.Module = model, params: list = params) -> tuple:
             return torch.autograd.grad(_loss(model(x, mask, readout=readout), y, readout), params)
 
-        env = {triton_lstm.ENV_BLOCK_B: str(block_b), triton_lstm.ENV_WARPS: str(warps)}
-        env[triton_lstm.ENV_SPLIT_WARPS] = str(warps)
+        env = {triton_lstm.ENV_BLOCK_B: str(block_b), triton_lstm.ENV_WARPS: warps}
+        env[triton_lstm.ENV_SPLIT_WARPS] = warps
         env[triton_lstm.ENV_SPLIT_UNITS] = str(units or 16)
         with lstm_path(name, **env):
             graphed = GraphedStep(step, [], device)
             ms = time_steps(graphed, 5, rounds)
             note = path_note(name, graphed)
         tile = f"{block_b}x{units}" if units else str(block_b)
-        print(f"{name:<24}{tile:>8}{warps:>7}{ms:>9.2f}{ms / cudnn:>9.2f}{note}", flush=True)
+        print(f"{name:<36}{tile:>8}{warps:>7}{ms:>9.2f}{ms / cudnn:>9.2f}{note}", flush=True)
         release()
 
 
@@ -399,15 +424,20 @@ def main() -> None:
         "--smoke", action="store_true", help="tiny shapes, one round; runs on a CPU too"
     )
     parser.add_argument("--no-split", action="store_true", help="skip the hidden-split kernels")
-    parser.add_argument(
-        "--no-tagged", action="store_true", help="skip the split kernels' tagged exchange"
-    )
+    for feature in FEATURES:
+        parser.add_argument(
+            f"--no-{feature}",
+            action="store_true",
+            help=f"skip the split kernels' {feature} variants",
+        )
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         print("no CUDA device: nothing to measure (benchmarks/lstm_step.py covers the CPU)")
         return
     device = torch.device("cuda" if cuda else "cpu")
+    skipped = {feature for feature in FEATURES if getattr(args, f"no_{feature}")}
+    variants = variant_paths(not args.no_split, skipped)
     torch.manual_seed(0)
     random.seed(0)
     print(f"device: {torch.cuda.get_device_name() if cuda else 'CPU'} | torch {torch.__version__}")
@@ -419,8 +449,9 @@ def main() -> None:
         started = time.perf_counter()
         rounds = 1 if args.smoke else args.rounds
         shape = (seq_len, batch, hidden, classes, readout)
-        split, tagged = not args.no_split, not args.no_tagged
-        rows = dict(measure_shape(shape, rounds, args.members, device, split, tagged))
+        rows = dict(
+            measure_shape(shape, rounds, args.members, device, not args.no_split, variants)
+        )
         cudnn = rows["nn.LSTM (cuDNN), no detach"]
         cudnn_step = rows["STEP nn.LSTM + clip + Adam, eager"]
         print(f"\n{name}: T={seq_len}, B={batch}, H={hidden}; median ms per step")
@@ -432,7 +463,7 @@ def main() -> None:
         print(f"({time.perf_counter() - started:.0f} s)", flush=True)
     if args.triton_sweep:
         rounds = 1 if args.smoke else args.rounds
-        triton_sweep(rounds, device, not args.no_split, not args.no_tagged, args.smoke)
+        triton_sweep(rounds, device, not args.no_split, variants, args.smoke)
     if args.shapes == "none":
         return
     print(

@@ -20,6 +20,9 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     # How split programs hand each other a step's h (and gate gradients): a counter barrier, or
     # values tagged with their step number (study/models/triton_split.py, exchange()).
     "HDETACH_TRITON_SPLIT_SYNC": ("barrier", "tagged"),
+    # What split programs hand each other in the backward: every unit block's gate gradients, or
+    # partial sums of the h gradient (study/models/triton_split.py, backward()).
+    "HDETACH_TRITON_SPLIT_BACKWARD": ("gates", "partials"),
     # tl.dot precision; auto follows torch.backends.cuda.matmul.allow_tf32 (a trial's precision).
     "HDETACH_TRITON_PRECISION": ("auto", "ieee", "tf32", "tf32x3"),
     # Tuning for benchmark sweeps: batch rows and warps per row-kernel program (auto: 8 warps

@@ -270,4 +270,30 @@ def test_step_benchmark_smoke_runs_without_a_gpu() -> None:
     assert len(targets) == 2 * 3, targets  # two shapes, three targets each
     assert all(line.split(": ")[1].split()[1] in ("met", "MISSED") for line in targets), targets
     sweep = result.stdout.split("Triton sweep")[1].splitlines()
-    assert sum(line.startswith("Triton split tf32") for line in sweep) == 5, sweep
+    kernels = [line[:36].strip() for line in sweep if line.startswith("Triton split")]
+    counts = {kernel: kernels.count(kernel) for kernel in kernels}
+    assert counts == {
+        "Triton split tf32": 2,  # the measured default at 16 and 32 units
+        "Triton split tagged tf32": 2,
+        "Triton split partials tf32": 3,
+        "Triton split tagged partials tf32": 3,
+    }, sweep
+
+
+def test_step_benchmark_skips_only_the_variants_of_a_failed_feature() -> None:
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "lstm_step_cuda.py"
+    spec = importlib.util.spec_from_file_location("lstm_step_cuda", script)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    every = ["tagged", "partials", "tagged partials"]
+    assert benchmark.variant_paths(True, set()) == [f"Triton split {v} tf32" for v in every]
+    assert benchmark.variant_paths(True, {"tagged"}) == ["Triton split partials tf32"]
+    assert benchmark.variant_paths(True, {"partials"}) == ["Triton split tagged tf32"]
+    assert benchmark.variant_paths(False, set()) == []
+    # Each variant's path sets exactly its features' switches on top of the split tf32 path.
+    both = benchmark.PATHS["Triton split tagged partials tf32"]
+    assert both["HDETACH_TRITON_SPLIT_SYNC"] == "tagged"
+    assert both["HDETACH_TRITON_SPLIT_BACKWARD"] == "partials"
+    assert "HDETACH_TRITON_SPLIT_BACKWARD" not in benchmark.PATHS["Triton split tagged tf32"]

@@ -29,13 +29,21 @@ def test_unset_switches_give_their_defaults(monkeypatch: pytest.MonkeyPatch) -> 
         monkeypatch.delenv(name, raising=False)
     assert switch("HDETACH_TRITON_KERNEL") == "auto"
     assert triton_lstm.tuning(100) == (16, 8) and triton_lstm.tuning(64) == (16, 4)
-    assert triton_lstm._split_units() == 16 and triton_lstm._split_warps() == 4
+    assert triton_lstm._split_units() == 16
+    assert triton_lstm._split_warps(backward=False) == triton_lstm._split_warps(backward=True) == 4
     check_switches()
-    # The tagged exchange's programs hold a whole step's words: 8 warps, unless asked otherwise.
+    # Tagged readers hold a whole step's words: 8 warps, but only 4 for the backward's partial
+    # sums in tf32 (fewer words); full fp32's partial-sum product needs 8. Unless asked otherwise.
     monkeypatch.setenv("HDETACH_TRITON_SPLIT_SYNC", "tagged")
-    assert triton_lstm._split_warps() == 8
+    assert triton_lstm._split_warps(backward=False) == triton_lstm._split_warps(backward=True) == 8
+    monkeypatch.setenv("HDETACH_TRITON_SPLIT_BACKWARD", "partials")
+    monkeypatch.setenv("HDETACH_TRITON_PRECISION", "tf32")
+    assert triton_lstm._split_warps(backward=False) == 8
+    assert triton_lstm._split_warps(backward=True) == 4
+    monkeypatch.setenv("HDETACH_TRITON_PRECISION", "ieee")
+    assert triton_lstm._split_warps(backward=True) == 8
     monkeypatch.setenv("HDETACH_TRITON_SPLIT_WARPS", "4")
-    assert triton_lstm._split_warps() == 4
+    assert triton_lstm._split_warps(backward=False) == triton_lstm._split_warps(backward=True) == 4
 
 
 def test_an_allowed_value_is_used(monkeypatch: pytest.MonkeyPatch) -> None:

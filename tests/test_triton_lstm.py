@@ -340,9 +340,9 @@ SPLIT_CASES = [
 ]
 
 
-def _split_apply(precision: str, units: int = 16, sync: str = "barrier"):
+def _split_apply(precision: str, units: int = 16, sync: str = "barrier", handoff: str = "gates"):
     def apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, keep_h, keep_c):
-        launch = (precision, units, sync)
+        launch = (precision, units, sync, handoff)
         return SplitFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, keep_h, keep_c, launch)
 
     return apply
@@ -362,8 +362,8 @@ class SplitFunction(torch.autograd.Function):
         all_h = x.new_empty(steps + 1, members, batch, hidden)
         all_c = torch.empty_like(all_h)
         all_h[0], all_c[0] = h0, c0
-        precision, units, sync = ctx.launch = launch
-        warps = triton_split.WARPS[sync]
+        precision, units, sync, handoff = ctx.launch = launch
+        warps = triton_split.default_warps(precision, sync)
         triton_split.forward(gates, w_hh.contiguous(), all_h, all_c, precision, warps, units, sync)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, w_ih, w_hh, all_h, all_c, gates, keep_h, keep_c)
@@ -375,6 +375,7 @@ class SplitFunction(torch.autograd.Function):
         from study.models.device_lstm import _parameter_grads
 
         x, w_ih, w_hh, all_h, all_c, gates, keep_h, keep_c = ctx.saved_tensors
+        precision, units, sync, handoff = ctx.launch
         grad_gates = torch.empty_like(gates)
         grad_h0, grad_c0 = torch.empty_like(all_h[0]), torch.empty_like(all_h[0])
         triton_split.backward(
@@ -384,10 +385,11 @@ class SplitFunction(torch.autograd.Function):
             (grad_output, grad_h_n, grad_c_n),
             (keep_h, keep_c),
             (grad_gates, grad_h0, grad_c0),
-            ctx.launch[0],
-            triton_split.WARPS[ctx.launch[2]],
-            ctx.launch[1],
-            ctx.launch[2],
+            precision,
+            triton_split.default_warps(precision, sync, handoff),
+            units,
+            sync,
+            handoff,
         )
         needs = ctx.needs_input_grad
         grads = _parameter_grads(needs, grad_gates, x, w_ih, all_h, grad_h0, grad_c0)
@@ -398,12 +400,14 @@ def _split_interpreter_report() -> dict:
     """In the interpreter child: the split kernels' largest error against the eager path."""
     errors = {}
     # "tf32" takes the one-product forward (ONE_PRODUCT); the interpreter computes it in fp32.
-    for precision, sync in itertools.product(("ieee", "tf32"), ("barrier", "tagged")):
+    kinds = itertools.product(("ieee", "tf32"), ("barrier", "tagged"), ("gates", "partials"))
+    for precision, sync, handoff in kinds:
         for case, units in SPLIT_CASES:
             inputs = _inputs(case, seed=7)
             expected = _run(DeviceMaskedLSTM.apply, inputs)
-            got = _run(_split_apply(precision, units, sync), inputs)
-            errors[f"{precision} {sync} {case} units={units}"] = _max_error(got, expected)
+            got = _run(_split_apply(precision, units, sync, handoff), inputs)
+            key = f"{precision} {sync} {handoff} {case} units={units}"
+            errors[key] = _max_error(got, expected)
     wrong_inputs = _inputs(SPLIT_CASES[0][0], seed=7)
     expected = _run(DeviceMaskedLSTM.apply, wrong_inputs)
     wrong = _run(_split_apply("tf32"), wrong_inputs, keep_h=1 - wrong_inputs["keep_h"])
@@ -431,10 +435,19 @@ def test_split_kernels_match_the_eager_path_in_the_interpreter() -> None:
 @pytest.mark.parametrize("shape", GPU_SHAPES[:2], ids=["copying", "mnist"])
 @pytest.mark.parametrize("precision", ["ieee", "tf32"])
 @pytest.mark.parametrize(
-    ("units", "sync"), [(16, "barrier"), (32, "barrier"), (16, "tagged")], ids=str
+    ("units", "sync", "handoff"),
+    [
+        (16, "barrier", "gates"),
+        (32, "barrier", "gates"),
+        (16, "tagged", "gates"),
+        (16, "barrier", "partials"),
+        (32, "barrier", "partials"),
+        (16, "tagged", "partials"),
+    ],
+    ids=str,
 )
 def test_split_kernels_match_the_eager_path_on_cuda(
-    shape: tuple, precision: str, units: int, sync: str, monkeypatch
+    shape: tuple, precision: str, units: int, sync: str, handoff: str, monkeypatch
 ):
     from study.models import triton_lstm, triton_split
 
@@ -442,6 +455,7 @@ def test_split_kernels_match_the_eager_path_on_cuda(
     monkeypatch.setenv(triton_lstm.ENV_PRECISION, precision)
     monkeypatch.setenv(triton_lstm.ENV_SPLIT_UNITS, str(units))
     monkeypatch.setenv(triton_lstm.ENV_SPLIT_SYNC, sync)
+    monkeypatch.setenv(triton_lstm.ENV_SPLIT_BACKWARD, handoff)
     case = (*shape, "hc", True, True, True)
     inputs = _inputs(case, device="cuda", seed=3)
     assert triton_split.fits(shape[1], shape[2], shape[3], torch.device("cuda"), units)
@@ -524,16 +538,22 @@ def test_row_kernels_compile_for_an_h100(hidden: int, monkeypatch) -> None:
         _compile_for_hopper(recorder.kernel, args, kwargs)
 
 
-# The default 16 units per program in both precisions and both exchanges; 32 (a sweep option)
-# in tf32 only: full fp32 at 32 units keeps twice the weights in registers and spills at 4 warps.
-# (Each exchange at its own default warps: triton_split.WARPS.)
+# The default 16 units per program in both precisions, both exchanges and both backward
+# handoffs; 32 (a sweep option) in tf32 only: full fp32 at 32 units keeps twice the weights in
+# registers and spills at 4 warps. (Each at its default warps: triton_split.default_warps.)
 @pytest.mark.parametrize(
-    ("hidden", "units", "precision", "sync"),
-    [(h, 16, p, s) for h in (100, 128) for p in ("ieee", "tf32") for s in ("barrier", "tagged")]
-    + [(100, 32, "tf32", "barrier"), (100, 32, "tf32", "tagged")],
+    ("hidden", "units", "precision", "sync", "handoff"),
+    [
+        (h, 16, p, s, o)
+        for h in (100, 128)
+        for p in ("ieee", "tf32")
+        for s in ("barrier", "tagged")
+        for o in ("gates", "partials")
+    ]
+    + [(100, 32, "tf32", s, o) for s in ("barrier", "tagged") for o in ("gates", "partials")],
 )
 def test_split_kernels_compile_for_an_h100_without_spilling(
-    hidden: int, units: int, precision: str, sync: str, monkeypatch, tmp_path: Path
+    hidden: int, units: int, precision: str, sync: str, handoff: str, monkeypatch, tmp_path: Path
 ) -> None:
     from study.models import triton_split
 
@@ -542,7 +562,7 @@ def test_split_kernels_compile_for_an_h100_without_spilling(
         recorders[name] = _Recorded(getattr(triton_split, name))
         monkeypatch.setattr(triton_split, name, recorders[name])
     inputs = _inputs((5, 1, 19, hidden, 1, "hc", True, True, True))
-    _run(_split_apply(precision, units, sync), inputs)
+    _run(_split_apply(precision, units, sync, handoff), inputs)
     for name, recorder in recorders.items():
         ((args, kwargs),) = recorder.calls
         compiled = _compile_for_hopper(recorder.kernel, args, kwargs)

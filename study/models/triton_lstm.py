@@ -30,6 +30,7 @@ ENV_BLOCK_B, ENV_WARPS = "HDETACH_TRITON_BLOCK_B", "HDETACH_TRITON_WARPS"
 ENV_KERNEL, ENV_SPLIT_WARPS = "HDETACH_TRITON_KERNEL", "HDETACH_TRITON_SPLIT_WARPS"
 ENV_SPLIT_UNITS = "HDETACH_TRITON_SPLIT_UNITS"  # hidden units per split program
 ENV_SPLIT_SYNC = "HDETACH_TRITON_SPLIT_SYNC"  # barrier or tagged (triton_split.exchange)
+ENV_SPLIT_BACKWARD = "HDETACH_TRITON_SPLIT_BACKWARD"  # gates or partials (triton_split.backward)
 # Reduction slice of the full-fp32 products (see _product_from_memory).
 ENV_IEEE_SLICE = "HDETACH_TRITON_IEEE_SLICE"
 # The kernels each forward ran ("split", "rows"), for benchmarks to label what they timed.
@@ -86,9 +87,12 @@ def _split(x: torch.Tensor, members: int, batch: int, hidden: int) -> bool:
     return triton_split.fits(members, batch, hidden, x.device, _split_units())
 
 
-def _split_warps() -> int:
+def _split_warps(backward: bool) -> int:
     warps = switch(ENV_SPLIT_WARPS)
-    return triton_split.WARPS[switch(ENV_SPLIT_SYNC)] if warps == "auto" else int(warps)
+    if warps != "auto":
+        return int(warps)
+    handoff = switch(ENV_SPLIT_BACKWARD) if backward else None
+    return triton_split.default_warps(precision(), switch(ENV_SPLIT_SYNC), handoff)
 
 
 def _split_units() -> int:
@@ -188,7 +192,7 @@ class TritonMaskedLSTM(torch.autograd.Function):
                     all_h,
                     all_c,
                     prec,
-                    _split_warps(),
+                    _split_warps(backward=False),
                     _split_units(),
                     switch(ENV_SPLIT_SYNC),
                 )
@@ -249,9 +253,10 @@ class TritonMaskedLSTM(torch.autograd.Function):
                     (keep_h, keep_c),
                     outputs,
                     ctx.precision,
-                    _split_warps(),
+                    _split_warps(backward=True),
                     _split_units(),
                     switch(ENV_SPLIT_SYNC),
+                    switch(ENV_SPLIT_BACKWARD),
                 )
             else:
                 _backward_kernel[(members, triton.cdiv(batch, block_b))](

@@ -16,11 +16,22 @@ except ImportError:  # pragma: no cover - depends on the installation
 BLOCK_ROWS = 16
 BLOCK_UNITS = 16
 MAX_HIDDEN = 128  # the whole h row tile (16 x 128) is one tl.dot operand
-# Warps per program, by exchange (see exchange()). The barrier's: 4, the fastest measured (H100,
-# pixel MNIST, tf32: 8.2 ms per forward + backward; 9.8 at 8 warps). A tagged reader holds a
-# whole step's words while it polls (16 x 128 for h, 4 x 16 x 128 gate gradients: 64 int64 a
-# thread at 4 warps), which spill below 8 warps (tests/test_triton_lstm.py compiles for an H100).
-WARPS = {"barrier": 4, "tagged": 8}
+
+
+def default_warps(precision: str, sync: str, handoff: str | None = None) -> int:
+    """Warps per program of the forward (handoff None) or the backward. 4, the fastest measured
+    (H100, pixel MNIST, tf32, barrier, gates: 8.2 ms per forward + backward; 9.8 at 8), except
+    for the tagged forward, and where 4 spill registers (compiled for an H100 by
+    tests/test_triton_lstm.py under Triton 3.8 and 3.6, the GPU machine's): full fp32 with the
+    tagged exchange or the partial sums, and the tf32 tagged backward with gates, whose reader
+    holds 4 x 16 x 128 int64 words while it polls (64 a thread at 4 warps; partial sums: 14).
+    A tagged forward reader holds 16 x 128 words: at 8 warps its loop runs 357 instructions, at
+    4, 622 (SASS, tf32, H = 100; benchmarks/kernel_sass.py dump)."""
+    if handoff is None:
+        return 8 if sync == "tagged" else 4
+    if precision == "ieee":
+        return 8 if sync == "tagged" or handoff == "partials" else 4
+    return 8 if sync == "tagged" and handoff == "gates" else 4
 
 
 def grid(members: int, batch: int, hidden: int, units: int = BLOCK_UNITS) -> tuple[int, int, int]:
@@ -42,9 +53,9 @@ def fits(
 
 
 def exchange(
-    members: int, row_blocks: int, step_size: int, sync: str, device: torch.device
+    members: int, row_blocks: int, ring_step: int, sync: str, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(barrier counters, tagged ring) for one launch; the one `sync` does not use is a stub.
+    """(barrier counters, ring) for one launch; what `sync` does not use is a stub, never read.
 
     "barrier": each program stores its part of step t, then arrives at its row block's counter;
     the others wait there, then load (a fence, the arrival, the wait's read, then the load: about
@@ -53,12 +64,18 @@ def exchange(
     until every word they need carries the step they want (about two trips, no fence). Two
     steps suffice: a program writes step t + 1 over step t - 1 only after reading everyone's
     step t, which each wrote after it had read step t - 1. Zeroed: no word has step 0's tag 1.
+
+    `ring_step`: the words one step exchanges. A barrier's values go through the kernel's
+    outputs, except where ring_step > 0 (the backward's partial sums, which no output keeps):
+    then a float32 ring of two steps, safe for the same reason (a program overwrites step t - 1
+    after waiting at step t, by which time everyone has read step t - 1 and arrived).
     """
+    stub = torch.empty(1, dtype=torch.int32, device=device)
     if sync == "tagged":
-        ring = torch.zeros(2 * step_size, dtype=torch.int64, device=device)
-        return torch.empty(1, dtype=torch.int32, device=device), ring  # never read
+        return stub, torch.zeros(2 * ring_step, dtype=torch.int64, device=device)
     arrivals = torch.zeros(members * row_blocks, dtype=torch.int32, device=device)
-    return arrivals, torch.empty(1, dtype=torch.int64, device=device)  # never read
+    ring = torch.empty(2 * ring_step, dtype=torch.float32, device=device) if ring_step else stub
+    return arrivals, ring
 
 
 def forward(
@@ -76,7 +93,8 @@ def forward(
     steps, members, batch, four_h = gates.shape
     hidden = four_h // 4
     launch = grid(members, batch, hidden, units)
-    arrivals, ring = exchange(members, launch[1], members * batch * hidden, sync, gates.device)
+    ring_step = members * batch * hidden if sync == "tagged" else 0
+    arrivals, ring = exchange(members, launch[1], ring_step, sync, gates.device)
     _forward_kernel[launch](
         gates,
         weight_hh,
@@ -147,15 +165,27 @@ def backward(
     warps: int,
     units: int = BLOCK_UNITS,
     sync: str = "barrier",
+    handoff: str = "gates",
 ) -> None:
     """Masked BPTT: grads = (output, h_n, c_n) gradients or None, keeps = (keep_h, keep_c) of
-    shape (T, K) or None; writes outputs = (gate gradients (T, K, B, 4H), grad h0, grad c0)."""
+    shape (T, K) or None; writes outputs = (gate gradients (T, K, B, 4H), grad h0, grad c0).
+
+    dh_{t-1} = dgates_t @ W_hh needs every unit block's gate gradients. `handoff` "gates": each
+    program gathers all of them (4 x 16 x H words a step) and multiplies by its columns of W_hh;
+    "partials": each multiplies its own by its rows of W_hh, a partial sum over the whole h row,
+    and gathers the other blocks' partials of its own columns (blocks x 16 x 16 words: 4.6x
+    fewer at H = 100, read after the exchange; the product moves before it)."""
     grad_output, grad_h_n, grad_c_n = grads
     keep_h, keep_c = keeps
     steps, members, batch, four_h = gates.shape
     hidden = four_h // 4
     launch = grid(members, batch, hidden, units)
-    arrivals, ring = exchange(members, launch[1], members * batch * four_h, sync, gates.device)
+    partials = handoff == "partials"
+    if partials:  # (K, unit blocks, B, H) a step, in a ring in both exchanges
+        ring_step = members * launch[0] * batch * hidden
+    else:  # the tagged ring carries the gate gradients; the barrier's readers load the output
+        ring_step = members * batch * four_h if sync == "tagged" else 0
+    arrivals, ring = exchange(members, launch[1], ring_step, sync, gates.device)
     _backward_kernel[launch](
         *backward_operands(gates, all_c, weight_hh, grads, keeps, outputs),
         arrivals,
@@ -165,10 +195,12 @@ def backward(
         batch,
         members * batch * hidden,
         members * batch * four_h,
+        ring_step,
         H=hidden,
         HP=max(16, triton.next_power_of_2(hidden)),
         BB=BLOCK_ROWS,
         HB=units,
+        UBP=triton.next_power_of_2(launch[0]),
         HAS_GRAD_OUT=grad_output is not None,
         HAS_GRAD_H=grad_h_n is not None,
         HAS_GRAD_C=grad_c_n is not None,
@@ -176,6 +208,7 @@ def backward(
         HAS_KEEP_C=keep_c is not None,
         PRECISION=precision,
         TAGGED=sync == "tagged",
+        PARTIALS=partials,
         num_warps=warps,
         num_stages=1,
     )
@@ -368,6 +401,14 @@ if triton is not None:
         return i, f, g, o, c_prev, d_out
 
     @triton.jit
+    def _store_gates(dg_ptr, gate, d_i, d_f, d_g, d_o, mask, H):
+        """A step's gate gradients of this program's units into the (T, K, B, 4H) output."""
+        tl.store(dg_ptr + gate, d_i, mask=mask)
+        tl.store(dg_ptr + gate + H, d_f, mask=mask)
+        tl.store(dg_ptr + gate + 2 * H, d_g, mask=mask)
+        tl.store(dg_ptr + gate + 3 * H, d_o, mask=mask)
+
+    @triton.jit
     def _backward_kernel(
         act_ptr,
         c_ptr,
@@ -387,10 +428,12 @@ if triton is not None:
         B,
         H_STEP,
         G_STEP,
+        RING_STEP,
         H: tl.constexpr,
         HP: tl.constexpr,
         BB: tl.constexpr,
         HB: tl.constexpr,
+        UBP: tl.constexpr,
         HAS_GRAD_OUT: tl.constexpr,
         HAS_GRAD_H: tl.constexpr,
         HAS_GRAD_C: tl.constexpr,
@@ -398,19 +441,40 @@ if triton is not None:
         HAS_KEEP_C: tl.constexpr,
         PRECISION: tl.constexpr,
         TAGGED: tl.constexpr,
+        PARTIALS: tl.constexpr,
     ):
-        _, k, rows, cols, own, own_ok, counter = _program_tile(arrivals_ptr, B, H, BB, HB)
+        units, k, rows, cols, own, own_ok, counter = _program_tile(arrivals_ptr, B, H, BB, HB)
         inner = tl.arange(0, HP)
-        gate_of = tl.arange(0, 4)[:, None, None]
-        # dh_{t-1}[:, own units] = sum over gates q of dgates_q (B, H) @ W_hh[q H : q H + H, own],
-        # one batched product over q (a warp per gate) summed after, rather than four chained
-        # products (the SASS: 32 tensor-core ops per step on a chain of 16, not 128 on 64).
-        w_ok = (gate_of < 4) & (inner < H)[None, :, None] & (cols < H)[None, None, :]
-        w = w_ptr + k * 4 * H * H + (gate_of * H + inner[None, :, None]) * H + cols[None, None, :]
-        w = tl.load(w, mask=w_ok, other=0.0)
         gate = (k * B + rows[:, None]) * (4 * H) + cols[None, :]
-        all_gates = (k * B + rows[None, :, None]) * (4 * H) + gate_of * H + inner[None, None, :]
-        all_ok = (gate_of < 4) & (rows < B)[None, :, None] & (inner < H)[None, None, :]
+        if PARTIALS:
+            # This program's rows of W_hh, gate innermost: w[4 j + q, m] = W_hh[q H + unit j, m],
+            # so that (its gate gradients, joined) @ w is its share of dh_{t-1} for all m.
+            four = tl.arange(0, 4 * HB)
+            unit_of = units * HB + four // 4
+            w_ok = (unit_of < H)[:, None] & (inner < H)[None, :]
+            w = w_ptr + k * 4 * H * H + ((four % 4) * H + unit_of)[:, None] * H + inner[None, :]
+            w = tl.load(w, mask=w_ok, other=0.0)
+            # A ring step holds (K, unit blocks, B, H) partial sums: this program writes its
+            # block's (rows, all m), then reads every block's (rows, own units) and sums them.
+            blocks = tl.arange(0, UBP)
+            block_count = tl.num_programs(0)
+            mine = ((k * block_count + units) * B + rows[:, None]) * H + inner[None, :]
+            mine_ok = (rows < B)[:, None] & (inner < H)[None, :]
+            theirs = (k * block_count + blocks[:, None, None]) * B + rows[None, :, None]
+            theirs = theirs * H + cols[None, None, :]
+            theirs_ok = (blocks < block_count)[:, None, None] & own_ok[None, :, :]
+        else:
+            gate_of = tl.arange(0, 4)[:, None, None]
+            # dh_{t-1}[:, own] = sum over gates q of dgates_q (B, H) @ W_hh[q H : q H + H, own],
+            # one batched product over q (a warp per gate) summed after, rather than four
+            # chained products (the SASS: 32 tensor-core ops per step on a chain of 16, not 128
+            # on 64).
+            w_ok = (gate_of < 4) & (inner < H)[None, :, None] & (cols < H)[None, None, :]
+            w = w_ptr + k * 4 * H * H + (gate_of * H + inner[None, :, None]) * H
+            w = tl.load(w + cols[None, None, :], mask=w_ok, other=0.0)
+            all_gates = (k * B + rows[None, :, None]) * (4 * H) + gate_of * H
+            all_gates += inner[None, None, :]
+            all_ok = (gate_of < 4) & (rows < B)[None, :, None] & (inner < H)[None, None, :]
         dh = tl.zeros((BB, HB), dtype=tl.float32)
         dc = tl.zeros((BB, HB), dtype=tl.float32)
         if HAS_GRAD_H:
@@ -430,17 +494,22 @@ if triton is not None:
             d_f = dc * c_prev * f * (1.0 - f)
             d_g = dc * i * (1.0 - g * g)
             d_o = dh * tanh_c * o * (1.0 - o)
-            if TAGGED:  # step s's gate gradients: ring slot s % 2, tag s + 1
-                slot, tag = ring_ptr + (s % 2) * G_STEP + gate, tl.cast(s + 1, tl.int64)
-                _publish(slot, d_i, tag, own_ok)
-                _publish(slot + H, d_f, tag, own_ok)
-                _publish(slot + 2 * H, d_g, tag, own_ok)
-                _publish(slot + 3 * H, d_o, tag, own_ok)
-            # Also plainly, for the weight gradients after the kernel (and the barrier's readers).
-            tl.store(dg_ptr + gate, d_i, mask=own_ok)
-            tl.store(dg_ptr + gate + H, d_f, mask=own_ok)
-            tl.store(dg_ptr + gate + 2 * H, d_g, mask=own_ok)
-            tl.store(dg_ptr + gate + 3 * H, d_o, mask=own_ok)
+            # What the other programs need of step s goes out first: ring slot s % 2, tag s + 1.
+            slot, tag = ring_ptr + (s % 2) * RING_STEP, tl.cast(s + 1, tl.int64)
+            if PARTIALS:
+                joined = _joined(d_i, d_f, d_g, d_o, BB, HB)
+                partial = tl.dot(joined, w, input_precision=PRECISION)
+                if TAGGED:
+                    _publish(slot + mine, partial, tag, mine_ok)
+                else:
+                    tl.store(slot + mine, partial, mask=mine_ok)
+            elif TAGGED:
+                _publish(slot + gate, d_i, tag, own_ok)
+                _publish(slot + gate + H, d_f, tag, own_ok)
+                _publish(slot + gate + 2 * H, d_g, tag, own_ok)
+                _publish(slot + gate + 3 * H, d_o, tag, own_ok)
+            if not (PARTIALS or TAGGED):  # the barrier's readers load them from the output
+                _store_gates(dg_ptr, gate, d_i, d_f, d_g, d_o, own_ok, H)
             # c-detach scales the gradient through c_{t-1} -> c_t by keep_c[t]; h-detach scales
             # the gradient into h_{t-1} through gates_t by keep_h[t] (applied below).
             dc = dc * f
@@ -451,6 +520,8 @@ if triton is not None:
                 keep_h = tl.load(keep_h_ptr + k)
             if not TAGGED:
                 _arrive(counter)
+            if PARTIALS or TAGGED:  # for the weight gradients after the kernel only
+                _store_gates(dg_ptr, gate, d_i, d_f, d_g, d_o, own_ok, H)
             act_ptr -= G_STEP
             c_ptr -= H_STEP
             grad_out_ptr -= H_STEP
@@ -461,13 +532,23 @@ if triton is not None:
                 act_ptr, c_ptr, grad_out_ptr, gate, own, own_ok & (s + 1 < T), H, H_STEP, BB, HB,
                 HAS_GRAD_OUT,
             )  # fmt: skip
-            # Every program of the row block's gate gradients of step t.
-            if TAGGED:
-                d_gates = _collect(ring_ptr + (s % 2) * G_STEP + all_gates, all_ok, s + 1)
-            else:
+            # Every program of the row block's share of step s.
+            if not TAGGED:
                 _wait(counter, tl.num_programs(0) * (s + 1))
-                d_gates = tl.load(dg_ptr + all_gates, mask=all_ok, other=0.0, cache_modifier=".cg")
-            dh = tl.sum(tl.dot(d_gates, w, input_precision=PRECISION), axis=0) * keep_h
+            if PARTIALS:
+                if TAGGED:
+                    parts = _collect(slot + theirs, theirs_ok, tag)
+                else:
+                    parts = tl.load(slot + theirs, mask=theirs_ok, other=0.0, cache_modifier=".cg")
+                dh = tl.sum(parts, axis=0) * keep_h
+            else:
+                if TAGGED:
+                    d_gates = _collect(slot + all_gates, all_ok, tag)
+                else:
+                    d_gates = tl.load(
+                        dg_ptr + all_gates, mask=all_ok, other=0.0, cache_modifier=".cg"
+                    )
+                dh = tl.sum(tl.dot(d_gates, w, input_precision=PRECISION), axis=0) * keep_h
             dg_ptr -= G_STEP
         tl.store(grad_h0_ptr + own, dh, mask=own_ok)
         tl.store(grad_c0_ptr + own, dc, mask=own_ok)
