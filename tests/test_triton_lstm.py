@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import inspect
 import itertools
 import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -328,16 +332,89 @@ def test_the_study_step_runs_triton_inside_its_cuda_graph(monkeypatch) -> None:
 # --- the hidden-split kernels (study/models/triton_split.py) ---------------------------------
 
 # ((T, K, B, H, I, masks, grad_output, grad_h_n, grad_c_n), hidden units per program).
-# H <= units: one program per row block, the only case the interpreter can run (it runs programs
-# one after another, so a barrier on other programs would never open); the exchange between
-# unit blocks is checked on a GPU.
+# H <= units: one program per row block; the last two have 3 and 2 unit blocks, whose programs
+# exchange h and the backward's share every step (run as threads: _programs_as_threads).
 SPLIT_CASES = [
     ((7, 2, 19, 16, 1, "hc", True, True, True), 16),
     ((6, 1, 5, 10, 3, "h", False, True, False), 16),
     ((5, 2, 17, 16, 1, "", True, False, False), 16),
     ((6, 2, 19, 24, 3, "hc", True, True, True), 32),
     ((5, 1, 17, 32, 1, "c", True, False, True), 32),
+    ((6, 2, 19, 40, 2, "hc", True, True, True), 16),
+    ((5, 1, 17, 64, 1, "h", True, False, True), 32),
 ]
+
+
+@contextlib.contextmanager
+def _programs_as_threads(timeout: float = 60.0) -> Iterator[None]:
+    """Triton's interpreter runs a launch's programs one after another, so split programs
+    waiting on each other would never proceed. Here each program is a thread (its program_id
+    thread-local), all started together, as a GPU keeps them all resident: the exchange's
+    protocol and index arithmetic run on a CPU, under whatever interleaving the threads take
+    (not the GPU's memory model). A launch whose programs still wait after `timeout` seconds
+    raises TimeoutError. Reimplements GridExecutor.__call__ on the interpreter's own helpers
+    (Triton 3.8), without its pre-run hooks, which these kernels do not have."""
+    import threading
+
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    local = threading.local()
+    original_class, original_call = type(builder), interpreter.GridExecutor.__call__
+
+    class PerThread(original_class):
+        grid_idx = property(
+            lambda self: getattr(local, "index", None),
+            lambda self, index: setattr(local, "index", index),
+        )
+
+    def call(self, *args_dev, **kwargs):
+        names = inspect.getfullargspec(self.fn).args
+        kwargs = {key: value for key, value in kwargs.items() if key in names}
+        args_hst, kwargs_hst = self._init_args_hst(args_dev, kwargs)
+        scope = interpreter._patch_lang(self.fn)
+        try:
+            args = inspect.getcallargs(self.fn, *args_hst, **kwargs_hst)
+            args = {
+                name: arg if name in self.constexprs else interpreter._implicit_cvt(arg)
+                for name, arg in args.items()
+            }
+            grid = (*self.grid, *(1,) * (3 - len(self.grid)))
+            builder.set_grid_dim(*grid)
+            errors = []
+
+            def program(index: tuple[int, int, int]) -> None:
+                builder.grid_idx = index
+                try:
+                    self.fn(**args)
+                except BaseException as error:  # re-raised below, in the launching thread
+                    errors.append(error)
+
+            indices = itertools.product(*map(range, grid))
+            threads = [threading.Thread(target=program, args=(i,), daemon=True) for i in indices]
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + timeout
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            if any(thread.is_alive() for thread in threads):
+                raise TimeoutError(f"split programs still waiting after {timeout} s")
+            if errors:
+                raise errors[0]
+        finally:
+            scope.restore()
+        self._restore_args_dev(args_dev, args_hst, kwargs, kwargs_hst)
+
+    builder.__class__ = PerThread
+    interpreter.GridExecutor.__call__ = call
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)  # waiting programs spin: hand the GIL on often
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(switch_interval)
+        builder.__class__ = original_class
+        interpreter.GridExecutor.__call__ = original_call
 
 
 def _split_apply(precision: str, units: int = 16, sync: str = "barrier", handoff: str = "gates"):
@@ -401,16 +478,17 @@ def _split_interpreter_report() -> dict:
     errors = {}
     # "tf32" takes the one-product forward (ONE_PRODUCT); the interpreter computes it in fp32.
     kinds = itertools.product(("ieee", "tf32"), ("barrier", "tagged"), ("gates", "partials"))
-    for precision, sync, handoff in kinds:
-        for case, units in SPLIT_CASES:
-            inputs = _inputs(case, seed=7)
-            expected = _run(DeviceMaskedLSTM.apply, inputs)
-            got = _run(_split_apply(precision, units, sync, handoff), inputs)
-            key = f"{precision} {sync} {handoff} {case} units={units}"
-            errors[key] = _max_error(got, expected)
-    wrong_inputs = _inputs(SPLIT_CASES[0][0], seed=7)
-    expected = _run(DeviceMaskedLSTM.apply, wrong_inputs)
-    wrong = _run(_split_apply("tf32"), wrong_inputs, keep_h=1 - wrong_inputs["keep_h"])
+    with _programs_as_threads():
+        for precision, sync, handoff in kinds:
+            for case, units in SPLIT_CASES:
+                inputs = _inputs(case, seed=7)
+                expected = _run(DeviceMaskedLSTM.apply, inputs)
+                got = _run(_split_apply(precision, units, sync, handoff), inputs)
+                key = f"{precision} {sync} {handoff} {case} units={units}"
+                errors[key] = _max_error(got, expected)
+        wrong_inputs = _inputs(SPLIT_CASES[-2][0], seed=7)
+        expected = _run(DeviceMaskedLSTM.apply, wrong_inputs)
+        wrong = _run(_split_apply("tf32"), wrong_inputs, keep_h=1 - wrong_inputs["keep_h"])
     errors["wrong masks"] = _max_error(wrong, expected)
     return errors
 
