@@ -41,8 +41,8 @@ case "$failed" in *split_tests*) flags="--no-split" ;; esac
 case "$failed" in *tagged_tests*) flags="$flags --no-tagged" ;; esac
 case "$failed" in *partials_tests*) flags="$flags --no-partials" ;; esac
 stage tests 110 "${tests[@]}" tests/test_cuda_graph.py tests/test_triton_lstm.py -k "not split"
-stage lstm_step 180 "$py" benchmarks/lstm_step_cuda.py --rounds 5 --members 16 $flags
-stage triton_sweep 60 "$py" benchmarks/lstm_step_cuda.py --shapes none --triton-sweep --rounds 3 \
+stage lstm_step 170 "$py" benchmarks/lstm_step_cuda.py --rounds 5 --members 16 $flags
+stage triton_sweep 70 "$py" benchmarks/lstm_step_cuda.py --shapes none --triton-sweep --rounds 3 \
     $flags
 stage packing 40 "$py" benchmarks/packing.py --device cuda --rounds 2 --members 16
 

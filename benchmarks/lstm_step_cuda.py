@@ -357,7 +357,9 @@ def target_verdicts(rows: dict[str, float], members: int) -> list[str]:
 def triton_sweep(
     rounds: int, device: torch.device, split: bool, variants: list[str], smoke: bool
 ) -> None:
-    """Forward + backward at the pixel-MNIST shape, graphed, per Triton configuration."""
+    """Forward + backward at the pixel-MNIST shape, graphed, per Triton configuration; and the
+    forward alone (graphed, grad enabled: it saves what the backward would read), so that the
+    two kernels' shares show (bwd ms: the difference, the backward with its weight gradients)."""
     _, seq_len, batch, hidden, classes, readout = SHAPES[1]
     if smoke:  # the script's own check, on any device (a CPU runs every row eagerly)
         seq_len, batch, hidden = 12, 4, 8
@@ -375,7 +377,9 @@ def triton_sweep(
     cudnn = time_steps(cudnn_step, 5, rounds)
     print(f"\nTriton sweep, pixel MNIST (T={seq_len}, B={batch}, H={hidden}), forward + backward")
     print(f"nn.LSTM (cuDNN, TF32 default): {cudnn:.2f} ms")
-    print(f"{'kernel':<36}{'tile':>8}{'warps':>7}{'ms':>9}{'/ cuDNN':>9}")
+    print(
+        f"{'kernel':<36}{'tile':>8}{'warps':>7}{'ms':>9}{'/ cuDNN':>9}{'fwd ms':>9}{'bwd ms':>9}"
+    )
     # (kernel, batch rows, hidden units per program (split only), warps: "auto" is
     # triton_split.default_warps, which may differ between the forward and the backward). TF32
     # only: full fp32 is not the study's path there (rows kernels measured 2.5-3.4x slower than
@@ -397,8 +401,11 @@ def triton_sweep(
         model.load_state_dict(template.state_dict())
         params = list(model.parameters())
 
-        def step(model: nn.Module = model, params: list = params) -> tuple:
-            return torch.autograd.grad(_loss(model(x, mask, readout=readout), y, readout), params)
+        def forward(model: nn.Module = model) -> torch.Tensor:
+            return _loss(model(x, mask, readout=readout), y, readout)
+
+        def step(forward: Callable = forward, params: list = params) -> tuple:
+            return torch.autograd.grad(forward(), params)
 
         env = {triton_lstm.ENV_BLOCK_B: str(block_b), triton_lstm.ENV_WARPS: warps}
         env[triton_lstm.ENV_SPLIT_WARPS] = warps
@@ -406,9 +413,12 @@ def triton_sweep(
         with lstm_path(name, **env):
             graphed = GraphedStep(step, [], device)
             ms = time_steps(graphed, 5, rounds)
-            note = path_note(name, graphed)
+            graphed_forward = GraphedStep(forward, [], device)
+            forward_ms = time_steps(graphed_forward, 5, rounds)
+            note = path_note(name, graphed) or path_note(name, graphed_forward)
         tile = f"{block_b}x{units}" if units else str(block_b)
-        print(f"{name:<36}{tile:>8}{warps:>7}{ms:>9.2f}{ms / cudnn:>9.2f}{note}", flush=True)
+        times = f"{ms:>9.2f}{ms / cudnn:>9.2f}{forward_ms:>9.2f}{ms - forward_ms:>9.2f}"
+        print(f"{name:<36}{tile:>8}{warps:>7}{times}{note}", flush=True)
         release()
 
 
