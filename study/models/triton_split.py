@@ -25,8 +25,8 @@ def default_warps(precision: str, sync: str, handoff: str | None = None) -> int:
     tests/test_triton_lstm.py under Triton 3.8 and 3.6, the GPU machine's): full fp32 with the
     tagged exchange or the partial sums, and the tf32 tagged backward with gates, whose reader
     holds 4 x 16 x 128 int64 words while it polls (64 a thread at 4 warps; partial sums: 14).
-    A tagged forward reader holds 16 x 128 words: at 8 warps its loop runs 357 instructions, at
-    4, 622 (SASS, tf32, H = 100; benchmarks/kernel_sass.py dump)."""
+    A tagged forward reader holds 16 x 128 words: at 8 warps its loop runs 321 instructions, at
+    4, 547 (SASS, tf32, H = 100; benchmarks/kernel_sass.py dump)."""
     if handoff is None:
         return 8 if sync == "tagged" else 4
     if precision == "ieee":
@@ -280,6 +280,24 @@ if triton is not None:
         return tl.reshape(tl.join(tl.join(i, g), tl.join(f, o)), (BB, 4 * HB))
 
     @triton.jit
+    def _store_gates(dg_ptr, gate, d_i, d_f, d_g, d_o, mask, H):
+        """A step's four (BB, HB) gate tiles (activations, gradients) of this program's units
+        into a (T, K, B, 4H) output at one step (`gate`: their gate-0 offsets)."""
+        tl.store(dg_ptr + gate, d_i, mask=mask)
+        tl.store(dg_ptr + gate + H, d_f, mask=mask)
+        tl.store(dg_ptr + gate + 2 * H, d_g, mask=mask)
+        tl.store(dg_ptr + gate + 3 * H, d_o, mask=mask)
+
+    @triton.jit
+    def _load_gates(g_ptr, gate, mask, H):
+        """A step's four (BB, HB) gate tiles of this program's units, as _store_gates wrote."""
+        i = tl.load(g_ptr + gate, mask=mask, other=0.0)
+        f = tl.load(g_ptr + gate + H, mask=mask, other=0.0)
+        g = tl.load(g_ptr + gate + 2 * H, mask=mask, other=0.0)
+        o = tl.load(g_ptr + gate + 3 * H, mask=mask, other=0.0)
+        return i, f, g, o
+
+    @triton.jit
     def _forward_kernel(
         gates_ptr,
         w_ptr,
@@ -305,7 +323,6 @@ if triton is not None:
         gate_of = tl.arange(0, 4 * HB) % 4
         unit_of = units * HB + tl.arange(0, 4 * HB) // 4
         full_ok = (rows < B)[:, None] & (inner < H)[None, :]
-        four_ok = (rows < B)[:, None] & (unit_of < H)[None, :]
         w = w_ptr + k * 4 * H * H
         if ONE_PRODUCT:
             # On tensor cores, one product h (BB, HP) @ W (HP, 4 HB) per step, whose
@@ -327,11 +344,13 @@ if triton is not None:
             w_g = tl.load(w + (2 * H + cols[None, :]) * H + inner[:, None], mask=w_ok, other=0.0)
             w_o = tl.load(w + (3 * H + cols[None, :]) * H + inner[:, None], mask=w_ok, other=0.0)
         full = (k * B + rows[:, None]) * H + inner[None, :]
-        gate = (k * B + rows[:, None]) * (4 * H) + (gate_of * H + unit_of)[None, :]
+        # Gate q of the own units at (rows, cols): gate + q H. The input parts (z) come in and
+        # the activations go out as four (BB, HB) tiles in the layout the cell update uses, so
+        # neither passes through shared memory to change layout.
+        gate = (k * B + rows[:, None]) * (4 * H) + cols[None, :]
         c = tl.load(all_c_ptr + own, mask=own_ok, other=0.0)
         h_ptr, c_ptr, g_ptr = all_h_ptr, all_c_ptr, gates_ptr
-        scale = tl.where(gate_of == 2, 2.0, 1.0)[None, :]
-        z = tl.load(g_ptr + gate, mask=four_ok, other=0.0)  # input pre-activations of step 0
+        z_i, z_f, z_g, z_o = _load_gates(g_ptr, gate, own_ok, H)  # input parts of step 0
         if TAGGED:  # h0 into ring slot 0, tagged 1 (step t reads slot t % 2, tag t + 1)
             h0 = tl.load(all_h_ptr + own, mask=own_ok, other=0.0)
             _publish(ring_ptr + own, h0, tl.full((), 1, tl.int64), own_ok)
@@ -342,18 +361,17 @@ if triton is not None:
             else:
                 h = tl.load(h_ptr + full, mask=full_ok, other=0.0, cache_modifier=".cg")
             if ONE_PRODUCT:
-                pre = z + tl.dot(h, w_all, input_precision=PRECISION)
-                # One sigmoid per column: s sigmoid(s x) - (s - 1) is tanh(x) = 2 sigmoid(2x) - 1
-                # (as _tanh) for s = 2, the g gate, and sigmoid(x) for s = 1.
-                act = scale * tl.sigmoid(scale * pre) - (scale - 1.0)
-                i, f, g, o = _gates_of(act, BB, HB)
+                product = tl.dot(h, w_all, input_precision=PRECISION)
+                p_i, p_f, p_g, p_o = _gates_of(product, BB, HB)
             else:
-                z_i, z_f, z_g, z_o = _gates_of(z, BB, HB)
-                i = tl.sigmoid(z_i + tl.dot(h, w_i, input_precision=PRECISION))
-                f = tl.sigmoid(z_f + tl.dot(h, w_f, input_precision=PRECISION))
-                g = _tanh(z_g + tl.dot(h, w_g, input_precision=PRECISION))
-                o = tl.sigmoid(z_o + tl.dot(h, w_o, input_precision=PRECISION))
-                act = _joined(i, f, g, o, BB, HB)
+                p_i = tl.dot(h, w_i, input_precision=PRECISION)
+                p_f = tl.dot(h, w_f, input_precision=PRECISION)
+                p_g = tl.dot(h, w_g, input_precision=PRECISION)
+                p_o = tl.dot(h, w_o, input_precision=PRECISION)
+            i = tl.sigmoid(z_i + p_i)
+            f = tl.sigmoid(z_f + p_f)
+            g = _tanh(z_g + p_g)
+            o = tl.sigmoid(z_o + p_o)
             c = f * c + i * g
             h_new = o * _tanh(c)
             h_ptr += H_STEP
@@ -365,12 +383,12 @@ if triton is not None:
                 _arrive(counter)
             # Only h_t is the other programs' business: the backward's operands (activations,
             # c_t) go out after it, so the arrival's fence does not wait for them.
-            tl.store(g_ptr + gate, act, mask=four_ok)
+            _store_gates(g_ptr, gate, i, f, g, o, own_ok, H)
             c_ptr += H_STEP
             g_ptr += G_STEP
             tl.store(c_ptr + own, c, mask=own_ok)
             # Step t+1's input part needs no other program: its load overlaps the wait.
-            z = tl.load(g_ptr + gate, mask=four_ok & (t + 1 < T), other=0.0)
+            z_i, z_f, z_g, z_o = _load_gates(g_ptr, gate, own_ok & (t + 1 < T), H)
             if not TAGGED:
                 _wait(counter, tl.num_programs(0) * (t + 1))
 
@@ -399,14 +417,6 @@ if triton is not None:
         if HAS_GRAD_OUT:
             d_out = tl.load(grad_out_ptr + own, mask=mask, other=0.0)
         return i, f, g, o, c_prev, d_out
-
-    @triton.jit
-    def _store_gates(dg_ptr, gate, d_i, d_f, d_g, d_o, mask, H):
-        """A step's gate gradients of this program's units into the (T, K, B, 4H) output."""
-        tl.store(dg_ptr + gate, d_i, mask=mask)
-        tl.store(dg_ptr + gate + H, d_f, mask=mask)
-        tl.store(dg_ptr + gate + 2 * H, d_g, mask=mask)
-        tl.store(dg_ptr + gate + 3 * H, d_o, mask=mask)
 
     @triton.jit
     def _backward_kernel(
