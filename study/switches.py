@@ -17,8 +17,8 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "HDETACH_TRITON": ("1", "0"),
     # Triton kernels: split over hidden units where every program fits at once, or batch rows.
     "HDETACH_TRITON_KERNEL": ("auto", "split", "rows"),
-    # How split programs hand each other a step's h (and gate gradients): a counter barrier, or
-    # values tagged with their step number (study/models/triton_split.py, exchange()).
+    # How split programs hand each other a step's h (and the backward's share): a counter
+    # barrier, or values tagged with their step number (study/models/triton_split.py, exchange()).
     "HDETACH_TRITON_SPLIT_SYNC": ("barrier", "tagged"),
     # What split programs hand each other in the backward: every unit block's gate gradients, or
     # partial sums of the h gradient (study/models/triton_split.py, backward()).
