@@ -6,6 +6,7 @@ numbers and addresses aside). Needs torch, triton (with its ptxas and cuobjdump)
 
     python benchmarks/kernel_sass.py dump /tmp/before [--only split]
     python benchmarks/kernel_sass.py compare /tmp/before /tmp/after
+    python benchmarks/kernel_sass.py stats /tmp/after --kernels 'split-100-16-tf32-hc*'
 
 Another Triton (e.g. the GPU image's 3.6.0, which torch 2.11 ships) needs no other torch:
     pip install --no-deps --target /tmp/triton36 triton==3.6.0
@@ -123,6 +124,26 @@ def compare(before: Path, after: Path) -> None:
     print(f"{total - differing} of {total} kernels run the same operations in their loop")
 
 
+# What `stats` counts in a time loop: CTA barriers (each a shared-memory layout change or a
+# barrier/exchange wait), tensor-core ops, global loads and stores, and fences.
+STATS = {
+    "BAR.SYNC": "BAR.SYNC",
+    "HMMA": "HMMA",
+    "LDG": "LDG",
+    "STG": "STG",
+    "MEMBAR": "MEMBAR",
+}
+
+
+def stats(folder: Path, pattern: str) -> None:
+    """Per kernel matching `pattern`: its loop's instruction count and STATS counts."""
+    print(f"{'kernel':<56}{'loop':>6}" + "".join(f"{name:>10}" for name in STATS))
+    for path in sorted(folder.glob(f"{pattern}.sass")):
+        loop, _ = _loop_ops(path)
+        counts = [sum(op in text for text in loop) for op in STATS.values()]
+        print(f"{path.stem:<56}{len(loop):>6}" + "".join(f"{count:>10}" for count in counts))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -132,9 +153,14 @@ def main() -> None:
     comparing = commands.add_parser("compare", help="the kernels whose loops differ")
     comparing.add_argument("before", type=Path)
     comparing.add_argument("after", type=Path)
+    counting = commands.add_parser("stats", help="count barriers, tensor-core ops, ... a loop")
+    counting.add_argument("folder", type=Path)
+    counting.add_argument("--kernels", default="*", help="a glob over the kernel names")
     args = parser.parse_args()
     if args.command == "dump":
         dump(args.folder, args.only)
+    elif args.command == "stats":
+        stats(args.folder, args.kernels)
     else:
         compare(args.before, args.after)
 

@@ -66,3 +66,14 @@ def test_a_loop_past_address_0xffff_is_read_whole(tmp_path: Path, capsys) -> Non
     kernel_sass.compare(before, after)
     first = capsys.readouterr().out.strip().splitlines()[0]
     assert first == "k: loop 3 -> 5 instructions, 2 operations differ (kernel 5 -> 7)"
+
+
+def test_stats_count_the_loop_only(tmp_path: Path, capsys) -> None:
+    barrier = "        /*0030*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;\n"
+    sass = LOOP.format(a=3, b=5).replace("        /*0300*/", barrier + "        /*0300*/")
+    folder = _dump(tmp_path / "a", k=sass, other=LOOP.format(a=3, b=5))
+    kernel_sass.stats(folder, "k")
+    header, row = capsys.readouterr().out.strip().splitlines()
+    assert header.split() == ["kernel", "loop", "BAR.SYNC", "HMMA", "LDG", "STG", "MEMBAR"]
+    # The loop: HMMA, BAR.SYNC, FMUL and its branch; the MOV before and the EXIT after are not.
+    assert row.split() == ["k", "4", "1", "1", "0", "0", "0"]
