@@ -446,6 +446,8 @@ def main() -> None:
         print("no CUDA device: nothing to measure (benchmarks/lstm_step.py covers the CPU)")
         return
     device = torch.device("cuda" if cuda else "cpu")
+    if args.no_split:  # the study's own steps (STEP rows) too, which would pick split kernels
+        os.environ[triton_lstm.ENV_KERNEL] = "rows"
     skipped = {feature for feature in FEATURES if getattr(args, f"no_{feature}")}
     variants = variant_paths(not args.no_split, skipped)
     torch.manual_seed(0)

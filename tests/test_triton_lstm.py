@@ -27,6 +27,18 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 pytest.importorskip("triton", reason="needs triton")
 TOLERANCE = 1e-5
 
+
+@pytest.fixture(autouse=True)
+def _fresh_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """say_once, the failed-kernel set and the kernels used remember for the whole process:
+    each test starts without them, so a fallback in one cannot pass unsaid in the next."""
+    from study.models import triton_lstm
+
+    monkeypatch.setattr(notices, "_said", set())
+    monkeypatch.setattr(triton_lstm, "_failed", set())
+    monkeypatch.setattr(triton_lstm, "used", set())
+
+
 # (T, K, B, H, I, masks, grad_output, grad_h_n, grad_c_n): B=19 is no multiple of BLOCK_B, H=10
 # pads to 16 columns, and the absent gradients exercise set_materialize_grads(False).
 CASES = [
@@ -166,8 +178,6 @@ def test_forward_failure_falls_back_and_warns_once(monkeypatch: pytest.MonkeyPat
     # compile failure would on a GPU, and the eager path must take over.
     from study.models import triton_lstm
 
-    monkeypatch.setattr(notices, "_said", set())
-    monkeypatch.setattr(triton_lstm, "_failed", set())
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     inputs = _inputs(CASES[0])
     expected = _run(DeviceMaskedLSTM.apply, inputs)
@@ -177,6 +187,25 @@ def test_forward_failure_falls_back_and_warns_once(monkeypatch: pytest.MonkeyPat
             actual = _run(triton_lstm.TritonMaskedLSTM.apply, inputs)
             assert _max_error(actual, expected) == 0
     assert sum("Triton LSTM kernel failed" in str(w.message) for w in caught) == 1
+
+
+def test_a_split_kernel_failure_leaves_the_row_kernels(monkeypatch) -> None:
+    from study.models import triton_lstm
+
+    monkeypatch.setenv(triton_lstm.ENV_PRECISION, "tf32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        triton_lstm._give_up(100, RuntimeError("no"), split=True)
+    assert triton_lstm._split_key(100) in triton_lstm._failed
+    assert triton_lstm._key(100) not in triton_lstm._failed
+    assert "then the row kernels" in str(caught[0].message)
+    # Another exchange is another configuration: not given up.
+    monkeypatch.setenv(triton_lstm.ENV_SPLIT_SYNC, "tagged")
+    assert triton_lstm._split_key(100) not in triton_lstm._failed
+    monkeypatch.delenv(triton_lstm.ENV_SPLIT_SYNC)
+    inputs = _inputs(CASES[0])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_lstm.supports(inputs["x"], inputs["h0"], inputs["c0"], inputs["weights"])
 
 
 def test_cpu_tensors_and_other_dtypes_keep_the_eager_path(monkeypatch) -> None:
@@ -232,22 +261,30 @@ GPU_SHAPES = [(120, 1, 100, 128, 1), (784, 1, 100, 100, 1), (120, 16, 100, 128, 
 @pytest.mark.cuda
 @CUDA
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=["copying", "mnist", "copying-K16"])
-def test_triton_matches_the_eager_path_on_cuda(shape: tuple, monkeypatch) -> None:
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+@pytest.mark.parametrize("kernel", ["auto", "rows"])  # auto: split where it fits (K = 1)
+def test_triton_matches_the_eager_path_on_cuda(
+    shape: tuple, precision: str, kernel: str, monkeypatch
+) -> None:
     from study.models import triton_lstm
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setenv(triton_lstm.ENV_PRECISION, "ieee")  # full fp32 kernels, forced
+    monkeypatch.setenv(triton_lstm.ENV_PRECISION, precision)  # the kernels' products, forced
+    if kernel == "rows":  # else as set outside (gpu_check.sh sets rows if split failed)
+        monkeypatch.setenv(triton_lstm.ENV_KERNEL, "rows")
     case = (*shape, "hc", True, True, True)
     inputs = _inputs(case, device="cuda", seed=1)
     assert triton_lstm.supports(inputs["x"], inputs["h0"], inputs["c0"], inputs["weights"])
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a kernel that fell back fails the test
         actual = _run(triton_lstm.TritonMaskedLSTM.apply, inputs)
+    assert not triton_lstm._failed
     expected = _run(DeviceMaskedLSTM.apply, inputs)
+    tolerance = 1e-4 if precision == "ieee" else 1e-2
     for ours, theirs in zip(actual, expected, strict=True):
         # Gradients summed over 784 steps and 100 rows: compare relative to their size.
         scale = theirs.abs().max().item()
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * max(scale, 1.0))
+        torch.testing.assert_close(ours, theirs, rtol=tolerance, atol=tolerance * max(scale, 1.0))
     wrong = _run(triton_lstm.TritonMaskedLSTM.apply, inputs, keep_h=1 - inputs["keep_h"])
     assert not torch.allclose(wrong[7], expected[7], rtol=1e-3, atol=1e-3)
 
@@ -540,11 +577,35 @@ def test_split_kernels_match_the_eager_path_on_cuda(
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a kernel that fell back fails the test
         actual = _run(triton_lstm.TritonMaskedLSTM.apply, inputs)
+    assert triton_lstm.used == {"split"} and not triton_lstm._failed
     expected = _run(DeviceMaskedLSTM.apply, inputs)
     tolerance = 1e-4 if precision == "ieee" else 1e-2
     for ours, theirs in zip(actual, expected, strict=True):
         scale = theirs.abs().max().item()
         torch.testing.assert_close(ours, theirs, rtol=tolerance, atol=tolerance * max(scale, 1.0))
+
+
+@pytest.mark.cuda
+@CUDA
+def test_after_a_one_trial_kernel_fails_later_steps_take_the_row_kernels(monkeypatch) -> None:
+    from study.models import triton_lstm, triton_split
+
+    def broken(*args, **kwargs) -> None:
+        raise RuntimeError("out of resources (made up)")
+
+    monkeypatch.setattr(triton_split, "forward", broken)
+    monkeypatch.setenv(triton_lstm.ENV_PRECISION, "tf32")
+    inputs = _inputs((*GPU_SHAPES[0], "hc", True, True, True), device="cuda", seed=4)
+    expected = _run(DeviceMaskedLSTM.apply, inputs)
+    with pytest.warns(RuntimeWarning, match="split LSTM kernel failed"):
+        first = _run(triton_lstm.TritonMaskedLSTM.apply, inputs)  # eager, this once
+    triton_lstm.used.clear()
+    second = _run(triton_lstm.TritonMaskedLSTM.apply, inputs)
+    assert triton_lstm.used == {"rows"}
+    for ours, eager, theirs in zip(second, first, expected, strict=True):
+        scale = theirs.abs().max().item()
+        torch.testing.assert_close(eager, theirs, rtol=1e-6, atol=1e-6 * max(scale, 1.0))
+        torch.testing.assert_close(ours, theirs, rtol=1e-2, atol=1e-2 * max(scale, 1.0))
 
 
 # --- compiled for an H100 on this machine --------------------------------------------------------

@@ -81,8 +81,11 @@ def precision() -> str:
 
 def _split(x: torch.Tensor, members: int, batch: int, hidden: int) -> bool:
     """Whether the hidden-split kernels run (see ENV_KERNEL); never in the interpreter, which
-    runs programs one after another, so a barrier across programs would never open."""
+    runs programs one after another, so a barrier across programs would never open; nor once
+    they failed in this configuration (the row kernels take over)."""
     if switch(ENV_KERNEL) == "rows" or interpreting() or not x.is_cuda:
+        return False
+    if _split_key(hidden) in _failed:
         return False
     return triton_split.fits(members, batch, hidden, x.device, _split_units())
 
@@ -100,7 +103,21 @@ def _split_units() -> int:
 
 
 def _key(hidden: int) -> tuple:
+    """The row kernels' configuration, as _failed remembers it."""
     return (_padded(hidden), *tuning(hidden), precision())
+
+
+def _split_key(hidden: int) -> tuple:
+    """The split kernels' configuration, as _failed remembers it (apart from the rows')."""
+    launch = (switch(ENV_SPLIT_SYNC), switch(ENV_SPLIT_BACKWARD), _split_units())
+    return (
+        "split",
+        _padded(hidden),
+        *launch,
+        _split_warps(False),
+        _split_warps(True),
+        precision(),
+    )
 
 
 def supports(
@@ -141,10 +158,17 @@ def _row_tiles(hidden: int, block_b: int) -> dict[str, int | bool]:
     }
 
 
-def _give_up(hidden: int, error: Exception) -> None:
-    """Remember a failed configuration and say once that the eager path takes over."""
-    _failed.add(_key(hidden))
-    say_once(f"Triton LSTM kernel failed, using the eager CUDA path: {error!r}", warn=True)
+def _give_up(hidden: int, error: Exception, split: bool) -> None:
+    """Remember a failed configuration and say once that the eager path takes over (for this
+    call; after a split kernel's failure, later calls take the row kernels)."""
+    if split:
+        _failed.add(_split_key(hidden))
+        path = "the eager CUDA path for this step, then the row kernels"
+        message = f"Triton split LSTM kernel failed, using {path}: {error!r}"
+    else:
+        _failed.add(_key(hidden))
+        message = f"Triton LSTM kernel failed, using the eager CUDA path: {error!r}"
+    say_once(message, warn=True)
 
 
 class TritonMaskedLSTM(torch.autograd.Function):
@@ -214,7 +238,7 @@ class TritonMaskedLSTM(torch.autograd.Function):
                     num_stages=1,  # nothing to pipeline: each step depends on the last
                 )
         except Exception as error:  # compile failure: the eager path gives the same results
-            _give_up(hidden, error)
+            _give_up(hidden, error, ctx.split)
             ctx.eager = True
             return DeviceMaskedLSTM.forward(
                 ctx, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, keep_h, keep_c
@@ -279,7 +303,7 @@ class TritonMaskedLSTM(torch.autograd.Function):
                     num_stages=1,
                 )
         except Exception as error:  # compile failure: the eager step loop on the saved state
-            _give_up(hidden, error)
+            _give_up(hidden, error, ctx.split)
             rows = members * batch
             workspaces = [g.view(rows, -1) for g in gates.unbind(0)]
             return DeviceMaskedLSTM.eager_backward(
