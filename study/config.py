@@ -6,6 +6,7 @@ import dataclasses
 import re
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -149,3 +150,12 @@ def check_reachable(what: str, host: str, port: int, hint: str) -> None:
     except OSError as error:
         reason = error.strerror or type(error).__name__
         raise ConfigError(f"{what}: cannot connect to {host}:{port} ({reason}); {hint}") from None
+
+
+def make_folder(path: Path, flag: str) -> None:
+    """mkdir -p for a folder the user named with `flag`: a one-line error if it cannot be."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConfigError(f"{flag} {path}: cannot make this folder ({reason})") from None

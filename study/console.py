@@ -59,8 +59,12 @@ def trial_line(
 
 
 def ui_command(output: str | None, tracking_uri: str | None) -> str:
+    """How to browse a study: `study ui` for a study folder's own store (tracking_uri None),
+    else the server's address, or MLflow's own UI on another SQLite store."""
     if tracking_uri is not None and tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri} in a browser"
+    if tracking_uri is not None:
+        return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"
     flags = f" --output {shlex.quote(output)}" if output is not None else ""
     return f"study ui{flags}"
 

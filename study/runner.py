@@ -22,7 +22,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from study import console, space, tracking
-from study.config import INT_FIELDS, ConfigError, TrialConfig, check_reachable
+from study.config import INT_FIELDS, ConfigError, TrialConfig, check_reachable, make_folder
 from study.packed_train import train_packed
 from study.spec import AUTO_GPUS, Range, StudySpec, spec_from_mapping
 from study.tasks import TASKS
@@ -447,7 +447,7 @@ def run_study(
     # Ray first: a wrong --address or a GPU request Ray cannot meet leaves no study behind.
     with _ray_session(address, spec):
         _check_gpus(spec, address, echo)
-        output.mkdir(parents=True, exist_ok=True)
+        make_folder(output, "--output")
         artifacts = None
         if tracking_uri is None:
             artifacts = (tracking.artifact_dir(output) / spec.name).as_uri()
@@ -574,7 +574,9 @@ def _execute(state: StudyState, max_concurrent: int | None, echo: Echo, resuming
     echo(f"took {time.monotonic() - started:.0f} s")
     if pending:
         echo(f"unfinished; continue with: study resume {spec.name} --output {state.output}")
-    echo(f"MLflow UI: {console.ui_command(str(state.output), _server_uri(state.tracking_uri))}")
+    own_store = state.tracking_uri == tracking.store_uri(state.output)
+    ui = console.ui_command(str(state.output), None if own_store else state.tracking_uri)
+    echo(f"MLflow UI: {ui}")
     if failed:
         return 1
     return 130 if pending else 0  # pending after fit: interrupted (Ctrl-C), as main() reports it
@@ -865,7 +867,3 @@ def _store_exists(uri: str) -> bool:
 def _store_label(uri: str) -> str:
     database = tracking.sqlite_path(uri)
     return str(database) if database is not None else uri
-
-
-def _server_uri(uri: str) -> str | None:
-    return uri if uri.startswith(("http://", "https://")) else None

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -407,10 +411,12 @@ def search_all_runs(mlflow: MlflowClient, experiment_id: str, filter_string: str
 
 
 def serve_ui(output_dir: Path, port: int, echo: Any = print) -> int:
-    """Run the MLflow UI for the embedded store of `output_dir` on 127.0.0.1 until Ctrl-C."""
+    """Run the MLflow UI for the embedded store of `output_dir` on 127.0.0.1 until Ctrl-C or
+    SIGTERM, either of which stops the server and its workers (their own process group)."""
     if not has_store(output_dir):
         missing = output_dir.absolute() / "mlflow.db"
         raise ConfigError(f"--output {output_dir}: no MLflow store there ({missing} is missing)")
+    _check_port_free(port)
     command = [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", store_uri(output_dir),
@@ -418,8 +424,44 @@ def serve_ui(output_dir: Path, port: int, echo: Any = print) -> int:
         "--host", "127.0.0.1",
         "--port", str(port),
     ]  # fmt: skip
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    server = subprocess.Popen(command, start_new_session=True)
     echo(f"MLflow UI for {output_dir}: http://127.0.0.1:{port}  (Ctrl-C to stop)")
     try:
-        return subprocess.run(command).returncode
+        return server.wait()
     except KeyboardInterrupt:
         return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop_group(server)
+
+
+def _check_port_free(port: int) -> None:
+    """`study ui` prints its URL before the server binds: a taken port is said first."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+            raise ConfigError(
+                f"--port {port}: 127.0.0.1:{port} is not free ({reason}); pick another --port"
+            ) from None
+
+
+def _stop_group(server: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (the server and its workers), then SIGKILL."""
+    if server.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    with contextlib.suppress(ProcessLookupError):  # workers the server left behind
+        os.killpg(server.pid, signal.SIGKILL)

@@ -224,3 +224,27 @@ def test_unknown_study_is_a_config_error_naming_study_and_uri(tmp_path):
     with pytest.raises(ConfigError, match=r"'absent'.*sqlite:///.*mlflow\.db"):
         write_report("absent", tmp_path, None)
     assert not (tmp_path / "reports" / "absent").exists()
+
+
+def test_a_report_from_another_store_does_not_replace_the_folders_report(tmp_path):
+    trials = [make_trial(f"t000{seed}", MISS, seed=seed) for seed in range(3)]
+    (tmp_path / "here").mkdir()
+    (tmp_path / "other").mkdir()
+    write_study(tmp_path / "here", "same", trials)
+    other_uri, _ = write_study(tmp_path / "other", "same", trials)
+    with contextlib.redirect_stdout(io.StringIO()):
+        report_dir = write_report("same", tmp_path / "here", None)
+    kept = (report_dir / "summary.json").read_text()
+    with pytest.raises(ConfigError, match="holds the report of the study read from"):
+        write_report("same", tmp_path / "here", other_uri)  # --tracking-uri, default --output
+    assert (report_dir / "summary.json").read_text() == kept
+    with contextlib.redirect_stdout(io.StringIO()):  # its own folder: written
+        write_report("same", tmp_path / "elsewhere", other_uri)
+
+
+def test_a_report_folder_that_cannot_be_made_is_a_one_line_error(tmp_path):
+    trials = [make_trial(f"t000{seed}", MISS, seed=seed) for seed in range(3)]
+    write_study(tmp_path, "blocked", trials)
+    (tmp_path / "reports").write_text("a file where the reports folder goes")
+    with pytest.raises(ConfigError, match=r"--output .*: cannot make this folder \(Not a dir"):
+        write_report("blocked", tmp_path, None)

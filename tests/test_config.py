@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,13 @@ def test_check_reachable_names_what_and_where_in_one_line() -> None:
     message = str(error.value)
     assert message.startswith(f"--x http://h: cannot connect to 127.0.0.1:{port} (")
     assert message.endswith("; is it running?") and "\n" not in message
+
+
+def test_make_folder_names_the_flag_and_the_reason(tmp_path: Path) -> None:
+    from study.config import make_folder
+
+    make_folder(tmp_path / "a" / "b", "--output")
+    assert (tmp_path / "a" / "b").is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"^--output .*file/sub: cannot make this folder \(Not"):
+        make_folder(tmp_path / "file" / "sub", "--output")

@@ -210,3 +210,56 @@ def test_check_uri_accepts_stores_and_tries_servers(tmp_path: Path) -> None:
 def test_listing_a_missing_sqlite_file_creates_nothing(tmp_path: Path) -> None:
     assert tracking.list_studies(f"sqlite:///{tmp_path}/absent/mlflow.db") == []
     assert not (tmp_path / "absent").exists()
+
+
+def test_ui_refuses_a_taken_port_in_one_line(tmp_path: Path) -> None:
+    tracking.ensure_experiment(tracking.store_uri(tmp_path), "demo", None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"^--port {port}: 127.0.0.1:{port} is not free"):
+            tracking.serve_ui(tmp_path, port)
+
+
+def test_ui_stopped_by_sigterm_stops_its_server(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    tracking.ensure_experiment(tracking.store_uri(tmp_path), "demo", None)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "study.cli", "ui", "--output", str(tmp_path), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                assert urllib.request.urlopen(url, timeout=5).status == 200
+                break
+            except OSError:
+                assert ui.poll() is None and time.monotonic() < deadline, "the UI never served"
+                time.sleep(1)
+        ui.send_signal(signal.SIGTERM)  # as `kill PID` or `docker stop` would
+        assert ui.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the server and its workers are gone: port free
+            try:
+                urllib.request.urlopen(url, timeout=2)
+            except OSError:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail(f"{url} still answers after the UI was stopped")
+    finally:
+        if ui.poll() is None:
+            os.kill(ui.pid, signal.SIGKILL)

@@ -30,6 +30,7 @@ from study.analysis.stats import (
     variant_label,
     wilson_interval,
 )
+from study.config import ConfigError, make_folder
 from study.tracking import log_folder, store_uri
 
 # How each statistic is defined; shown in the report itself so a reader need not find this file.
@@ -79,8 +80,9 @@ def write_report(study_name: str, output_dir: Path, tracking_uri: str | None) ->
     uri = tracking_uri or store_uri(output_dir)
     analysis = analyse(load_study(study_name, uri))
     report_dir = output_dir / "reports" / study_name
+    _refuse_another_stores_report(report_dir, uri, output_dir)
     figure_dir = report_dir / "figures"
-    figure_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(figure_dir, "--output")
     # A rerun must not re-log figures of an earlier report (e.g. of a task since renamed).
     for stale in figure_dir.glob("*.png"):
         stale.unlink()
@@ -109,6 +111,20 @@ def write_report(study_name: str, output_dir: Path, tracking_uri: str | None) ->
         print(f"  - {line}")
     print(f"report: {(report_dir / 'index.html').resolve()}")
     return report_dir
+
+
+def _refuse_another_stores_report(report_dir: Path, uri: str, output_dir: Path) -> None:
+    """A report of a same-named study from another store (e.g. --tracking-uri without
+    --output) must not replace the one already in the folder."""
+    try:
+        earlier = json.loads((report_dir / "summary.json").read_text()).get("tracking_uri")
+    except (OSError, ValueError, AttributeError):
+        return  # no earlier report (or not one of ours): nothing to keep
+    if earlier is not None and earlier != uri:
+        raise ConfigError(
+            f"--output {output_dir}: {report_dir} holds the report of the study read from "
+            f"{earlier}; give this one (from {uri}) another folder with --output DIR"
+        )
 
 
 # ---------------------------------------------------------------- verdicts
