@@ -262,6 +262,17 @@ def _port(text: str) -> int:
     return value
 
 
+def _study_name(text: str) -> str:
+    """A study's name, not its YAML file (a likely slip: `study run` takes the file)."""
+    if text.endswith((".yaml", ".yml")) or "/" in text:
+        stem = Path(text).name.rsplit(".", 1)[0] if text.endswith((".yaml", ".yml")) else None
+        example = f" (here: {stem})" if stem else ""
+        raise argparse.ArgumentTypeError(
+            f"expected a study name, the YAML file's stem{example}, got the path {text!r}"
+        )
+    return text
+
+
 def _add_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output",
@@ -288,7 +299,9 @@ def _add_study_parsers(commands: argparse._SubParsersAction) -> None:
     run.set_defaults(handler=_run)
 
     resume = commands.add_parser("resume", help="continue an interrupted study")
-    resume.add_argument("name", metavar="NAME", help="study name (the YAML file's stem)")
+    resume.add_argument(
+        "name", type=_study_name, metavar="NAME", help="study name (the YAML file's stem)"
+    )
     _add_output(resume)
     resume.add_argument("--address", help="attach to this Ray cluster instead of a local Ray")
     resume.set_defaults(handler=_resume)
@@ -354,7 +367,9 @@ def _ui(args: argparse.Namespace) -> int:
 
 def _add_report_parser(commands: argparse._SubParsersAction) -> None:
     report = commands.add_parser("report", help="robustness report of a study, read from MLflow")
-    report.add_argument("name", metavar="NAME", help="study name (the YAML file's stem)")
+    report.add_argument(
+        "name", type=_study_name, metavar="NAME", help="study name (the YAML file's stem)"
+    )
     _add_output(report)
     report.add_argument("--tracking-uri", help="read this MLflow server instead of DIR/mlflow.db")
     report.set_defaults(handler=_report)

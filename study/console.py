@@ -76,7 +76,9 @@ def summary_table(summary: StudySummary) -> str:
     for trial in summary.trials:
         label = trial.method if trial.method == "none" else f"{trial.method} p={trial.p_detach:g}"
         rows.setdefault(label, []).append(trial)
-    header = ("method", "trials", *OUTCOMES, "running", "best val/acc", "median")
+    # "unfinished": started and not done (running now, or interrupted); trials not started
+    # yet have no run, so no row: the headline's "pending" counts both.
+    header = ("method", "trials", *OUTCOMES, "unfinished", "best val/acc", "median")
     table = [header]
     for label, trials in rows.items():
         accuracies = [
@@ -95,10 +97,12 @@ def summary_table(summary: StudySummary) -> str:
             )
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    unfinished = sum(t.state == "running" for t in summary.trials)
+    started = f" ({unfinished} of them started, unfinished)" if unfinished else ""
     lines = [
         f"{summary.name}: {summary.n_trials} trials: "
         + ", ".join(f"{summary.count(o)} {o}" for o in OUTCOMES)
-        + f", {summary.pending} pending"
+        + f", {summary.pending} pending{started}"
     ]
     lines.extend(
         "  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))

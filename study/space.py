@@ -162,10 +162,16 @@ def plan_cells(spec: StudySpec) -> list[Cell]:
     """The scientific x replicate cells of an Optuna study, samples_per_cell trials each."""
     cells: list[Cell] = []
     first = 0
+    seen: list[dict[str, Any]] = []
     for point in _grid(spec.scientific):
         domains = {p: a for p, a in spec.nuisance.items() if isinstance(a, (list, Range))}
         if point.get("method", spec.fixed.get("method", "none")) == "none":
             domains.pop("p_detach", None)
+            if "p_detach" in point:  # as plan_trials: vanilla's p_detach axis collapses to 0
+                point = {**point, "p_detach": 0.0}
+        if point in seen:
+            continue
+        seen.append(point)
         # Nothing left to tune (e.g. only p_detach, under method none): one trial is enough.
         n_samples = spec.search.samples_per_cell if domains else 1
         for seed in spec.seeds:

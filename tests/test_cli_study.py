@@ -56,6 +56,18 @@ def test_input_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "no studies in" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["report", "resume"])
+def test_a_yaml_file_for_a_study_name_says_which_name(command: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([command, "search_spaces/quick.yaml"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"study {command}: error: argument NAME: expected a study name, the YAML file's stem "
+        "(here: quick), got the path 'search_spaces/quick.yaml'\n"
+    )
+
+
 @pytest.mark.parametrize("port", ["99999", "0", "-1", "http"])
 def test_ui_port_must_be_a_tcp_port(port: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:

@@ -196,3 +196,22 @@ def test_format_value() -> None:
     assert space.format_value(1.0e-3) == "0.001"
     assert space.format_value(True) == "true"
     assert space.format_value(Range(1e-4, 1e-2, "log")) == "log[0.0001, 0.01]"
+
+
+def test_optuna_cells_of_method_none_collapse_over_p_detach(tmp_path: Path) -> None:
+    body = tiny_copying(
+        scientific={"method": ["none", "h_detach"], "p_detach": [0.25, 0.5]},
+        nuisance={"lr": {"min": 1.0e-3, "max": 1.0e-1, "scaling": "log"}},
+        search={"searcher": "optuna", "samples_per_cell": 2},
+    )
+    spec = load_spec(write_space(tmp_path, "collapse", body))
+    cells = space.plan_cells(spec)
+    # As the grid: none x {0.25, 0.5} is one cell per seed at p_detach 0, not two alike.
+    points = [(cell.point["method"], cell.point["p_detach"], cell.seed) for cell in cells]
+    assert points == [
+        ("none", 0.0, 0), ("none", 0.0, 1),
+        ("h_detach", 0.25, 0), ("h_detach", 0.25, 1),
+        ("h_detach", 0.5, 0), ("h_detach", 0.5, 1),
+    ]  # fmt: skip
+    assert space.n_trials(spec) == 12
+    assert "method=none p_detach=0 seed=0: 2 samples" in space.plan_text(spec)
