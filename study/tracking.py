@@ -432,17 +432,20 @@ def serve_ui(output_dir: Path, port: int, echo: Any = print) -> int:
     server = subprocess.Popen(command, start_new_session=True)
     echo(f"MLflow UI for {output_dir}: http://127.0.0.1:{port}  (Ctrl-C to stop)")
     try:
-        return server.wait()
+        return server.wait()  # the server ended by itself
     except KeyboardInterrupt:
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
-        _stop_group(server)
+        if server.returncode is None:  # Ctrl-C or SIGTERM here: stop the server's group
+            _stop_group(server)
 
 
 def _check_port_free(port: int) -> None:
     """`study ui` prints its URL before the server binds: a taken port is said first."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As the server will: a port left in TIME_WAIT is free, one with a listener is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError as error:
@@ -453,15 +456,15 @@ def _check_port_free(port: int) -> None:
 
 
 def _stop_group(server: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (the server and its workers), then SIGKILL."""
-    if server.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-    with contextlib.suppress(ProcessLookupError):  # workers the server left behind
+    """SIGTERM to the server's process group (the server and its workers), then SIGKILL to
+    what is left. The server is reaped last: until then its id cannot name another group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if os.waitid(os.P_PID, server.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None:
+            break
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
