@@ -384,7 +384,7 @@ def triton_sweep(
     # triton_split.default_warps, which may differ between the forward and the backward). TF32
     # only: full fp32 is not the study's path there (rows kernels measured 2.5-3.4x slower than
     # the per-step kernels on an H100, whatever the warps). Split: 4 warps measured best at 16
-    # units (2: 1.84x cuDNN, 4: 1.69x, 8: 2.01x), so the sweep keeps 4 as its baseline.
+    # units (1: 1.84x cuDNN, 2: 1.95x, 4: 1.69x, 8: 2.01x), so the sweep keeps 4 as its baseline.
     configs = [("Triton tf32", 16, 0, w) for w in ("4", "8")]
     if split:
         configs += [("Triton split tf32", 16, u, "4") for u in (16, 32)]

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from study.config import ConfigError, TrialConfig
+from study.config import ConfigError, TrialConfig, make_folder
 from study.switches import check_switches
 
 
@@ -163,10 +163,7 @@ def _check_out(path: Path) -> None:
     existing = next((p for p in (parent, *parent.parents) if p.exists()), Path("."))
     if not existing.is_dir():
         raise ConfigError(f"--out: {existing} is a file, so it cannot hold {path}")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)  # a new nested folder is fine, as it was
-    except OSError as error:
-        raise ConfigError(f"--out: cannot create folder {parent} ({error.strerror})") from None
+    make_folder(parent, "--out")  # a new nested folder is fine, as it was
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--out: cannot write files in {parent} (permission denied)")
     try:
@@ -264,9 +261,9 @@ def _port(text: str) -> int:
 
 def _study_name(text: str) -> str:
     """A study's name, not its YAML file (a likely slip: `study run` takes the file)."""
-    if text.endswith((".yaml", ".yml")) or "/" in text:
-        stem = Path(text).name.rsplit(".", 1)[0] if text.endswith((".yaml", ".yml")) else None
-        example = f" (here: {stem})" if stem else ""
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml") or "/" in text:
+        example = f" (here: {path.stem})" if path.suffix in (".yaml", ".yml") else ""
         raise argparse.ArgumentTypeError(
             f"expected a study name, the YAML file's stem{example}, got the path {text!r}"
         )

@@ -26,8 +26,8 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     # tl.dot precision; auto follows torch.backends.cuda.matmul.allow_tf32 (a trial's precision).
     "HDETACH_TRITON_PRECISION": ("auto", "ieee", "tf32", "tf32x3"),
     # Tuning for benchmark sweeps: batch rows and warps per row-kernel program (auto: 8 warps
-    # for H > 64, else 4), hidden units and warps per split program (auto: triton_split.WARPS),
-    # fp32 reduction slice.
+    # for H > 64, else 4), hidden units and warps per split program (auto:
+    # triton_split.default_warps), fp32 reduction slice.
     "HDETACH_TRITON_BLOCK_B": ("16", "32", "64"),
     "HDETACH_TRITON_WARPS": ("auto", "1", "2", "4", "8", "16"),
     "HDETACH_TRITON_SPLIT_UNITS": ("16", "32"),

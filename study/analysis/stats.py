@@ -211,7 +211,7 @@ def best_tuned_trials(trials: list[Trial], tuned: list[str]) -> list[Trial]:
     chosen = []
     for members in groups.values():
         finished = [t for t in members if t.finished]
-        best = max(finished, key=_best_accuracy) if finished else members[0]
+        best = max(finished, key=lambda t: score_run(t, 1.0).best) if finished else members[0]
         marked = [k for k in tuned if k in best.params]
         if best.method == "none" and "p_detach" in marked:
             marked.remove("p_detach")
@@ -231,10 +231,6 @@ def best_tuned_trials(trials: list[Trial], tuned: list[str]) -> list[Trial]:
             )
         )
     return sorted(chosen, key=lambda t: t.trial_id)
-
-
-def _best_accuracy(trial: Trial) -> float:
-    return float(np.nan_to_num(trial.val_acc, nan=0.0).max()) if len(trial.val_acc) else 0.0
 
 
 # ---------------------------------------------------------------- per run and per cell

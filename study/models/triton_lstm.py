@@ -85,7 +85,7 @@ def _split(x: torch.Tensor, members: int, batch: int, hidden: int) -> bool:
     they failed in this configuration (the row kernels take over)."""
     if switch(ENV_KERNEL) == "rows" or interpreting() or not x.is_cuda:
         return False
-    if _split_key(hidden) in _failed:
+    if _failed and _split_key(hidden) in _failed:  # (nothing to look up on the usual path)
         return False
     return triton_split.fits(members, batch, hidden, x.device, _split_units())
 
