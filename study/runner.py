@@ -772,6 +772,9 @@ def _ray_session(address: str | None, spec: StudySpec) -> Iterator[None]:
     # Tune's TensorBoard logger warns "NaN or Inf found in input tensor." for a diverged
     # trial's last report; divergence is an outcome, and our line for the trial says so.
     logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
+    # Optuna announces each cell's in-memory study ("A new study created in memory ...") at
+    # INFO, between our trial lines; its warnings still show.
+    logging.getLogger("optuna").setLevel(logging.WARNING)
     if ray.is_initialized():
         yield
         return

@@ -190,11 +190,10 @@ def spec_from_mapping(raw: Any, name: str, where: str, smoke: bool = False) -> S
     check.keys("", raw, SECTIONS)
     if "task" not in raw:
         raise ConfigError(f"{where}: field task: missing; give at least task: {{name: copying}}")
-    if smoke and raw.get("smoke") is None:
+    if smoke and raw.get("smoke") in (None, {}):
         # Running the full study labelled "(smoke)" would be a silent, costly surprise.
-        raise ConfigError(
-            f"{where}: --smoke asks for the smoke variant, but the file has no smoke section"
-        )
+        what = "no smoke section" if raw.get("smoke") is None else "an empty smoke section"
+        raise ConfigError(f"{where}: --smoke asks for the smoke variant, but the file has {what}")
     overrides = raw.get("smoke") or {}
     check.mapping("smoke", overrides)
     check.keys("smoke", overrides, [s for s in SECTIONS if s != "smoke"])

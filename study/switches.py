@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 
 from study.config import ConfigError
@@ -49,6 +50,18 @@ def switch(name: str) -> str:
 
 
 def check_switches() -> None:
-    """Check every switch set in the environment, before any work starts."""
+    """Check every switch set in the environment, before any work starts; an HDETACH_* name that
+    is no switch (a typo would otherwise leave the default in force, unseen) is an error too."""
+    for name in sorted(os.environ):
+        if name.startswith("HDETACH_") and name not in SWITCHES:
+            # Compared without the shared prefix, which would make every name look close.
+            suffixes = {switch_name[len("HDETACH_") :]: switch_name for switch_name in SWITCHES}
+            close = difflib.get_close_matches(name[len("HDETACH_") :], suffixes, n=1)
+            hint = (
+                f"did you mean {suffixes[close[0]]}?"
+                if close
+                else f"switches: {', '.join(SWITCHES)}"
+            )
+            raise ConfigError(f"environment variable {name}: no such switch ({hint})")
     for name in SWITCHES:
         switch(name)

@@ -166,11 +166,21 @@ def test_yaml_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
     assert load_spec(path).fixed == {"lr": 0.2, "clip_norm": 2.0}
 
 
-@pytest.mark.parametrize("extra", [{}, {"smoke": None}], ids=["absent", "empty"])
-def test_smoke_flag_needs_a_smoke_section(tmp_path: Path, extra: dict[str, None]) -> None:
+@pytest.mark.parametrize(
+    "extra,has",
+    [
+        ({}, "no smoke section"),
+        ({"smoke": None}, "no smoke section"),
+        ({"smoke": {}}, "an empty smoke section"),
+    ],
+    ids=["absent", "null", "empty"],
+)
+def test_smoke_flag_needs_a_smoke_section(
+    tmp_path: Path, extra: dict[str, None | dict[str, object]], has: str
+) -> None:
     path = write_space(tmp_path, "no_smoke", {**tiny_copying(), **extra})
     assert not load_spec(path).smoke  # the full study is fine
-    expected = f"{path}: --smoke asks for the smoke variant, but the file has no smoke section"
+    expected = f"{path}: --smoke asks for the smoke variant, but the file has {has}"
     with pytest.raises(ConfigError) as caught:
         load_spec(path, smoke=True)
     assert str(caught.value) == expected

@@ -68,6 +68,24 @@ def test_a_value_not_allowed_names_the_variable_and_the_choices(
     assert "\n" not in message and ", ".join(SWITCHES[name]) in message
 
 
+@pytest.mark.parametrize(
+    "name,hint",
+    [
+        ("HDETACH_TRITON_SPLT_SYNC", "did you mean HDETACH_TRITON_SPLIT_SYNC?"),
+        ("HDETACH_NONSENSE", "switches: HDETACH_CPU_CELLS, HDETACH_CUDA_GRAPHS, "),
+    ],
+)
+def test_an_hdetach_name_that_is_no_switch_is_an_error(
+    name: str, hint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(name, "tagged")
+    with pytest.raises(ConfigError) as raised:
+        check_switches()
+    message = str(raised.value)
+    assert message.startswith(f"environment variable {name}: no such switch ({hint}")
+    assert "\n" not in message
+
+
 def test_study_stops_on_a_mistyped_switch_before_any_work() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "study.cli", "trial", "--iterations", "5"],
