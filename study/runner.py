@@ -337,8 +337,8 @@ class _Reporter:
         self.state = state
         self.total = total
         self.finished = set(finished)
-        # Packed trials that completed or diverged in an earlier session: their pack can run
-        # again for its other members, and must not print them twice.
+        # Trials that completed or diverged in an earlier session: Tune may run them (or their
+        # pack, for its other members) again, and they must not be printed twice.
         self.done_before = set(done)
         self.echo = echo
 
@@ -357,6 +357,11 @@ class _Reporter:
         """The lines of a Ray trial that ended: completed, or failed with `error`."""
         result = trial.last_result or {}
         if "pack" not in trial.config:
+            if str(trial) in self.done_before:
+                # It finished in an earlier session, after Tune's last snapshot: Tune runs it
+                # again, it returns at once (its saved state says finished), and Tune ends it
+                # with the snapshot's stale last result. Its line was printed back then.
+                return
             outcome = result.get("outcome", COMPLETED) if error is None else tracking.FAILED
             point = {**trial.config["trial"]["point"], **trial.config.get("nuisance", {})}
             self._line(str(trial), point, outcome, result.get("best/val_accuracy"), result, error)

@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import FASHION_MNIST, free_port, tiny_copying, write_space
 from mlflow import MlflowClient
+from ray.tune.experiment import Trial
 
 from study import runner, space, tracking
 from study.config import ConfigError, TrialConfig
@@ -397,6 +398,30 @@ def resume_to_completion(name: str, trials: int, output: Path, env: dict[str, st
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resuming {name}: {trials} trials" in resumed.stdout
     assert f"{name}: {trials} trials: {trials} completed" in resumed.stdout
+    assert ": running, " not in resumed.stdout  # no trial of an earlier session printed again
+
+
+def test_a_trial_finished_in_an_earlier_session_is_not_printed_again() -> None:
+    # After a killed driver, Tune's snapshot can predate t0000's completion: on resume Tune runs
+    # it again, it returns at once, and Tune ends it with the snapshot's last result (running).
+    printed: list[str] = []
+    before = {"t0000", "t0001"}
+    reporter = runner._Reporter(None, 4, before, before, printed.append)  # type: ignore[arg-type]
+    results = {
+        "t0000": {"outcome": "running", "best/val_accuracy": 0.139, "time_total_s": 9.0},
+        "t0002": {"outcome": "completed", "best/val_accuracy": 0.186, "time_total_s": 12.0},
+    }
+    for trial_id, result in results.items():
+        trial = Trial(
+            "__fake",
+            config={"trial": {"point": {"method": "none", "seed": 0}}},
+            trial_id=trial_id,
+            stub=True,
+            trial_name_creator=lambda trial: trial.trial_id,
+        )
+        trial.run_metadata.last_result = result
+        reporter.lines(trial)
+    assert printed == ["[3/4] t0002 none seed=0: completed, best val/accuracy 0.186 (12 s)"]
 
 
 @pytest.mark.slow
