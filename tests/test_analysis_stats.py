@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 from analysis_fixtures import grid, make_trial
+from scipy import stats
 
 from study.analysis.load import Study
 from study.analysis.stats import (
@@ -19,10 +20,11 @@ from study.analysis.stats import (
     expected_best_of_n,
     interquartile_means,
     lr_sensitivity,
+    newcombe_interval,
     paired_comparisons,
     score_run,
     spread,
-    stratified_bootstrap_ci,
+    stratified_interval,
     wilson_interval,
 )
 
@@ -121,11 +123,31 @@ def test_lr_sensitivity_contiguous_good_range():
     assert s.good_lr_decades == pytest.approx(1.0)
 
 
-def test_lr_sensitivity_skips_cells_below_min_seeds():
-    trials = grid({("none", 0.0): {(1e-3, 1.0): [[0.9]] * 3, (1e-2, 1.0): [[1.0]] * 2}})
-    analysis = analyse(_study(trials))
-    assert [s.lrs for s in lr_sensitivity(analysis.cells)] == [[1e-3]]
-    assert analysis.lr_sensitivity[0].good_lr_decades == 0.0
+def test_lr_sensitivity_a_cell_below_min_seeds_is_unknown_and_breaks_the_good_range():
+    # 1e-2 has 2 seeds: not known to be good, so 1e-3 and 1e-1 do not join into 2 decades.
+    cells = {(1e-3, 1.0): [[1.0]] * 3, (1e-2, 1.0): [[0.1]] * 2, (1e-1, 1.0): [[1.0]] * 3}
+    analysis = analyse(_study(grid({("none", 0.0): cells})))
+    (s,) = lr_sensitivity(analysis.cells)
+    assert s.lrs == [1e-3, 1e-2, 1e-1]
+    assert s.relative[0] == s.relative[2] == 1.0 and math.isnan(s.relative[1])
+    assert s.good_lrs == (1e-3, 1e-3) and s.good_lr_decades == 0.0
+
+
+def test_lr_sensitivity_measures_every_method_against_the_best_any_reached():
+    # Vanilla sits at chance at every lr; relative to its own best it would be "good" across
+    # 2 decades. Against h-detach's best it has no good lr at all.
+    lrs = (1e-3, 1e-2, 1e-1)
+    h_detach_best = dict(zip(lrs, (0.5, 1.0, 0.6), strict=True))
+    trials = grid(
+        {
+            ("none", 0.0): {(lr, 1.0): [[0.125]] * 3 for lr in lrs},
+            ("h_detach", 0.5): {(lr, 1.0): [[a]] * 3 for lr, a in h_detach_best.items()},
+        }
+    )
+    vanilla, h_detach = lr_sensitivity(analyse(_study(trials)).cells)
+    assert vanilla.relative == pytest.approx([0.125] * 3)
+    assert vanilla.good_lrs is None and math.isnan(vanilla.good_lr_decades)
+    assert h_detach.good_lrs == (1e-2, 1e-2) and h_detach.good_lr_decades == 0.0
 
 
 def test_clipping_dependence_by_hand():
@@ -146,6 +168,31 @@ def test_clipping_dependence_by_hand():
     assert (d.with_successes, d.with_n, d.without_successes, d.without_n) == (5, 6, 1, 6)
     assert d.difference == pytest.approx(4 / 6)
     assert d.difference_ci[0] <= 4 / 6 <= d.difference_ci[1]
+
+
+def test_clipping_dependence_weighs_each_lr_alike_whatever_its_seed_counts():
+    # Success depends on lr only: clipping changes nothing at either lr. Pooled over runs the
+    # sides would mix the lrs 5:3 and 3:5 and show +0.25.
+    curves = {
+        ("none", 0.0): {
+            (1e-3, 1.0): [REACH] * 5,
+            (1e-2, 1.0): [MISS] * 3,
+            (1e-3, None): [REACH] * 3,
+            (1e-2, None): [MISS] * 5,
+        }
+    }
+    (d,) = clipping_dependence([score_run(t, TARGET) for t in grid(curves)])
+    assert d.difference == 0.0
+    # Every cell's runs agree, so resampling seeds gives no spread: Newcombe's interval of the
+    # two rates (1/2 each) stands in rather than a zero-width one.
+    assert d.difference_ci == pytest.approx(newcombe_interval(0.5, 8, 0.5, 8))
+    assert d.difference_ci[0] < -0.3 and d.difference_ci[1] > 0.3
+
+
+def test_newcombe_interval_by_hand():
+    # Newcombe 1998, Table II, example (a): 56/70 - 48/80: [0.0524, 0.3339].
+    low, high = newcombe_interval(56 / 70, 70, 48 / 80, 80)
+    assert (low, high) == pytest.approx((0.0524, 0.3339), abs=1e-4)
 
 
 def test_dominating_method_has_p_better_one():
@@ -194,7 +241,7 @@ def test_p_better_pairs_only_runs_that_share_every_other_param():
     assert (p.n_pairs, p.p_better) == (6, 0.5)
 
 
-def test_p_better_all_ties_has_no_interval():
+def test_p_better_all_ties_has_the_wilson_interval_of_half_the_pairs():
     runs = [
         score_run(t, TARGET)
         for t in grid(
@@ -205,7 +252,23 @@ def test_p_better_all_ties_has_no_interval():
         )  # fmt: skip
     ]
     (p,) = paired_comparisons(runs)
-    assert p.p_better == 0.5 and all(math.isnan(x) for x in p.p_better_ci)
+    assert p.p_better == 0.5 and p.p_better_ci == pytest.approx(wilson_interval(1.5, 3))
+    assert p.p_better_ci[0] < 0.2 and p.p_better_ci[1] > 0.8
+
+
+@pytest.mark.parametrize("tie_cell_first", [True, False])
+def test_p_better_with_a_tie_cell_and_a_win_cell_counts_each_pair(tie_cell_first: bool):
+    # Within each cell every pair scores alike (no spread to resample): 3 ties and 3 wins give
+    # 4.5 of 6, in either cell order.
+    tie, win = (1e-3, 1.0), (1e-2, 1.0)
+    if not tie_cell_first:
+        tie, win = win, tie
+    curves = {
+        ("none", 0.0): {tie: [REACH] * 3, win: [MISS] * 3},
+        ("h_detach", 0.5): {tie: [REACH] * 3, win: [REACH] * 3},
+    }
+    (p,) = paired_comparisons([score_run(t, TARGET) for t in grid(curves)])
+    assert p.p_better == 0.75 and p.p_better_ci == pytest.approx(wilson_interval(4.5, 6))
 
 
 def test_paired_leaves_out_cells_with_fewer_than_min_seeds_pairs():
@@ -238,6 +301,27 @@ def test_iqm_by_hand():
     assert iqm.ci[0] <= 0.45 <= iqm.ci[1]
 
 
+def test_iqm_compares_methods_on_the_cells_every_method_finished():
+    # Identical methods, 0.9 at lr 1e-3 and 0.1 at 1e-2; one h-detach seed at 1e-2 failed to
+    # finish. On its own cells h-detach would score 0.9 against vanilla's 0.5.
+    curves = {
+        ("none", 0.0): {(1e-3, 1.0): [[0.8], [0.9], [1.0]], (1e-2, 1.0): [[0.1]] * 3},
+        ("h_detach", 0.5): {(1e-3, 1.0): [[0.8], [0.9], [1.0]], (1e-2, 1.0): [[0.1]] * 2},
+    }
+    vanilla, h_detach = interquartile_means([score_run(t, TARGET) for t in grid(curves)])
+    assert vanilla.value == h_detach.value == pytest.approx(0.9)
+    assert (vanilla.n_runs, vanilla.n_cells) == (h_detach.n_runs, h_detach.n_cells) == (3, 1)
+    # One cell of 3 seeds: the t interval of their mean, 0.9 +- t(0.975, 2) * 0.1 / sqrt(3).
+    half = 4.3027 * 0.1 / math.sqrt(3)
+    assert vanilla.ci == pytest.approx((0.9 - half, min(1.0, 0.9 + half)), abs=0.02)
+
+
+def test_iqm_of_runs_that_all_scored_alike_has_no_interval():
+    curves = {("none", 0.0): {(1e-3, 1.0): [REACH] * 3}}
+    (iqm,) = interquartile_means([score_run(t, TARGET) for t in grid(curves)])
+    assert iqm.value == 0.995 and all(math.isnan(x) for x in iqm.ci)
+
+
 def test_expected_best_of_n_by_hand_and_by_enumeration():
     values = [0.1, 0.5, 0.9]
     mean, std = expected_best_of_n(values, 3)
@@ -263,9 +347,23 @@ def test_wilson_interval_coverage():
     assert np.mean(covered) >= 0.85
 
 
-def test_bootstrap_needs_two_values_per_stratum():
-    assert all(math.isnan(x) for x in stratified_bootstrap_ci([np.ones(3), np.ones(1)], _mean))
-    assert all(math.isnan(x) for x in stratified_bootstrap_ci([], _mean))
+def test_stratified_interval_needs_two_values_per_stratum():
+    assert all(math.isnan(x) for x in stratified_interval([np.ones(3), np.ones(1)], _mean))
+    assert all(math.isnan(x) for x in stratified_interval([], _mean))
+
+
+def test_stratified_interval_of_one_stratum_is_the_t_interval_of_its_mean():
+    values = np.array([0.2, 0.5, 0.6, 0.9])
+    low, high = stratified_interval([values], _mean, bounds=(-10.0, 10.0))
+    expected = stats.t.interval(0.95, 3, loc=values.mean(), scale=stats.sem(values))
+    # The bootstrap's standard error comes from 4999 resamples: within a few percent of the
+    # half-width (0.52).
+    assert (low, high) == pytest.approx(expected, abs=0.02)
+
+
+def test_stratified_interval_stays_within_the_statistics_bounds():
+    low, high = stratified_interval([np.array([0.0, 1.0, 1.0])], _mean)
+    assert 0.0 <= low and high == 1.0
 
 
 def test_best_tuned_trials_keep_each_seeds_best_and_mark_what_was_tuned():

@@ -52,24 +52,32 @@ DEFINITIONS = {
     "median best val accuracy (ties: the smaller lr), among cells with enough seeds.",
     "cross-cell rule": f"a cell enters the statistics below only with >= {MIN_SEEDS} finished "
     "seeds (pairs, for P(better)); fewer gives 'not enough data'.",
-    "lr sensitivity": "per method and clip: median best accuracy of each lr / that of the best "
-    f"lr. Good-lr range: the contiguous grid lrs around the best one with ratio >= "
-    f"{GOOD_LR_FRACTION}; width = log10(largest/smallest) in decades, a lower bound (finite "
-    "grid), 0 when only the best lr qualifies.",
-    "bootstrap interval": "95%, resampling seeds within each lr x clip cell (scipy.stats."
-    "bootstrap, percentile, seed 0), expanded for few seeds (Hesterberg 2015): the percentiles "
-    "of level 2 Phi(sqrt(n/(n-1)) t_{0.975, N - cells}) - 1, n = the smallest cell's seeds, "
-    "N = all runs. Simulated coverage: 92-94% at 3 seeds per cell, 96% at 5 "
-    "(python -m study.analysis.coverage).",
-    "clipping dependence": "success rate with a clip norm minus without clipping, pooled over "
-    "the lrs run both ways; bootstrap interval.",
+    "lr sensitivity": "per method and clip: median best accuracy at each lr / the highest median "
+    "any method reached at that task and clip (one yardstick, so that a method failing at every "
+    f"lr does not look insensitive to lr). Good-lr range: the contiguous grid lrs around the "
+    f"method's best one with ratio >= {GOOD_LR_FRACTION}; an lr with fewer seeds than the "
+    "cross-cell rule asks is unknown and ends the range. Width = log10(largest/smallest) in "
+    "decades, a lower bound (finite grid), 0 when only the best lr qualifies; 'no good lr' when "
+    "even the method's best is below the ratio.",
+    "interval over seeds": "95%, for statistics pooled over lr x clip cells (clipping "
+    "dependence, P(better), IQM): the statistic +- t(0.975, runs - cells) x its standard "
+    "error, estimated by resampling seeds within each cell (scipy.stats.bootstrap, seed 0) and "
+    "scaled by sqrt(n/(n-1)), n the smallest cell's seeds; clipped to the statistic's range. "
+    "At one cell it is the t interval of a mean. Simulated coverage 91-98% from one cell of 3 "
+    "seeds to three of 10 (python -m study.analysis.coverage); the bootstrap's percentiles, "
+    "which never leave the range of the values, held 71-94%.",
+    "clipping dependence": "success rate with a clip norm minus without clipping: the mean over "
+    "the lrs run both ways of the per-lr differences (each lr weighs alike on both sides); "
+    "interval over seeds, or Newcombe's (from the two Wilson intervals) where every cell's runs "
+    "agree.",
     "P(better)": "runs paired by (lr, clip, seed) and every other param; 1 if the method's best "
-    "val accuracy beats vanilla's, 1/2 on a tie, 0 otherwise, averaged over pairs; bootstrap "
-    "interval. When every pair is a win (or a loss) the bootstrap interval has zero width, so "
-    "the Wilson interval of n/n (0/n) is given instead; all ties give no interval.",
+    "val accuracy beats vanilla's, 1/2 on a tie, 0 otherwise, averaged over pairs; interval "
+    "over seeds, or, where every cell's pairs scored alike (all wins, all ties, ...), the "
+    "Wilson interval of the scores' sum over the pairs.",
     "IQM": "interquartile mean (scipy trim_mean, 25% each side) of best val accuracy over the "
-    "runs of a method in cells that pass the cross-cell rule (with fewer than 4 runs it trims "
-    "nothing: the mean); bootstrap interval.",
+    "runs of a method in the lr x clip cells where every method of the task passes the "
+    "cross-cell rule (the same cells for all; with fewer than 4 runs it trims nothing: the "
+    "mean); interval over seeds, none where every cell's runs scored alike.",
     "expected best of n": "exact expected maximum best val accuracy of n trials drawn with "
     "replacement from the method's finished runs (Dodge et al. 2019, from order statistics).",
 }
@@ -227,14 +235,14 @@ def _lr_verdicts(analysis: Analysis, task: str) -> list[str]:
     lines = []
     for clip in sorted({t.clip_norm for t in trials}, key=lambda c: (c is not None, c or 0)):
         entries = [s for s in analysis.lr_sensitivity if s.task == task and s.clip_norm == clip]
-        entries = [s for s in entries if len(s.lrs) >= 2]
+        entries = [s for s in entries if sum(not math.isnan(m) for m in s.median_best) >= 2]
         head = f"{task}, clip={format_clip(clip)}, good-lr range (median best val >= "
-        head += f"{GOOD_LR_FRACTION:.0%} of the best lr's)"
+        head += f"{GOOD_LR_FRACTION:.0%} of the best any method reached)"
         if not entries:
             lines.append(f"{head}: not enough data (fewer than 2 lrs with {MIN_SEEDS} seeds).")
             continue
         parts = [
-            f"{variant_label(s.method, s.p_detach)} {s.good_lr_decades:.1f} decades "
+            f"{variant_label(s.method, s.p_detach)} {_decades(s.good_lr_decades)} "
             f"({_lr_range(s.good_lrs)} of {len(s.lrs)} lrs)"
             for s in sorted(entries, key=lambda s: (s.method != "none", s.method, s.p_detach))
         ]
@@ -256,7 +264,8 @@ def _iqm_verdict(analysis: Analysis, task: str) -> list[str]:
     if not parts:
         return []
     return [
-        f"{task}: IQM of best val accuracy over all lr x clip cells: " + "; ".join(parts) + "."
+        f"{task}: IQM of best val accuracy over the lr x clip cells where every method has "
+        f"{MIN_SEEDS} finished seeds: " + "; ".join(parts) + "."
     ]
 
 
@@ -527,11 +536,11 @@ def _lr_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
             variant_label(s.method, s.p_detach),
             format_clip(s.clip_norm),
             ", ".join(
-                f"{format_float(lr)}: {m:.3f} ({r:.2f})"
+                f"{format_float(lr)}: {_number(m)} ({_number(r, 2)})"
                 for lr, m, r in zip(s.lrs, s.median_best, s.relative, strict=True)
             ),
             _lr_range(s.good_lrs),
-            f"{s.good_lr_decades:.1f}",
+            _number(s.good_lr_decades, 1),
         ]
         for s in analysis.lr_sensitivity
     ]
@@ -594,9 +603,15 @@ def _variants(analysis: Analysis, task: str) -> list[tuple[str, float]]:
     return sorted(found, key=lambda v: (v[0] != "none", *v))
 
 
-def _lr_range(lrs: tuple[float, float]) -> str:
+def _lr_range(lrs: tuple[float, float] | None) -> str:
+    if lrs is None:
+        return "no lr"
     low, high = format_float(lrs[0]), format_float(lrs[1])
     return f"lr {low} only" if low == high else f"lr {low} to {high}"
+
+
+def _decades(value: float) -> str:
+    return "no good lr" if math.isnan(value) else f"{value:.1f} decades"
 
 
 def _percent(value: float) -> str:

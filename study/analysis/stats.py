@@ -1,7 +1,8 @@
 """Robustness statistics: per-run scores, per-cell summaries over seeds, cross-cell comparisons.
 
-Works on the plain records of load.py (no MLflow here). Intervals come from scipy: Wilson
-intervals from `binomtest(...).proportion_ci`, bootstrap intervals from `scipy.stats.bootstrap`.
+Works on the plain records of load.py (no MLflow here). Intervals: Wilson score intervals for
+proportions, Newcombe's for their differences, and Student-t intervals whose standard error comes
+from a bootstrap over seeds (`scipy.stats.bootstrap`) for statistics pooled over cells.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from study.analysis.load import Study, Trial
 
 CONFIDENCE = 0.95
 # A cell enters a cross-cell statistic only with this many finished seeds: one seed says nothing
-# about seed-to-seed spread, and at two the 95% bootstrap intervals held the truth in only 73-76%
-# of simulated studies, at three in 92-94% (`python -m study.analysis.coverage`, 2000 studies).
+# about seed-to-seed spread, and two leave a standard error from two values per cell.
 MIN_SEEDS = 3
 # "Good" learning rates reach at least this fraction of the best lr's median best accuracy.
 GOOD_LR_FRACTION = 0.95
@@ -95,10 +95,12 @@ class LrSensitivity:
     clip_norm: float | None
     lrs: list[float]
     median_best: list[float]
-    relative: list[float]  # median_best / the best lr's median_best
+    # median_best / the highest median_best of any method at this task and clip (NaN for an lr
+    # with fewer than MIN_SEEDS finished seeds)
+    relative: list[float]
     best_lr: float
-    good_lrs: tuple[float, float]  # smallest and largest lr of the good range
-    good_lr_decades: float  # log10(largest / smallest good lr)
+    good_lrs: tuple[float, float] | None  # smallest and largest good lr; None: no lr is good
+    good_lr_decades: float  # log10(largest / smallest good lr); NaN when no lr is good
 
 
 @dataclass(frozen=True)
@@ -263,12 +265,31 @@ def spread(values: Iterable[float]) -> Spread:
     return Spread(float(median), float(q25), float(q75), float(values.min()))
 
 
-def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (scipy); (NaN, NaN) when n = 0."""
+def wilson_interval(
+    successes: float, n: int, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
+    """Wilson score interval for a proportion (closed form, as scipy's binomtest gives it for
+    whole counts; `successes` may be a sum of scores in [0, 1]); (NaN, NaN) when n = 0."""
     if n == 0:
         return (math.nan, math.nan)
-    ci = stats.binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
-    return (float(ci.low), float(ci.high))
+    z = stats.norm.ppf(0.5 + confidence / 2)
+    rate = successes / n
+    center = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return (max(0.0, center - half), min(1.0, center + half))
+
+
+def newcombe_interval(
+    rate_a: float, n_a: int, rate_b: float, n_b: int, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
+    """Interval of rate_a - rate_b from the two Wilson intervals (Newcombe 1998, method 10)."""
+    low_a, high_a = wilson_interval(rate_a * n_a, n_a, confidence)
+    low_b, high_b = wilson_interval(rate_b * n_b, n_b, confidence)
+    difference = rate_a - rate_b
+    return (
+        difference - math.hypot(rate_a - low_a, high_b - rate_b),
+        difference + math.hypot(high_a - rate_a, rate_b - low_b),
+    )
 
 
 def cell_stats(trials: list[Trial], runs: list[RunResult]) -> list[CellStats]:
@@ -315,28 +336,41 @@ def cell_stats(trials: list[Trial], runs: list[RunResult]) -> list[CellStats]:
 
 
 def lr_sensitivity(cells: list[CellStats]) -> list[LrSensitivity]:
-    """Per task, method and clip setting: median best accuracy relative to the best lr.
+    """Per task, method and clip setting: median best accuracy at each lr, relative to the
+    highest median any method reached at that task and clip (one yardstick for all: relative
+    to its own best lr, a method stuck at chance everywhere would look insensitive to lr).
 
-    The good-lr range is the contiguous run of grid lrs around the best one whose relative median
-    is >= GOOD_LR_FRACTION; its width in decades is a lower bound (the grid is finite) and 0 when
-    only the best lr qualifies.
+    The good-lr range is the contiguous run of grid lrs around the method's best one whose
+    relative median is >= GOOD_LR_FRACTION; an lr with fewer than MIN_SEEDS finished seeds
+    breaks the run (it is not known to be good). Its width in decades is a lower bound (the grid
+    is finite), 0 when only the best lr qualifies, NaN when none does.
     """
     groups: dict[tuple, list[CellStats]] = defaultdict(list)
     for cell in cells:
-        if cell.n >= MIN_SEEDS and cell.lr != TUNED:  # an Optuna study has no lr axis
+        if cell.n and cell.lr != TUNED:  # an Optuna study has no lr axis
             groups[(cell.task, cell.method, cell.p_detach, cell.clip_norm)].append(cell)
+    yardstick: dict[tuple, float] = defaultdict(float)  # (task, clip) -> highest median
+    for (task, _, _, clip_norm), members in groups.items():
+        for cell in members:
+            if cell.n >= MIN_SEEDS:
+                yardstick[(task, clip_norm)] = max(yardstick[(task, clip_norm)], cell.best.median)
     results = []
     for key in sorted(groups, key=_cell_order):
         members = sorted(groups[key], key=lambda c: c.lr)
-        medians = np.array([c.best.median for c in members])
-        top = int(np.argmax(medians))
-        relative = medians / medians[top] if medians[top] > 0 else np.full(len(medians), np.nan)
-        low = high = top
-        while low > 0 and relative[low - 1] >= GOOD_LR_FRACTION:
-            low -= 1
-        while high < len(members) - 1 and relative[high + 1] >= GOOD_LR_FRACTION:
-            high += 1
+        if all(c.n < MIN_SEEDS for c in members):
+            continue
+        medians = np.array([c.best.median if c.n >= MIN_SEEDS else np.nan for c in members])
         task, method, p_detach, clip_norm = key
+        reference = yardstick[(task, clip_norm)]
+        relative = medians / reference if reference > 0 else np.full(len(medians), np.nan)
+        top = int(np.nanargmax(medians))
+        good = relative >= GOOD_LR_FRACTION  # NaN compares False
+        low = high = top
+        while low > 0 and good[low - 1]:
+            low -= 1
+        while high < len(members) - 1 and good[high + 1]:
+            high += 1
+        good_lrs = (members[low].lr, members[high].lr) if good[top] else None
         results.append(
             LrSensitivity(
                 task=task,
@@ -347,18 +381,23 @@ def lr_sensitivity(cells: list[CellStats]) -> list[LrSensitivity]:
                 median_best=medians.tolist(),
                 relative=relative.tolist(),
                 best_lr=members[top].lr,
-                good_lrs=(members[low].lr, members[high].lr),
-                good_lr_decades=float(np.log10(members[high].lr / members[low].lr)),
+                good_lrs=good_lrs,
+                good_lr_decades=(
+                    float(np.log10(good_lrs[1] / good_lrs[0])) if good_lrs else math.nan
+                ),
             )
         )
     return results
 
 
 def clipping_dependence(runs: list[RunResult]) -> list[ClipDependence]:
-    """Success rate with each clip norm minus without clipping, per task and method.
+    """Success rate with each clip norm minus without clipping, per task and method: the mean
+    over lrs of the per-lr differences, so that both sides weigh each lr alike whatever its seed
+    counts.
 
-    Only lrs run both ways with >= MIN_SEEDS seeds each enter, so the lr mix is the same on both
-    sides. The interval is a bootstrap over seeds within each (lr, clip) cell.
+    Only lrs run both ways with >= MIN_SEEDS seeds each enter. The interval is stratified_interval
+    over seeds within each (lr, clip) cell; where every cell's runs all agree (which a resampling
+    of seeds cannot put a width on), Newcombe's interval of the two rates.
     """
     results = []
     by_variant = _group(runs, lambda r: (r.trial.task, *r.trial.variant))
@@ -380,8 +419,17 @@ def clipping_dependence(runs: list[RunResult]) -> list[ClipDependence]:
             k = len(lrs)
 
             def difference(*strata: np.ndarray, axis: int = -1, k: int = k) -> np.ndarray:
-                return pooled_mean(*strata[:k], axis=axis) - pooled_mean(*strata[k:], axis=axis)
+                pairs = zip(strata[:k], strata[k:], strict=True)
+                per_lr = [a.mean(axis=axis) - b.mean(axis=axis) for a, b in pairs]
+                return np.mean(per_lr, axis=0)
 
+            estimate = float(difference(*with_clip, *without))
+            with_n, without_n = sum(map(len, with_clip)), sum(map(len, without))
+            interval = stratified_interval(with_clip + without, difference, bounds=(-1.0, 1.0))
+            if interval[0] == interval[1]:
+                with_rate = float(np.mean([s.mean() for s in with_clip]))
+                without_rate = float(np.mean([s.mean() for s in without]))
+                interval = newcombe_interval(with_rate, with_n, without_rate, without_n)
             task, method, p_detach = key
             results.append(
                 ClipDependence(
@@ -391,11 +439,11 @@ def clipping_dependence(runs: list[RunResult]) -> list[ClipDependence]:
                     clip_norm=clip,
                     lrs=lrs,
                     with_successes=int(sum(s.sum() for s in with_clip)),
-                    with_n=sum(len(s) for s in with_clip),
+                    with_n=with_n,
                     without_successes=int(sum(s.sum() for s in without)),
-                    without_n=sum(len(s) for s in without),
-                    difference=float(difference(*with_clip, *without)),
-                    difference_ci=stratified_bootstrap_ci(with_clip + without, difference),
+                    without_n=without_n,
+                    difference=estimate,
+                    difference_ci=interval,
                 )
             )
     return results
@@ -407,7 +455,7 @@ def paired_comparisons(runs: list[RunResult]) -> list[PairedComparison]:
 
     Per pair the score is 1 if the method's best val accuracy is higher, 1/2 on a tie, 0 if lower
     (the "probability of improvement" of Agarwal et al. 2021). Only lr x clip cells with
-    >= MIN_SEEDS pairs enter; the interval is a bootstrap over seeds within each cell.
+    >= MIN_SEEDS pairs enter; the interval is p_better_interval.
     """
     by_variant = _group(runs, lambda r: (r.trial.task, *r.trial.variant))
     results = []
@@ -432,7 +480,7 @@ def paired_comparisons(runs: list[RunResult]) -> list[PairedComparison]:
                 n_cells=len(used),
                 cells_left_out=len(cells) - len(used),
                 p_better=float(pooled_mean(*scores)) if scores else math.nan,
-                p_better_ci=_p_better_interval(scores),
+                p_better_ci=p_better_interval(scores),
                 successes=sum(a.success for a, _ in pairs),
                 baseline_successes=sum(b.success for _, b in pairs),
             )
@@ -447,38 +495,45 @@ def _pairing_key(trial: Trial) -> tuple:
     return (trial.lr, trial.clip_norm, trial.seed, tuple(others))
 
 
-def _p_better_interval(scores: list[np.ndarray]) -> tuple[float, float]:
-    """Stratified bootstrap interval of P(better), unless every pair scored the same.
-
-    Identical scores give a zero-width bootstrap interval, i.e. certainty from a handful of
-    seeds. All wins (or all losses) are then a plain binomial count, so the Wilson interval of
-    n out of n (or 0 out of n) is used; all ties get no interval.
-    """
-    ci = stratified_bootstrap_ci(scores, pooled_mean)
+def p_better_interval(scores: list[np.ndarray]) -> tuple[float, float]:
+    """Interval of P(better) from the pair scores of each cell: stratified_interval, unless
+    every cell's pairs all scored the same (all wins in one cell, all ties in another, ...),
+    which resampling seeds cannot put a width on: then the Wilson interval of the scores' sum
+    over the pairs (a win counts 1, a tie 1/2)."""
+    ci = stratified_interval(scores, pooled_mean)
     if math.isnan(ci[0]) or ci[0] < ci[1]:
         return ci
     pooled = np.concatenate(scores)
-    if pooled[0] in (0.0, 1.0):
-        return wilson_interval(int(pooled.sum()), len(pooled))
-    return (math.nan, math.nan)
+    return wilson_interval(float(pooled.sum()), len(pooled))
 
 
 def interquartile_means(runs: list[RunResult]) -> list[IQM]:
     """IQM (25% trimmed mean, scipy) of best val accuracy per task and method, over the runs of
-    every cell with >= MIN_SEEDS finished seeds (the cross-cell rule; below 4 runs it trims
-    nothing and is the mean).
+    the lr x clip cells in which every method of the task has >= MIN_SEEDS finished seeds (the
+    cross-cell rule; the same cells for all, or a method could look better for having finished
+    only its easy cells). Below 4 runs it trims nothing and is the mean.
 
-    Strata for the bootstrap are the lr x clip cells: the grid is fixed by design, only the seeds
-    are random, so seeds are resampled within each cell (as rliable does per task).
+    Strata for the interval are the cells: the grid is fixed by design, only the seeds are
+    random, so seeds are resampled within each cell (as rliable does per task).
     """
     by_variant = _group(runs, lambda r: (r.trial.task, *r.trial.variant))
+    by_task_cell = _group(runs, lambda r: (r.trial.task, r.trial.lr, r.trial.clip_norm))
+    variants_of = _group(runs, lambda r: (r.trial.task,))
+    common = {
+        (task, lr, clip)
+        for (task, lr, clip), members in by_task_cell.items()
+        if all(
+            sum(r.trial.variant == variant for r in members) >= MIN_SEEDS
+            for variant in {r.trial.variant for r in variants_of[(task,)]}
+        )
+    }
     results = []
     for key in sorted(by_variant, key=_cell_order):
         by_cell = _group(by_variant[key], lambda r: (r.trial.lr, r.trial.clip_norm))
         strata = [
             np.array([r.best for r in members])
-            for members in by_cell.values()
-            if len(members) >= MIN_SEEDS
+            for cell, members in by_cell.items()
+            if (key[0], *cell) in common
         ]
         pooled = np.concatenate(strata) if strata else np.array([])
         task, method, p_detach = key
@@ -490,7 +545,7 @@ def interquartile_means(runs: list[RunResult]) -> list[IQM]:
                 n_runs=len(pooled),
                 n_cells=len(strata),
                 value=float(stats.trim_mean(pooled, 0.25)) if len(pooled) else math.nan,
-                ci=stratified_bootstrap_ci(strata, pooled_iqm),
+                ci=iqm_interval(strata),
             )
         )
     return results
@@ -523,43 +578,55 @@ def expected_best_curves(runs: list[RunResult]) -> list[ExpectedBest]:
     return results
 
 
-def stratified_bootstrap_ci(
+def iqm_interval(strata: list[np.ndarray]) -> tuple[float, float]:
+    """Interval of the pooled IQM of the strata: stratified_interval, and none (NaN) where every
+    cell's runs scored alike (say, all 1.0): resampling seeds cannot put a width on that, and a
+    zero-width interval would claim certainty from a few seeds."""
+    ci = stratified_interval(strata, pooled_iqm)
+    return (math.nan, math.nan) if ci[0] == ci[1] else ci
+
+
+def stratified_interval(
     strata: list[np.ndarray],
     statistic: Callable[..., np.ndarray],
+    bounds: tuple[float, float] = (0.0, 1.0),
     confidence: float = CONFIDENCE,
-    expand: bool = True,
 ) -> tuple[float, float]:
-    """Expanded percentile bootstrap interval, resampling within each stratum (scipy.stats).
+    """Student-t interval around statistic(*strata), its standard error from a bootstrap that
+    resamples seeds within each stratum (cell), clipped to the statistic's `bounds`.
 
-    `statistic(*strata, axis=-1)` sees one resample of every stratum. scipy resamples each sample
-    of a multi-sample call independently, which is exactly stratified resampling. Percentile
-    rather than BCa: BCa returns NaN when every value is equal (e.g. P(better) = 1).
+    `statistic(*strata, axis=-1)` sees one resample of every stratum: scipy.stats.bootstrap
+    resamples each sample of a multi-sample call independently, which is stratified resampling.
+    Not the bootstrap's percentiles: those never leave the range of the resampled statistics,
+    which with one cell of 3 seeds is the range of the 3 values, an interval that holds the truth
+    3 times in 4 whatever its nominal level (`python -m study.analysis.coverage` compares them).
+    Here the half-width is t_{1 - alpha/2, N - cells} (N: all values) times the bootstrap
+    standard error scaled by sqrt(n / (n - 1)), n the smallest cell's size (a resample's spread
+    is (n - 1)/n of the sample's): at one cell that is the textbook t interval of a mean.
 
-    "Expanded" (Hesterberg 2015, "What teachers should know about the bootstrap", Sec. 5): at a
-    handful of seeds per cell the plain percentile interval is too narrow (a resample's spread is
-    (n-1)/n of the sample's, and normal rather than t quantiles): it held the truth in 84-86% of
-    simulated studies at 3 seeds per cell, the expanded one in 92-94% (study/analysis/coverage.py).
-    The percentiles taken are those of level 2 Phi(sqrt(n / (n - 1)) t_{1 - alpha/2, N - cells})
-    - 1, with n the smallest cell's size and N all values (expand=False: the plain interval,
-    for that comparison). (NaN, NaN) when there is no stratum or one has fewer than 2 values.
+    (NaN, NaN) when there is no stratum or one has fewer than 2 values; zero width when every
+    stratum's values are equal, which the callers replace (iqm_interval, p_better_interval).
     """
     if not strata or any(len(s) < 2 for s in strata):
         return (math.nan, math.nan)
-    n, runs = min(len(s) for s in strata), sum(len(s) for s in strata)
-    t = stats.t.ppf(0.5 + confidence / 2, runs - len(strata))
-    expanded = 2 * stats.norm.cdf(math.sqrt(n / (n - 1)) * t) - 1 if expand else confidence
+    estimate = float(statistic(*strata))
+    if all(np.all(s == s[0]) for s in strata):
+        return (estimate, estimate)
     result = stats.bootstrap(
         tuple(strata),
         statistic,
         vectorized=True,
         paired=False,
         axis=-1,
-        confidence_level=expanded,
+        confidence_level=confidence,
         method="percentile",
         n_resamples=BOOTSTRAP_RESAMPLES,
         rng=BOOTSTRAP_SEED,
     )
-    return (float(result.confidence_interval.low), float(result.confidence_interval.high))
+    n, runs = min(len(s) for s in strata), sum(len(s) for s in strata)
+    t = stats.t.ppf(0.5 + confidence / 2, runs - len(strata))
+    half = t * math.sqrt(n / (n - 1)) * float(result.standard_error)
+    return (max(bounds[0], estimate - half), min(bounds[1], estimate + half))
 
 
 # ---------------------------------------------------------------- helpers
