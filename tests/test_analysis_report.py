@@ -63,6 +63,9 @@ def test_dominating_method_gets_p_better_one(dominating):
     assert paired["p_better_ci"][0] == pytest.approx(0.7575, abs=1e-4)
     assert (paired["successes"], paired["baseline_successes"]) == (12, 2)
     assert any("P(h-detach p=0.5 better) = 1.00 [0.76, 1.00]" in v for v in summary["verdicts"])
+    # Each method's best setting was picked from its 4 cells: the verdict says so.
+    best = next(v for v in summary["verdicts"] if "each method at its best" in v)
+    assert best.count(", best of 4 cells) reached") == 2, best
 
 
 def test_success_counts_and_iterations_match_hand_counts(dominating):

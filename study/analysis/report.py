@@ -49,7 +49,9 @@ DEFINITIONS = {
     "since the previous one (right-endpoint sum). 1 = perfect from the first evaluation; a run "
     "that stops early gets no area after its last evaluation.",
     "best setting": "per method, the cell with the highest success rate, then the highest "
-    "median best val accuracy (ties: the smaller lr), among cells with enough seeds.",
+    "median best val accuracy (ties: the smaller lr), among cells with enough seeds. Picked as "
+    "the best of N cells, its rate is optimistic (the best of N noisy rates is high by chance, "
+    "more so the larger N); compare methods with P(better) and the IQM.",
     "cross-cell rule": f"a cell enters the statistics below only with >= {MIN_SEEDS} finished "
     "seeds (pairs, for P(better)); fewer gives 'not enough data'.",
     "lr sensitivity": "per method and clip: median best accuracy at each lr / the highest median "
@@ -163,8 +165,12 @@ def _best_setting_verdict(analysis: Analysis, task: str) -> list[str]:
             continue
         best = max(enough, key=lambda c: (c.success_rate, c.best.median, -c.lr))
         test = "" if math.isnan(best.test_at_best) else f", median test {best.test_at_best:.3f}"
+        # Picked as the best of several cells, its rate flatters the method (the best of many
+        # noisy rates is high by chance): the reader is told how many it was picked from.
+        picked = f", best of {len(enough)} cells" if len(enough) > 1 else ""
         parts.append(
-            f"{name} (lr={format_float(best.lr)}, clip={format_clip(best.clip_norm)}) reached "
+            f"{name} (lr={format_float(best.lr)}, clip={format_clip(best.clip_norm)}{picked}) "
+            "reached "
             f"{target} in {best.successes}/{best.n} seeds {_interval(best.success_ci)}, median "
             f"best val {best.best.median:.3f}{test}"
         )
