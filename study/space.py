@@ -181,9 +181,17 @@ def plan_cells(spec: StudySpec) -> list[Cell]:
 
 
 def cell_config(spec: StudySpec, cell: Cell, nuisance: dict[str, Any]) -> TrialConfig:
-    """The TrialConfig of one Optuna sample: the cell's point plus the sampled nuisance."""
+    """The TrialConfig of one Optuna sample: the cell's point plus the sampled nuisance. A tuned
+    parameter not in `nuisance` (the base config of a cell, before any sample) takes its
+    domain's first value, which every sample replaces (sample_config)."""
     fixed_nuisance = {p: a for p, a in spec.nuisance.items() if p not in cell.domains}
-    return trial_config(spec, {**cell.point, **fixed_nuisance, **nuisance}, cell.seed)
+    unsampled = {
+        p: axis.min if isinstance(axis, Range) else axis[0]
+        for p, axis in cell.domains.items()
+        if p not in nuisance
+    }
+    point = {**cell.point, **fixed_nuisance, **unsampled, **nuisance}
+    return trial_config(spec, point, cell.seed)
 
 
 def n_trials(spec: StudySpec) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from study.config import FLOAT_FIELDS, INT_FIELDS, NULLABLE_FIELDS, ConfigError, TrialConfig
+from study.methods import METHODS
 
 SECTIONS = (
     "task",
@@ -401,6 +402,8 @@ def _probe_values(spec: StudySpec, check: _Checker) -> None:
             field = field.removeprefix("task_options.")
             if field in locations:
                 raise check.error(f"{locations[field]}.{field}", message) from None
+            if field in PARAMS:  # a parameter no section sets (p_detach of a detaching method)
+                raise check.error(field, message) from None
             raise ConfigError(f"{spec.source}: {error}") from None
 
 
@@ -415,7 +418,8 @@ def _values(axis: Axis) -> list[Any]:
 def trial_config(spec: StudySpec, point: dict[str, Any], seed: int) -> TrialConfig:
     """The TrialConfig of one point (varied parameter -> value) of the space, fixed values added.
 
-    Method `none` never detaches, so its p_detach is forced to 0 (the grid then dedupes).
+    Method `none` never detaches, so its p_detach is forced to 0 (the grid then dedupes); any
+    other method needs one.
     """
     options = set(spec.task_option_names)
     values: dict[str, Any] = {"task": spec.task, "seed": seed}
@@ -426,10 +430,15 @@ def trial_config(spec: StudySpec, point: dict[str, Any], seed: int) -> TrialConf
         else:
             values[param] = value
     values["task_options"] = task_options
-    if values.get("method", "none") == "none":
+    method = values.get("method", "none")
+    if method == "none":
         values["p_detach"] = 0.0
-    elif "p_detach" not in values:
-        values["p_detach"] = 0.0
+    elif "p_detach" not in values and method in METHODS:  # (an unknown one: from_dict says so)
+        # Defaulting to 0 would train a plain LSTM under the method's name.
+        raise ConfigError(
+            f"p_detach: missing; method {method} blocks gradients with probability p_detach: "
+            "set it under fixed, scientific or nuisance (the paper's choice: 0.25)"
+        )
     return TrialConfig.from_dict(values, where=spec.source)
 
 

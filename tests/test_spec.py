@@ -70,7 +70,7 @@ def test_sections_roles_and_defaults(tmp_path: Path) -> None:
             {
                 "task": {"name": "copying", "T": 10},
                 "model": {"hidden_size": 32},
-                "fixed": {"lr": 1.0e-3},
+                "fixed": {"lr": 1.0e-3, "p_detach": 0.5},
                 "scientific": {"method": ["none", "h_detach"]},
                 "nuisance": {"batch_size": [50, 100]},
             },
@@ -78,7 +78,7 @@ def test_sections_roles_and_defaults(tmp_path: Path) -> None:
     )
     assert spec.name == "roles"
     assert spec.task == "copying" and spec.task_options == {"T": 10}
-    assert spec.fixed == {"hidden_size": 32, "lr": 1.0e-3}
+    assert spec.fixed == {"hidden_size": 32, "lr": 1.0e-3, "p_detach": 0.5}
     assert spec.seeds == (0,)
     assert spec.search.searcher == "grid" and spec.search.metric == "val/accuracy"
     assert spec.target is None
