@@ -259,6 +259,14 @@ def _port(text: str) -> int:
     return value
 
 
+def _study_folder(text: str) -> Path:
+    # In DIR/mlflow.db's sqlite:/// URI, SQLAlchemy reads them as query, fragment or escapes: the
+    # database would land elsewhere (".../run #1?x=1" -> the file ".../run #1").
+    if any(mark in text for mark in "?#%"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a study folder's path may not hold ?, # or %")
+    return Path(text)
+
+
 def _study_name(text: str) -> str:
     """A study's name, not its YAML file (a likely slip: `study run` takes the file)."""
     path = Path(text)
@@ -273,7 +281,7 @@ def _study_name(text: str) -> str:
 def _add_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output",
-        type=Path,
+        type=_study_folder,
         default=DEFAULT_OUTPUT,
         metavar="DIR",
         help="study folder: DIR/mlflow.db, DIR/mlartifacts, DIR/ray (default: ./studies)",
@@ -351,7 +359,8 @@ def _ls(args: argparse.Namespace) -> int:
     if args.tracking_uri is None and not has_store(args.output):
         print(f"no studies in {args.output} (no mlflow.db there)")
         return 0
-    summaries = list_studies(args.tracking_uri or store_uri(args.output))
+    flag = "--tracking-uri" if args.tracking_uri else f"--output {args.output}"
+    summaries = list_studies(args.tracking_uri or store_uri(args.output), flag)
     print(ls_table(summaries) if summaries else "no studies")
     return 0
 

@@ -71,6 +71,9 @@ class StudyState:
             "smoke": self.spec.smoke,
             "spec": self.spec.raw,
             "tracking_uri": self.tracking_uri,
+            # The store is the folder's own DIR/mlflow.db: MLflow keeps its absolute path and
+            # those of the artifacts, so the folder cannot move (load() checks).
+            "own_store": self.tracking_uri == tracking.store_uri(self.output),
             "parent_run_id": self.parent_run_id,
         }
         (self.experiment_dir / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
@@ -83,14 +86,28 @@ class StudyState:
             known = sorted(state.parent.name for state in states)
             found = f"; studies there: {', '.join(known)}" if known else ""
             raise ConfigError(f"no study {name!r} in {output} (no {path}){found}")
-        record = json.loads(path.read_text())
-        spec = spec_from_mapping(record["spec"], name=record["name"], where=record["source"])
-        return cls(
-            spec=replace(spec, smoke=record["smoke"]),
-            output=output.absolute(),
-            tracking_uri=record["tracking_uri"],
-            parent_run_id=record["parent_run_id"],
-        )
+        try:
+            record = json.loads(path.read_text())
+            spec = spec_from_mapping(record["spec"], name=record["name"], where=record["source"])
+            state = cls(
+                spec=replace(spec, smoke=record["smoke"]),
+                output=output.absolute(),
+                tracking_uri=record["tracking_uri"],
+                parent_run_id=record["parent_run_id"],
+            )
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            reason = tracking.one_line(error)
+            raise ConfigError(f"{path}: not a readable study record ({reason})") from None
+        if record.get("own_store") and state.tracking_uri != tracking.store_uri(state.output):
+            # Moved, or copied: resuming would log to the store it names, in the old folder.
+            database = tracking.sqlite_path(state.tracking_uri)
+            home = database.parent if database else state.tracking_uri
+            raise ConfigError(
+                f"study {name}: its MLflow store {database} belongs to {home}, not "
+                f"{state.output} (MLflow keeps absolute paths); resume it with --output {home}, "
+                "moving the folder back first if it was moved"
+            )
+        return state
 
 
 # ---------------------------------------------------------------- the trainable (trial process)
@@ -446,8 +463,11 @@ def run_study(
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {output}: not a folder")
     if tracking_uri is not None:
-        tracking.check_uri(tracking_uri)
+        tracking_uri = tracking.check_uri(tracking_uri)
     uri = tracking_uri or tracking.store_uri(output)
+    if _store_exists(uri):  # (a new SQLite store is made only once Ray has started)
+        flag = "--tracking-uri" if tracking_uri else f"--output {output}"
+        tracking.check_store(uri, flag)
     _refuse_existing(spec, output, uri)
     # Ray first: a wrong --address or a GPU request Ray cannot meet leaves no study behind.
     with _ray_session(address, spec):
@@ -533,6 +553,10 @@ def resume_study(
 ) -> int:
     """Continue an interrupted study: Tune restores its trials, errored ones included."""
     state = StudyState.load(output, name)
+    flag = f"study {name}'s tracking URI"
+    tracking.check_uri(state.tracking_uri, flag)  # a server that is down: now, in one line
+    if _store_exists(state.tracking_uri):
+        tracking.check_store(state.tracking_uri, flag)
     if tracking.find_parent(state.tracking_uri, name) is None:
         raise ConfigError(
             f"study {name}: no parent run in {_store_label(state.tracking_uri)}; was it deleted?"

@@ -42,24 +42,42 @@ def store_uri(output_dir: Path) -> str:
     return f"sqlite:///{output_dir.absolute()}/mlflow.db"
 
 
-def check_uri(tracking_uri: str, flag: str = "--tracking-uri") -> None:
-    """A one-line ConfigError for a URI no store answers at: a bare word or path (MLflow >= 3.7
-    refuses the old folder store unless told otherwise, with a traceback), or an MLflow server
-    that does not accept connections (MLflow itself retries for minutes, then raises). Other
-    schemes (databases, file:, plugins) are MLflow's to judge."""
-    parts = urllib.parse.urlsplit(tracking_uri)
+def check_uri(tracking_uri: str, flag: str = "--tracking-uri") -> str:
+    """The URI to use, or a one-line ConfigError for one no store answers at: a bare word or
+    path (MLflow >= 3.7 refuses the old folder store unless told otherwise, with a traceback),
+    or an MLflow server that does not accept connections (MLflow itself retries for minutes,
+    then raises). A relative sqlite:/// path is made absolute: Ray runs each trial in its own
+    working directory, where it would name another file. What MLflow cannot open (a missing
+    database driver, a file that is no database) is check_store's."""
+    try:
+        parts = urllib.parse.urlsplit(tracking_uri)
+        port = parts.port
+    except ValueError as error:
+        raise ConfigError(f"{flag} {tracking_uri}: not a valid URI ({error})") from None
     if "://" not in tracking_uri and tracking_uri.split(":")[0] != "databricks":
         raise ConfigError(
             f"{flag} {tracking_uri}: not a tracking URI; use sqlite:///PATH/mlflow.db, "
             "http://HOST:PORT (an mlflow server) or a database URI (postgresql://...)"
         )
     if parts.scheme in ("http", "https"):
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            raise ConfigError(f"{flag} {tracking_uri}: the port is not a number") from None
+        port = port or (443 if parts.scheme == "https" else 80)
         hint = "is `mlflow server` running there?"
         check_reachable(f"{flag} {tracking_uri}", parts.hostname or "", port, hint)
+    database = sqlite_path(tracking_uri)
+    if database is not None and str(database) != ":memory:" and not database.is_absolute():
+        return f"sqlite:///{database.absolute()}"
+    return tracking_uri
+
+
+def check_store(tracking_uri: str, flag: str = "--tracking-uri") -> None:
+    """One query, so that a store MLflow cannot open is a one-line error before any work: a
+    database driver not installed, a file that is no database, a folder, MLflow's retired
+    file store. (A sqlite:/// file that does not exist yet is created, as MLflow would.)"""
+    try:
+        client(tracking_uri).search_experiments(max_results=1)
+    except Exception as error:  # noqa: BLE001 - MLflow, SQLAlchemy, a driver: whatever it raised
+        reason = one_line(error)
+        raise ConfigError(f"{flag}: MLflow cannot open {tracking_uri} ({reason})") from None
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
@@ -377,13 +395,14 @@ def summarize(tracking_uri: str, name: str) -> StudySummary | None:
     return StudySummary(name, int(parent.data.tags.get("study.n_trials", len(trials))), trials)
 
 
-def list_studies(tracking_uri: str) -> list[StudySummary]:
+def list_studies(tracking_uri: str, flag: str = "--tracking-uri") -> list[StudySummary]:
     """Every experiment in the store that holds a study (a parent run), by name; none (and no
     database file created) where a sqlite:/// URI names no file."""
-    check_uri(tracking_uri)
+    tracking_uri = check_uri(tracking_uri, flag)
     database = sqlite_path(tracking_uri)
     if database is not None and not database.is_file():
         return []
+    check_store(tracking_uri, flag)
     mlflow = client(tracking_uri)
     summaries = []
     for experiment in mlflow.search_experiments(view_type=ViewType.ACTIVE_ONLY):

@@ -56,6 +56,21 @@ def test_input_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "no studies in" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("folder", ["run #1", "a?b=1", "50%"])
+def test_a_study_folder_with_uri_characters_is_refused(
+    folder: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # In the folder's sqlite:/// URI they would put the database somewhere else.
+    with pytest.raises(SystemExit) as exited:
+        main(["run", str(QUICK), "--output", str(tmp_path / folder)])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        f"study run: error: argument --output: '{tmp_path / folder}': a study folder's path may "
+        "not hold ?, # or %\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("command", ["report", "resume"])
 def test_a_yaml_file_for_a_study_name_says_which_name(command: str, capsys) -> None:
     with pytest.raises(SystemExit) as exited:

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -399,6 +400,51 @@ def resume_to_completion(name: str, trials: int, output: Path, env: dict[str, st
     assert f"resuming {name}: {trials} trials" in resumed.stdout
     assert f"{name}: {trials} trials: {trials} completed" in resumed.stdout
     assert ": running, " not in resumed.stdout  # no trial of an earlier session printed again
+
+
+def _saved_state(output: Path, tracking_uri: str | None = None) -> runner.StudyState:
+    spec = load_spec(write_space(output.parent, "kept", tiny_copying()))
+    uri = tracking_uri or tracking.store_uri(output)
+    state = runner.StudyState(spec, output.absolute(), uri, "parent-run-id")
+    state.save()
+    return state
+
+
+def test_a_study_folder_copied_or_moved_is_not_resumed_into_the_old_store(tmp_path: Path) -> None:
+    _saved_state(tmp_path / "first")
+    shutil.copytree(tmp_path / "first", tmp_path / "copy")
+    with pytest.raises(ConfigError) as raised:
+        runner.StudyState.load(tmp_path / "copy", "kept")
+    assert str(raised.value) == (
+        f"study kept: its MLflow store {tmp_path}/first/mlflow.db belongs to {tmp_path}/first, "
+        f"not {tmp_path}/copy (MLflow keeps absolute paths); resume it with --output "
+        f"{tmp_path}/first, moving the folder back first if it was moved"
+    )
+    assert runner.StudyState.load(tmp_path / "first", "kept").parent_run_id == "parent-run-id"
+    # A study logged to another store (a server, another SQLite file) may move freely.
+    _saved_state(tmp_path / "served", "http://127.0.0.1:5000")
+    shutil.move(tmp_path / "served", tmp_path / "moved")
+    assert runner.StudyState.load(tmp_path / "moved", "kept").output == tmp_path / "moved"
+
+
+@pytest.mark.parametrize("record", ['{"name": ', "{}", "[1, 2]"])
+def test_an_unreadable_study_record_is_one_line(tmp_path: Path, record: str) -> None:
+    _saved_state(tmp_path / "out")
+    path = tmp_path / "out" / "ray" / "kept" / runner.STATE_FILE
+    path.write_text(record)
+    with pytest.raises(ConfigError) as raised:
+        runner.StudyState.load(tmp_path / "out", "kept")
+    assert str(raised.value).startswith(f"{path}: not a readable study record (")
+    assert "\n" not in str(raised.value)
+
+
+def test_resume_says_at_once_when_the_studys_server_is_down(tmp_path: Path) -> None:
+    port = free_port()
+    _saved_state(tmp_path / "out", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=f"^study kept's tracking URI http://127.0.0.1:{port}: "):
+        runner.resume_study("kept", tmp_path / "out")
+    assert time.monotonic() - started < 30  # MLflow's own retries take minutes
 
 
 def test_a_trial_finished_in_an_earlier_session_is_not_printed_again() -> None:

@@ -188,11 +188,13 @@ def test_log_folder_logs_files_or_says_why_not(store: tuple[str, str], tmp_path:
     [
         ("bogus", "not a tracking URI"),
         ("mlruns/", "not a tracking URI"),
-        ("http://127.0.0.1:notaport", "the port is not a number"),
+        ("http://127.0.0.1:notaport", "not a valid URI \\(Port could not be cast"),
+        ("http://127.0.0.1:99999", "not a valid URI \\(Port out of range 0-65535\\)"),
+        ("http://[::1", "not a valid URI \\(Invalid IPv6 URL\\)"),
     ],
 )
 def test_check_uri_refuses_what_no_store_answers_at(uri: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=f"--tracking-uri {re.escape(uri)}: {message}"):
+    with pytest.raises(ConfigError, match=f"^--tracking-uri {re.escape(uri)}: {message}"):
         tracking.check_uri(uri)
 
 
@@ -205,6 +207,34 @@ def test_check_uri_accepts_stores_and_tries_servers(tmp_path: Path) -> None:
         port = listening.getsockname()[1]
     with pytest.raises(ConfigError, match="cannot connect.*is `mlflow server` running there"):
         tracking.check_uri(f"http://127.0.0.1:{port}")
+
+
+def test_a_relative_sqlite_path_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ray runs each trial in its own working directory: a relative path would name another file.
+    monkeypatch.chdir(tmp_path)
+    assert tracking.check_uri("sqlite:///stores/x.db") == f"sqlite:///{tmp_path}/stores/x.db"
+    assert tracking.check_uri(f"sqlite:///{tmp_path}/x.db") == f"sqlite:///{tmp_path}/x.db"
+
+
+@pytest.mark.parametrize(
+    "uri,reason",
+    [
+        ("sqlite:///{tmp}/not_a_database", "DatabaseError: (sqlite3.DatabaseError) file is not"),
+        ("file:///{tmp}/mlruns", "MlflowException: The filesystem tracking backend"),
+        ("foo://bar", "UnsupportedModelRegistryStoreURIException: "),
+    ],
+)
+def test_a_store_mlflow_cannot_open_is_one_line(tmp_path: Path, uri: str, reason: str) -> None:
+    (tmp_path / "not_a_database").write_text("hello\n")
+    uri = uri.format(tmp=tmp_path)
+    with pytest.raises(ConfigError) as raised:
+        tracking.check_store(uri, "--tracking-uri")
+    message = str(raised.value)
+    assert message.startswith(f"--tracking-uri: MLflow cannot open {uri} ({reason}")
+    assert "\n" not in message
+    assert (tmp_path / "not_a_database").read_text() == "hello\n"  # left as it was
 
 
 def test_listing_a_missing_sqlite_file_creates_nothing(tmp_path: Path) -> None:
