@@ -212,6 +212,15 @@ def _run_trial(args: argparse.Namespace) -> int:
     except ConfigError as error:
         # Task constructors raise at train time (data_dir...): name the flag, as before training.
         raise ConfigError(_flag_message(str(error))) from None
+    except (MemoryError, RuntimeError) as error:
+        # torch.OutOfMemoryError (CUDA) is a RuntimeError, as is the CPU allocator's refusal.
+        if not isinstance(error, MemoryError) and "alloc" not in str(error).lower():
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"out of memory on {config.device} ({first}); try a smaller --hidden-size, "
+            "--batch-size or sequence length (--task-opt T=...)"
+        ) from None
     except KeyboardInterrupt:
         if args.out is not None:
             _write_out(

@@ -469,6 +469,8 @@ def run_study(
         flag = "--tracking-uri" if tracking_uri else f"--output {output}"
         tracking.check_store(uri, flag)
     _refuse_existing(spec, output, uri)
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        _check_data_here(spec)  # the local trials read this machine's files
     # Ray first: a wrong --address or a GPU request Ray cannot meet leaves no study behind.
     with _ray_session(address, spec):
         _check_gpus(spec, address, echo)
@@ -483,6 +485,24 @@ def run_study(
         state = StudyState(spec, output, uri, parent)
         state.save()
         return _execute(state, max_concurrent, echo, resuming=False)
+
+
+def _check_data_here(spec: StudySpec) -> None:
+    """The task's data check for each distinct set of task options the study trains with: a
+    wrong data_dir fails every trial alike, each after Ray's retries."""
+    if spec.search.searcher == "optuna":
+        configs = [space.cell_config(spec, cell, {}) for cell in space.plan_cells(spec)]
+    else:
+        configs = [trial.config for trial in space.plan_trials(spec)]
+    checked = set()
+    for config in configs:
+        options = json.dumps(config.task_options, sort_keys=True)
+        if options not in checked:
+            checked.add(options)
+            try:
+                TASKS[spec.task].check_data(config.task_options)
+            except ConfigError as error:
+                raise ConfigError(f"{spec.source}: {error}") from None
 
 
 def _refuse_existing(spec: StudySpec, output: Path, uri: str) -> None:
@@ -812,13 +832,17 @@ def _ray_session(address: str | None, spec: StudySpec) -> Iterator[None]:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
     # Ray's own convention: RAY_ADDRESS names the cluster to use when no flag does.
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    flag = "--address" if address is not None else "RAY_ADDRESS"
+    address = address if address is not None else os.environ.get("RAY_ADDRESS") or None
     if address is not None:
-        _check_ray_address(address)
+        _check_ray_address(address, flag)
         try:
             ray.init(address=address, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as error:
-            raise ConfigError(f"--address {address}: {tracking.one_line(error)}") from None
+            reason = tracking.one_line(error)
+            raise ConfigError(
+                f"{flag} {address}: {reason}; expected HOST:PORT of a Ray head"
+            ) from None
     else:
         cpus = max(os.cpu_count() or 1, math.ceil(spec.resources.cpus))
         # "local": a new Ray of our own, even when a `ray start` cluster runs on this machine.
@@ -829,13 +853,15 @@ def _ray_session(address: str | None, spec: StudySpec) -> Iterator[None]:
         ray.shutdown()
 
 
-def _check_ray_address(address: str) -> None:
+def _check_ray_address(address: str, flag: str = "--address") -> None:
     """HOST:PORT (or ray://HOST:PORT) must accept a connection: ray.init would otherwise retry
     for minutes, printing only Ray's own warnings. "auto" and other forms go to Ray as given."""
+    if not address.strip():
+        raise ConfigError(f"{flag}: empty; expected HOST:PORT of a Ray head, or no {flag}")
     match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)", address)
     if match is not None:
         hint = "is `ray start --head` running there (see docker/README.md)?"
-        check_reachable(f"--address {address}", match[1], int(match[2]), hint)
+        check_reachable(f"{flag} {address}", match[1], int(match[2]), hint)
 
 
 def _packs_label(spec: StudySpec) -> str:

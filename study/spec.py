@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import math
 from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,7 +234,7 @@ def _build(raw: dict[str, Any], name: str, where: str, smoke: bool) -> StudySpec
     task = task_section.get("name")
     if task is None:
         raise check.error("task.name", f"missing; allowed: {', '.join(TASKS)}")
-    if task not in TASKS:
+    if not isinstance(task, str) or task not in TASKS:
         raise check.error("task.name", f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
     option_names = task_option_names(task)
     task_options = {k: v for k, v in task_section.items() if k != "name"}
@@ -474,8 +475,9 @@ class _Checker:
             number = float(value)
         except (TypeError, ValueError):
             raise self.error(field, f"must be a number, got {value!r}") from None
-        if number != number or number < 0 or (positive and number == 0):
-            raise self.error(field, f"must be a number {'>' if positive else '>='} 0, got {value}")
+        if not math.isfinite(number) or number < 0 or (positive and number == 0):
+            bound = f"{'>' if positive else '>='} 0"
+            raise self.error(field, f"must be a finite number {bound}, got {value}")
         return number
 
     def integer(self, field: str, value: Any, minimum: int | None = None) -> int:

@@ -196,3 +196,12 @@ def test_ctrl_c_saves_the_curve_so_far(
     assert result["status"] == "interrupted" and result["config"]["iterations"] == 20
     assert [p["iteration"] for p in result["curve"]] == [5, 10]
     assert "val/accuracy" in result["curve"][-1]
+
+
+def test_a_model_too_large_for_memory_is_one_line(capsys: pytest.CaptureFixture) -> None:
+    # 4 x 10^6 x 10^6 weights: 16 TB, which no allocator grants.
+    assert main(["trial", "--hidden-size", "1000000", "--iterations", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("study trial: error: out of memory on cpu (") and err.count("\n") == 1
+    assert err.rstrip().endswith("try a smaller --hidden-size, --batch-size or sequence length "
+                                 "(--task-opt T=...)")  # fmt: skip

@@ -193,16 +193,39 @@ def test_an_address_nobody_answers_at_is_one_line_at_once() -> None:
     with pytest.raises(ConfigError, match=rf"--address 127.0.0.1:{closed}: cannot connect"):
         runner._check_ray_address(f"127.0.0.1:{closed}")
     runner._check_ray_address("auto")  # Ray's own forms are Ray's to resolve
+    with pytest.raises(ConfigError, match=r"^--address: empty; expected HOST:PORT of a Ray head"):
+        runner._check_ray_address(" ")
+
+
+def test_an_address_from_ray_address_is_named_so(tmp_path: Path) -> None:
+    closed = free_port()
+    path = write_space(tmp_path, "env", tiny_copying())
+    ran = subprocess.run(
+        [STUDY, "run", str(path), "--output", str(tmp_path / "out")],
+        env={**without_ray_address(), "RAY_ADDRESS": f"127.0.0.1:{closed}"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == 2
+    assert ran.stderr.startswith(f"study run: error: RAY_ADDRESS 127.0.0.1:{closed}: cannot ")
+    assert ran.stderr.count("\n") == 1
 
 
 @pytest.mark.slow
 def test_failing_trial_is_recorded_while_others_complete(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for name in ("train-images", "train-labels", "t10k-images", "t10k-labels"):
+        kind = "idx3" if name.endswith("images") else "idx1"
+        (corrupt / f"{name}-{kind}-ubyte").write_text("not an IDX file\n")
     body = {
         "task": {"name": "pixel_mnist", "dataset": "fashion_mnist", "subset": 20},
         "model": {"hidden_size": 4},
         "fixed": {"iterations": 2, "eval_every": 1, "batch_size": 10},
-        # One grid point reads a folder that does not exist: train() raises ConfigError.
-        "scientific": {"data_dir": [str(FASHION_MNIST), str(tmp_path / "missing")]},
+        # One grid point reads files that are no IDX files: train() raises ConfigError. (A
+        # missing folder is refused before the study starts.)
+        "scientific": {"data_dir": [str(FASHION_MNIST), str(corrupt)]},
         "resources": {"cpus": 1, "max_concurrent": 2, "max_failures": 1},
     }
     spec = load_spec(write_space(tmp_path, "failing", body))
@@ -400,6 +423,24 @@ def resume_to_completion(name: str, trials: int, output: Path, env: dict[str, st
     assert f"resuming {name}: {trials} trials" in resumed.stdout
     assert f"{name}: {trials} trials: {trials} completed" in resumed.stdout
     assert ": running, " not in resumed.stdout  # no trial of an earlier session printed again
+
+
+def test_a_data_dir_missing_here_stops_a_local_study_before_it_starts(tmp_path: Path) -> None:
+    body = {
+        "task": {"name": "pixel_mnist", "subset": 20},
+        "fixed": {"iterations": 2, "eval_every": 1, "batch_size": 10},
+        "scientific": {"data_dir": [str(FASHION_MNIST), str(tmp_path / "fashion-mnst")]},
+    }
+    path = write_space(tmp_path, "typo", body)
+    with pytest.raises(ConfigError) as raised:
+        runner.run_study(load_spec(path), tmp_path / "out", echo=lambda line: None)
+    assert str(raised.value) == (
+        f"{path}: task_options.data_dir: {tmp_path}/fashion-mnst is no folder; point data_dir at "
+        "a folder holding train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+        "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (raw or .gz), or set download=true to "
+        "fetch them"
+    )
+    assert not (tmp_path / "out").exists()  # nothing made: fixing the file and rerunning works
 
 
 def _saved_state(output: Path, tracking_uri: str | None = None) -> runner.StudyState:

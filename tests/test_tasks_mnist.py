@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -133,6 +134,44 @@ def test_missing_files_name_folder_files_and_both_remedies(tmp_path: Path) -> No
     message = str(error.value)
     assert str(tmp_path) in message and "t10k-labels-idx1-ubyte" in message
     assert "data_dir" in message and "download=true" in message and "\n" not in message
+
+
+def test_check_data_finds_what_loading_would_refuse_without_loading(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^task_options\.data_dir: \S+/absent is no folder; "):
+        PixelMNIST.check_data({"data_dir": str(tmp_path / "absent")})
+    with pytest.raises(ConfigError, match=r"lacks train-images-idx3-ubyte, "):
+        PermutedMNIST.check_data({"data_dir": str(tmp_path)})
+    PixelMNIST.check_data({"data_dir": str(write_idx_folder(tmp_path / "idx"))})
+    PixelMNIST.check_data({"data_dir": str(tmp_path / "absent"), "download": True})
+    PixelMNIST.check_data({})  # the cache, or a download: the loader's to judge
+
+
+def test_files_that_are_no_idx_files_are_one_line(tmp_path: Path) -> None:
+    for name in IDX_FILES:
+        (tmp_path / name).write_text("not an IDX file\n")
+    with pytest.raises(ConfigError) as error:
+        PixelMNIST(data_dir=str(tmp_path))
+    assert str(error.value).startswith(
+        f"task_options.data_dir: {tmp_path}: the mnist files there are not IDX files ("
+    )
+
+
+def test_files_replaced_at_the_source_are_staged_again(tmp_path: Path) -> None:
+    data_dir = write_idx_folder(tmp_path / "idx", train=30)
+    assert len(PixelMNIST(data_dir=str(data_dir), val_size=6).splits["train"][0]) == 24
+    for name in IDX_FILES:  # a later mtime than the staged copies: replaced
+        (data_dir / name).unlink()
+    write_idx_folder(data_dir, train=40)
+    later = max(p.stat().st_mtime for p in (tmp_path / "cache").rglob("*-ubyte")) + 10
+    for name in IDX_FILES:
+        os.utime(data_dir / name, (later, later))
+    assert len(PixelMNIST(data_dir=str(data_dir), val_size=6).splits["train"][0]) == 34
+
+
+@pytest.mark.parametrize("key", ["subset", "val_size"])
+def test_a_count_given_as_true_is_refused(key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^task_options\.{key}: must be a positive integer"):
+        PixelMNIST.check_options({key: True})
 
 
 @pytest.mark.parametrize("task", [PixelMNIST, PermutedMNIST])

@@ -42,6 +42,11 @@ class Task:
                 f"allowed: {', '.join(allowed)}"
             )
 
+    @classmethod
+    def check_data(cls, options: dict[str, Any]) -> None:
+        """Raise ConfigError for data the task would not find on this machine (checked options);
+        tasks that read files override it. Cheap: nothing is loaded."""
+
     def train_batch(self, iteration: int, batch_size: int, seed: int) -> Batch:
         """The minibatch of `iteration`, a pure function of (iteration, seed): resumable."""
         raise NotImplementedError

@@ -30,12 +30,17 @@ def cache_root() -> Path:
     return Path(base) / "hdetach-study" / "datasets"
 
 
-def _stage_idx_folder(dataset: str, data_dir: Path) -> Path:
-    """A torchvision root (`ROOT/<Class>/raw/<idx files>`) for a flat folder of IDX files.
+def check_data_dir(dataset: str, data_dir: str | None, download: bool) -> None:
+    """What load_images would refuse about data_dir, found without loading anything: a driver
+    checks it once before trials that share its files start (and fail alike, retried)."""
+    if data_dir is None or download:
+        return
+    if not (Path(data_dir) / DATASETS[dataset].__name__ / "raw").is_dir():
+        _idx_files(Path(data_dir))
 
-    The flat folder may be read-only (Debian puts Fashion-MNIST in /usr/share/datasets), so the
-    files are linked or decompressed into a cache folder keyed by the source path.
-    """
+
+def _idx_files(data_dir: Path) -> dict[str, Path]:
+    """The four IDX files (raw or .gz) in a flat folder, or a ConfigError naming the missing."""
     found: dict[str, Path] = {}
     for name in IDX_FILES:
         for candidate in (data_dir / name, data_dir / f"{name}.gz"):
@@ -44,18 +49,34 @@ def _stage_idx_folder(dataset: str, data_dir: Path) -> Path:
                 break
     if len(found) < len(IDX_FILES):
         missing = [name for name in IDX_FILES if name not in found]
+        if not data_dir.is_dir():
+            raise ConfigError(
+                f"task_options.data_dir: {data_dir} is no folder; point data_dir at a folder "
+                f"holding {', '.join(IDX_FILES)} (raw or .gz), or set download=true to fetch them"
+            )
         raise ConfigError(
             f"task_options.data_dir: {data_dir} lacks {', '.join(missing)} (raw or .gz); "
             f"expected the four files {', '.join(IDX_FILES)}; point data_dir at a folder holding "
             "them or set download=true to fetch them"
         )
+    return found
+
+
+def _stage_idx_folder(dataset: str, data_dir: Path) -> Path:
+    """A torchvision root (`ROOT/<Class>/raw/<idx files>`) for a flat folder of IDX files.
+
+    The flat folder may be read-only (Debian puts Fashion-MNIST in /usr/share/datasets), so the
+    files are linked or decompressed into a cache folder keyed by the source path.
+    """
+    found = _idx_files(data_dir)
     key = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
     root = cache_root() / f"{dataset}-{key}"
     raw = root / DATASETS[dataset].__name__ / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for name, source in found.items():
         target = raw / name
-        if target.exists():
+        # Staged before, and not replaced at the source since: keep (the copy is newer).
+        if target.exists() and target.stat().st_mtime >= source.stat().st_mtime:
             continue
         partial = raw / f".{name}.partial"
         if source.suffix == ".gz":
@@ -90,6 +111,11 @@ def load_images(
             f"task_options: {dataset} not found in {root} ({str(error).splitlines()[0]}); "
             f"expected {', '.join(IDX_FILES)} (raw or .gz) in data_dir, or set download=true "
             "on a machine with internet"
+        ) from None
+    except (AssertionError, ValueError, IndexError):  # torchvision's checks of the IDX header
+        raise ConfigError(
+            f"task_options.data_dir: {data_dir}: the {dataset} files there are not IDX files "
+            f"({', '.join(IDX_FILES)}, raw or .gz, as MNIST ships them)"
         ) from None
     images = train.data.reshape(len(train.data), -1)
     if not 0 < val_size < len(images):

@@ -10,7 +10,7 @@ import torch
 from study.config import ConfigError
 from study.repro import make_generator
 from study.tasks.base import Batch, Task, last_step_loss
-from study.tasks.mnist_data import DATASETS, VAL_SIZE, load_images
+from study.tasks.mnist_data import DATASETS, VAL_SIZE, check_data_dir, load_images
 
 
 class PixelMNIST(Task):
@@ -65,8 +65,13 @@ class PixelMNIST(Task):
             raise ConfigError("task_options.download: must be true or false")
         for key in ("subset", "val_size"):
             value = options.get(key)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (type(value) is not int or value < 1):  # true is no count
                 raise ConfigError(f"task_options.{key}: must be a positive integer, got {value!r}")
+
+    @classmethod
+    def check_data(cls, options: dict[str, Any]) -> None:
+        dataset = options.get("dataset", "mnist")
+        check_data_dir(dataset, options.get("data_dir"), options.get("download", False))
 
     def _to_batch(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
         pixels = images.to(torch.float32).div_(255.0)  # values in [0, 1]
