@@ -213,12 +213,17 @@ def test_an_address_from_ray_address_is_named_so(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_failing_trial_is_recorded_while_others_complete(tmp_path: Path) -> None:
-    corrupt = tmp_path / "corrupt"
-    corrupt.mkdir()
+def not_idx_files(folder: Path) -> Path:
+    """A data_dir whose four files are there (a study starts) but unreadable (its trials fail)."""
+    folder.mkdir()
     for name in ("train-images", "train-labels", "t10k-images", "t10k-labels"):
         kind = "idx3" if name.endswith("images") else "idx1"
-        (corrupt / f"{name}-{kind}-ubyte").write_text("not an IDX file\n")
+        (folder / f"{name}-{kind}-ubyte").write_text("not an IDX file\n")
+    return folder
+
+
+def test_failing_trial_is_recorded_while_others_complete(tmp_path: Path) -> None:
+    corrupt = not_idx_files(tmp_path / "corrupt")
     body = {
         "task": {"name": "pixel_mnist", "dataset": "fashion_mnist", "subset": 20},
         "model": {"hidden_size": 4},
@@ -681,8 +686,9 @@ def test_failing_pack_fails_each_member_in_its_own_run(tmp_path: Path, ray_clust
         "task": {"name": "pixel_mnist", "dataset": "fashion_mnist", "subset": 20},
         "model": {"hidden_size": 4},
         "fixed": {"iterations": 2, "eval_every": 1, "batch_size": 10},
-        # One data_dir is missing: train_packed raises ConfigError for its pack, twice (a retry).
-        "scientific": {"data_dir": [str(FASHION_MNIST), str(tmp_path / "missing")]},
+        # One data_dir holds no IDX files: train_packed raises ConfigError for its pack, twice
+        # (a retry).
+        "scientific": {"data_dir": [str(FASHION_MNIST), str(not_idx_files(tmp_path / "bad"))]},
         "replicates": {"seeds": 2},
         "resources": {"cpus": 1, "max_concurrent": 2, "max_failures": 1, "pack": 2},
     }
