@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -847,10 +848,19 @@ def _ray_session(address: str | None, spec: StudySpec) -> Iterator[None]:
         cpus = max(os.cpu_count() or 1, math.ceil(spec.resources.cpus))
         # "local": a new Ray of our own, even when a `ray start` cluster runs on this machine.
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
+    # A SIGTERM (a scheduler's, `timeout`'s, `kill`'s) stops the study as Ctrl-C does: Tune
+    # ends its trials, the summary and the resume line are printed, and the parent run is
+    # marked KILLED. Set after ray.init, whose own handler would dump a stack trace and exit.
+    previous = signal.signal(signal.SIGTERM, _stop_as_on_ctrl_c)
     try:
         yield
     finally:
+        signal.signal(signal.SIGTERM, previous)
         ray.shutdown()
+
+
+def _stop_as_on_ctrl_c(signum: int, frame: Any) -> None:
+    signal.raise_signal(signal.SIGINT)
 
 
 def _check_ray_address(address: str, flag: str = "--address") -> None:

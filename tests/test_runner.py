@@ -570,6 +570,42 @@ def test_resume_after_sigkill_of_the_driver(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_sigterm_stops_a_study_as_ctrl_c_does(tmp_path: Path) -> None:
+    body = tiny_copying(
+        model={"hidden_size": 64}, fixed={"iterations": 800, "eval_every": 40, "batch_size": 50}
+    )
+    path = write_space(tmp_path, "termed", body)
+    output = tmp_path / "out"
+    uri = tracking.store_uri(output)
+    env = without_ray_address()
+    driver = subprocess.Popen(
+        [STUDY, "run", str(path), "--output", str(output)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.5)
+            if (output / "ray" / "termed" / runner.STATE_FILE).exists() and running_with_steps(
+                uri, "termed", 2, 12
+            ):
+                break
+        driver.send_signal(signal.SIGTERM)  # the driver only, as `kill PID` or a scheduler
+        out, _ = driver.communicate(timeout=120)
+    finally:
+        _kill_session(driver.pid)
+    assert driver.returncode == 130, out
+    assert "SIGTERM" not in out and "Traceback" not in out
+    assert f"unfinished; continue with: study resume termed --output {output}" in out
+    assert tracking.find_parent(uri, "termed").info.status == "KILLED"
+    resume_to_completion("termed", 4, output, env)
+
+
+@pytest.mark.slow
 def test_packed_study_trains_each_member_as_its_solo_run(tmp_path: Path, ray_cluster) -> None:
     # Adam at lr 1e36 overflows at the second step: t0001 diverges inside p0000 while its two
     # pack mates train on; p0001 holds t0003 alone, which diverges too.
