@@ -7,16 +7,13 @@ import math
 from collections.abc import Callable
 
 import numpy as np
-from scipy import stats
 
 from study.analysis.stats import (
-    BOOTSTRAP_RESAMPLES,
-    BOOTSTRAP_SEED,
-    CONFIDENCE,
     iqm_interval,
     p_better_interval,
     pooled_iqm,
     pooled_mean,
+    stratified_bootstrap,
 )
 
 Interval = Callable[[list[np.ndarray]], tuple[float, float]]
@@ -49,16 +46,7 @@ def percentile_interval(kind: str) -> Interval:
     def interval(strata: list[np.ndarray]) -> tuple[float, float]:
         if any(len(s) < 2 for s in strata):
             return (math.nan, math.nan)
-        result = stats.bootstrap(
-            tuple(strata),
-            statistic,
-            vectorized=True,
-            axis=-1,
-            confidence_level=CONFIDENCE,
-            method="percentile",
-            n_resamples=BOOTSTRAP_RESAMPLES,
-            rng=BOOTSTRAP_SEED,
-        )
+        result = stratified_bootstrap(strata, statistic)
         return (float(result.confidence_interval.low), float(result.confidence_interval.high))
 
     return interval

@@ -12,6 +12,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -612,7 +613,19 @@ def stratified_interval(
     estimate = float(statistic(*strata))
     if all(np.all(s == s[0]) for s in strata):
         return (estimate, estimate)
-    result = stats.bootstrap(
+    result = stratified_bootstrap(strata, statistic, confidence)
+    n, runs = min(len(s) for s in strata), sum(len(s) for s in strata)
+    t = stats.t.ppf(0.5 + confidence / 2, runs - len(strata))
+    half = t * math.sqrt(n / (n - 1)) * float(result.standard_error)
+    return (max(bounds[0], estimate - half), min(bounds[1], estimate + half))
+
+
+def stratified_bootstrap(
+    strata: list[np.ndarray], statistic: Callable[..., np.ndarray], confidence: float = CONFIDENCE
+) -> Any:
+    """scipy.stats.bootstrap (its BootstrapResult) over seeds within each stratum (seeded: the
+    same study gives the same report): standard error, percentile interval at `confidence`."""
+    return stats.bootstrap(
         tuple(strata),
         statistic,
         vectorized=True,
@@ -623,10 +636,6 @@ def stratified_interval(
         n_resamples=BOOTSTRAP_RESAMPLES,
         rng=BOOTSTRAP_SEED,
     )
-    n, runs = min(len(s) for s in strata), sum(len(s) for s in strata)
-    t = stats.t.ppf(0.5 + confidence / 2, runs - len(strata))
-    half = t * math.sqrt(n / (n - 1)) * float(result.standard_error)
-    return (max(bounds[0], estimate - half), min(bounds[1], estimate + half))
 
 
 # ---------------------------------------------------------------- helpers
