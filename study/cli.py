@@ -196,7 +196,7 @@ def _run_trial(args: argparse.Namespace) -> int:
     config = _trial_config(args)
     if args.out is not None:
         _check_out(args.out)
-    from study.train import train  # torch import deferred so `--help` stays fast
+    from study.train import resolve_device, train  # torch deferred: `--help` stays fast
 
     bar = _ProgressBar(config.iterations)
     curve: list[dict[str, float]] = []
@@ -218,7 +218,8 @@ def _run_trial(args: argparse.Namespace) -> int:
             raise
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(
-            f"out of memory on {config.device} ({first}); try a smaller --hidden-size, "
+            f"out of memory on {resolve_device(config.device)} ({first}); try a smaller "
+            "--hidden-size, "
             "--batch-size or sequence length (--task-opt T=...)"
         ) from None
     except KeyboardInterrupt:
