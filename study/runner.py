@@ -64,6 +64,11 @@ class StudyState:
     def experiment_dir(self) -> Path:
         return self.ray_dir / self.spec.name
 
+    @property
+    def own_store(self) -> bool:
+        """Whether the study logs to its folder's DIR/mlflow.db (not a --tracking-uri store)."""
+        return self.tracking_uri == tracking.store_uri(self.output)
+
     def save(self) -> None:
         self.experiment_dir.mkdir(parents=True, exist_ok=True)
         record = {
@@ -74,7 +79,7 @@ class StudyState:
             "tracking_uri": self.tracking_uri,
             # The store is the folder's own DIR/mlflow.db: MLflow keeps its absolute path and
             # those of the artifacts, so the folder cannot move (load() checks).
-            "own_store": self.tracking_uri == tracking.store_uri(self.output),
+            "own_store": self.own_store,
             "parent_run_id": self.parent_run_id,
         }
         (self.experiment_dir / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
@@ -99,7 +104,7 @@ class StudyState:
         except (OSError, ValueError, KeyError, TypeError) as error:
             reason = tracking.one_line(error)
             raise ConfigError(f"{path}: not a readable study record ({reason})") from None
-        if record.get("own_store") and state.tracking_uri != tracking.store_uri(state.output):
+        if record.get("own_store") and not state.own_store:
             # Moved, or copied: resuming would log to the store it names, in the old folder.
             database = tracking.sqlite_path(state.tracking_uri)
             home = database.parent if database else state.tracking_uri
@@ -463,12 +468,8 @@ def run_study(
     output = output.absolute()
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {output}: not a folder")
-    if tracking_uri is not None:
-        tracking_uri = tracking.check_uri(tracking_uri)
-    uri = tracking_uri or tracking.store_uri(output)
-    if _store_exists(uri):  # (a new SQLite store is made only once Ray has started)
-        flag = "--tracking-uri" if tracking_uri else f"--output {output}"
-        tracking.check_store(uri, flag)
+    flag = "--tracking-uri" if tracking_uri is not None else f"--output {output}"
+    uri = _checked_store(tracking_uri or tracking.store_uri(output), flag)
     _refuse_existing(spec, output, uri)
     if address is None and not os.environ.get("RAY_ADDRESS"):
         _check_data_here(spec)  # the local trials read this machine's files
@@ -574,10 +575,7 @@ def resume_study(
 ) -> int:
     """Continue an interrupted study: Tune restores its trials, errored ones included."""
     state = StudyState.load(output, name)
-    flag = f"study {name}'s tracking URI"
-    tracking.check_uri(state.tracking_uri, flag)  # a server that is down: now, in one line
-    if _store_exists(state.tracking_uri):
-        tracking.check_store(state.tracking_uri, flag)
+    _checked_store(state.tracking_uri, f"study {name}'s tracking URI")
     if tracking.find_parent(state.tracking_uri, name) is None:
         raise ConfigError(
             f"study {name}: no parent run in {_store_label(state.tracking_uri)}; was it deleted?"
@@ -624,8 +622,7 @@ def _execute(state: StudyState, max_concurrent: int | None, echo: Echo, resuming
     echo(f"took {time.monotonic() - started:.0f} s")
     if pending:
         echo(f"unfinished; continue with: study resume {spec.name} --output {state.output}")
-    own_store = state.tracking_uri == tracking.store_uri(state.output)
-    ui = console.ui_command(str(state.output), None if own_store else state.tracking_uri)
+    ui = console.ui_command(str(state.output), None if state.own_store else state.tracking_uri)
     echo(f"MLflow UI: {ui}")
     if failed:
         return 1
@@ -925,6 +922,16 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{commit}-dirty" if dirty else commit
+
+
+def _checked_store(uri: str, flag: str) -> str:
+    """The store's URI (tracking.check_uri: a relative SQLite path made absolute), once a
+    server answers there and MLflow opens an existing store: one line otherwise, before any
+    work. A new SQLite store is made later, only once Ray has started."""
+    uri = tracking.check_uri(uri, flag)
+    if _store_exists(uri):
+        tracking.check_store(uri, flag)
+    return uri
 
 
 def _store_exists(uri: str) -> bool:
