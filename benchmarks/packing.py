@@ -6,7 +6,10 @@ of 2; 2 processes x 1 thread training a pack of 2 each; and, for reference, 1 pr
 threads training 2 trials in turn. On a GPU: trials one after another (each the graphed solo
 step) against one pack of --members trials. Arms alternate within each round, every number comes
 from this run, and the table gives each arm's median and best round. A trial is copying T=100
-(H=128, B=100) cut to --iterations steps and one evaluation.
+(H=128, B=100) cut to --iterations steps and one evaluation. On a GPU, one untimed round first
+compiles the Triton kernels and warms cuBLAS (as the first trial of a study's worker process
+does once; later ones load Triton's on-disk cache), and each pack is compared with one trial at
+a time at its own precision.
 """
 
 from __future__ import annotations
@@ -139,6 +142,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {device} | torch {torch.__version__}")
     print(f"trial: copying T=100, H=128, B=100, {args.iterations} steps + 1 evaluation")
+    if cuda:  # the untimed warm-up round
+        gpu_arms(args)
     samples: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         arms = gpu_arms(args) if cuda else cpu_arms(args)
@@ -146,16 +151,19 @@ def main() -> None:
             samples.setdefault(name, []).append(trials / seconds * 3600)
     # The best round of each arm is its speed with the least interference from other load (a
     # shared machine slows multi-threaded arms most); the median is what a round typically got.
+    # "x base": against the first arm (CPU), or one trial at a time at the same precision (GPU).
     names = list(samples)
-    median0, best0 = statistics.median(samples[names[0]]), max(samples[names[0]])
-    print(f"{'arm (trials/hour)':<44}{'median':>8}{'x first':>8}{'best':>8}{'x first':>8}  rounds")
+
+    def base(name: str) -> list[float]:
+        precision = name.rsplit(", ", 1)[-1]
+        return samples[f"1 trial at a time, {precision}" if cuda else names[0]]
+
+    print(f"{'arm (trials/hour)':<44}{'median':>8}{'x base':>8}{'best':>8}{'x base':>8}  rounds")
     for name in names:
         median, best = statistics.median(samples[name]), max(samples[name])
+        ratios = median / statistics.median(base(name)), best / max(base(name))
         rounds = " ".join(f"{s:.0f}" for s in samples[name])
-        print(
-            f"{name:<44}{median:>8.0f}{median / median0:>8.2f}{best:>8.0f}{best / best0:>8.2f}"
-            f"  {rounds}"
-        )
+        print(f"{name:<44}{median:>8.0f}{ratios[0]:>8.2f}{best:>8.0f}{ratios[1]:>8.2f}  {rounds}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "HDETACH_TRITON_KERNEL": ("auto", "split", "rows"),
     # How split programs hand each other a step's h (and the backward's share): a counter
     # barrier, or values tagged with their step number (study/models/triton_split.py, exchange()).
+    # The defaults of these two stay: on an H100 tagged + partials measured as fast (pixel MNIST
+    # 5.12 ms against 5.15 per forward + backward; copying 0.93 both) and either alone slower
+    # (benchmarks/results/h100.txt), so the simpler protocol runs.
     "HDETACH_TRITON_SPLIT_SYNC": ("barrier", "tagged"),
     # What split programs hand each other in the backward: every unit block's gate gradients, or
     # partial sums of the h gradient (study/models/triton_split.py, backward()).

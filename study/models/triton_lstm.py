@@ -26,7 +26,7 @@ ENV_BLOCK_B, ENV_WARPS = "HDETACH_TRITON_BLOCK_B", "HDETACH_TRITON_WARPS"
 # hidden units with a barrier per step and need every program resident at once, so they serve
 # one trial or a small pack: "auto" (or "split") takes them where they fit; "rows" gives each
 # program batch rows for the whole sequence. Measured on an H100 at pixel MNIST, tf32: split
-# 8.2 ms per forward + backward, rows 14.1 (benchmarks/results/h100.txt).
+# 5.1 ms per forward + backward, rows 14.2 (benchmarks/results/h100.txt).
 ENV_KERNEL, ENV_SPLIT_WARPS = "HDETACH_TRITON_KERNEL", "HDETACH_TRITON_SPLIT_WARPS"
 ENV_SPLIT_UNITS = "HDETACH_TRITON_SPLIT_UNITS"  # hidden units per split program
 ENV_SPLIT_SYNC = "HDETACH_TRITON_SPLIT_SYNC"  # barrier or tagged (triton_split.exchange)

@@ -19,16 +19,18 @@ MAX_HIDDEN = 128  # the whole h row tile (16 x 128) is one tl.dot operand
 
 
 def default_warps(precision: str, sync: str, handoff: str | None = None) -> int:
-    """Warps per program of the forward (handoff None) or the backward. 4, the fastest measured
-    (H100, pixel MNIST, tf32, barrier, gates: 8.2 ms per forward + backward; 9.8 at 8), except
-    for the tagged forward, and where 4 spill registers (compiled for an H100 by
+    """Warps per program of the forward (handoff None) or the backward, as measured on an H100
+    (pixel MNIST, benchmarks/results/h100.txt: gpu_check.sh's sweep, whose forward is the same
+    kernel whatever the backward's handoff). Forward: 8 (tf32, barrier: 1.86 ms, 1.99 at 4; a
+    tagged reader holds 16 x 128 words: at 8 warps its loop runs 321 instructions, at 4, 547),
+    except full fp32 with the barrier: 4 (the first H100 sweep, before the tf32 one-product
+    change: 15.1 ms per forward + backward at 4 warps, 19.4 at 8). Backward: 4 (tf32, barrier,
+    gates: 3.29 ms, 3.78 at 8), except where 4 spill registers (compiled for an H100 by
     tests/test_triton_lstm.py under Triton 3.8 and 3.6, the GPU machine's): full fp32 with the
     tagged exchange or the partial sums, and the tf32 tagged backward with gates, whose reader
-    holds 4 x 16 x 128 int64 words while it polls (64 a thread at 4 warps; partial sums: 14).
-    A tagged forward reader holds 16 x 128 words: at 8 warps its loop runs 321 instructions, at
-    4, 547 (SASS, tf32, H = 100; benchmarks/kernel_sass.py dump)."""
+    holds 4 x 16 x 128 int64 words while it polls (64 a thread at 4 warps; partial sums: 14)."""
     if handoff is None:
-        return 8 if sync == "tagged" else 4
+        return 8 if sync == "tagged" or precision != "ieee" else 4
     if precision == "ieee":
         return 8 if sync == "tagged" or handoff == "partials" else 4
     return 8 if sync == "tagged" and handoff == "gates" else 4
