@@ -3,8 +3,9 @@
 # ~9.8 minutes by the stage limits): the device, the CUDA tests (graphs and the Triton LSTM
 # kernels), the step benchmark, a Triton tuning sweep, the packing benchmark. Triton compiles
 # each kernel variant once (a few seconds each) in the first stage that uses it; later stages
-# reuse triton's on-disk cache. Needs torch (+ its bundled triton, torchvision, pytest) only: no Ray, MLflow or Optuna,
-# so pytest runs without tests/conftest.py. Run from anywhere: bash benchmarks/gpu_check.sh
+# reuse triton's on-disk cache. Needs torch (+ its bundled triton, torchvision, pytest) only:
+# no Ray, MLflow or Optuna, so pytest runs without tests/conftest.py. Run from anywhere:
+# bash benchmarks/gpu_check.sh
 # Logs go to $OUT (if set) or a temporary folder; the exit status is non-zero if a stage failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
