@@ -219,8 +219,7 @@ def _run_trial(args: argparse.Namespace) -> int:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(
             f"out of memory on {resolve_device(config.device)} ({first}); try a smaller "
-            "--hidden-size, "
-            "--batch-size or sequence length (--task-opt T=...)"
+            "--hidden-size, --batch-size or sequence length (--task-opt T=...)"
         ) from None
     except KeyboardInterrupt:
         if args.out is not None:

@@ -469,7 +469,7 @@ def run_study(
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {output}: not a folder")
     flag = "--tracking-uri" if tracking_uri is not None else f"--output {output}"
-    uri = _checked_store(tracking_uri or tracking.store_uri(output), flag)
+    uri, _ = tracking.checked_store(tracking_uri or tracking.store_uri(output), flag)
     _refuse_existing(spec, output, uri)
     if address is None and not os.environ.get("RAY_ADDRESS"):
         _check_data_here(spec)  # the local trials read this machine's files
@@ -510,7 +510,7 @@ def _check_data_here(spec: StudySpec) -> None:
 def _refuse_existing(spec: StudySpec, output: Path, uri: str) -> None:
     """A new study must not meet an old one of its name: in the MLflow store (its runs), or in
     the output folder's Ray state (whose saved trial states would pass for this study's)."""
-    parent = tracking.find_parent(uri, spec.name) if _store_exists(uri) else None
+    parent = tracking.find_parent(uri, spec.name) if tracking.store_exists(uri) else None
     if parent is not None:
         tags = parent.data.tags
         where = f"study {spec.name} already exists in {_store_label(uri)}"
@@ -575,7 +575,7 @@ def resume_study(
 ) -> int:
     """Continue an interrupted study: Tune restores its trials, errored ones included."""
     state = StudyState.load(output, name)
-    _checked_store(state.tracking_uri, f"study {name}'s tracking URI")
+    tracking.checked_store(state.tracking_uri, f"study {name}'s tracking URI")
     if tracking.find_parent(state.tracking_uri, name) is None:
         raise ConfigError(
             f"study {name}: no parent run in {_store_label(state.tracking_uri)}; was it deleted?"
@@ -922,21 +922,6 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{commit}-dirty" if dirty else commit
-
-
-def _checked_store(uri: str, flag: str) -> str:
-    """The store's URI (tracking.check_uri: a relative SQLite path made absolute), once a
-    server answers there and MLflow opens an existing store: one line otherwise, before any
-    work. A new SQLite store is made later, only once Ray has started."""
-    uri = tracking.check_uri(uri, flag)
-    if _store_exists(uri):
-        tracking.check_store(uri, flag)
-    return uri
-
-
-def _store_exists(uri: str) -> bool:
-    database = tracking.sqlite_path(uri)
-    return database is None or database.is_file()
 
 
 def _store_label(uri: str) -> str:

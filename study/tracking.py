@@ -80,6 +80,24 @@ def check_store(tracking_uri: str, flag: str = "--tracking-uri") -> None:
         raise ConfigError(f"{flag}: MLflow cannot open {tracking_uri} ({reason})") from None
 
 
+def checked_store(tracking_uri: str, flag: str = "--tracking-uri") -> tuple[str, bool]:
+    """(check_uri's URI, whether the store is there), once a server answers there and MLflow
+    opens an existing store (check_store): one line otherwise, before any work. A sqlite:///
+    file not there yet is not opened, which would create it: the caller decides."""
+    tracking_uri = check_uri(tracking_uri, flag)
+    exists = store_exists(tracking_uri)
+    if exists:
+        check_store(tracking_uri, flag)
+    return tracking_uri, exists
+
+
+def store_exists(tracking_uri: str) -> bool:
+    """False only for a sqlite:/// file that is not there (yet): servers and other databases
+    are taken to exist, and answer for themselves."""
+    database = sqlite_path(tracking_uri)
+    return database is None or str(database) == ":memory:" or database.is_file()
+
+
 def sqlite_path(tracking_uri: str) -> Path | None:
     """The database file of a sqlite:/// URI; None for any other store."""
     prefix = "sqlite:///"
@@ -398,11 +416,9 @@ def summarize(tracking_uri: str, name: str) -> StudySummary | None:
 def list_studies(tracking_uri: str, flag: str = "--tracking-uri") -> list[StudySummary]:
     """Every experiment in the store that holds a study (a parent run), by name; none (and no
     database file created) where a sqlite:/// URI names no file."""
-    tracking_uri = check_uri(tracking_uri, flag)
-    database = sqlite_path(tracking_uri)
-    if database is not None and not database.is_file():
+    tracking_uri, exists = checked_store(tracking_uri, flag)
+    if not exists:
         return []
-    check_store(tracking_uri, flag)
     mlflow = client(tracking_uri)
     summaries = []
     for experiment in mlflow.search_experiments(view_type=ViewType.ACTIVE_ONLY):

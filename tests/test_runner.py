@@ -212,7 +212,6 @@ def test_an_address_from_ray_address_is_named_so(tmp_path: Path) -> None:
     assert ran.stderr.count("\n") == 1
 
 
-@pytest.mark.slow
 def not_idx_files(folder: Path) -> Path:
     """A data_dir whose four files are there (a study starts) but unreadable (its trials fail)."""
     folder.mkdir()
@@ -222,6 +221,7 @@ def not_idx_files(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_failing_trial_is_recorded_while_others_complete(tmp_path: Path) -> None:
     corrupt = not_idx_files(tmp_path / "corrupt")
     body = {

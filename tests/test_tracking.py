@@ -237,6 +237,19 @@ def test_a_store_mlflow_cannot_open_is_one_line(tmp_path: Path, uri: str, reason
     assert (tmp_path / "not_a_database").read_text() == "hello\n"  # left as it was
 
 
+def test_checked_store_opens_what_exists_and_creates_nothing(tmp_path: Path) -> None:
+    existing = tracking.store_uri(tmp_path / "kept")
+    (tmp_path / "kept").mkdir()
+    tracking.client(existing).search_experiments()  # MLflow makes the database
+    assert tracking.checked_store(existing) == (existing, True)
+    missing = f"sqlite:///{tmp_path}/absent/mlflow.db"
+    assert tracking.checked_store(missing) == (missing, False)
+    assert not (tmp_path / "absent").exists()
+    (tmp_path / "junk.db").write_text("hello\n")
+    with pytest.raises(ConfigError, match=r"^--output x: MLflow cannot open sqlite:///"):
+        tracking.checked_store(f"sqlite:///{tmp_path}/junk.db", "--output x")
+
+
 def test_listing_a_missing_sqlite_file_creates_nothing(tmp_path: Path) -> None:
     assert tracking.list_studies(f"sqlite:///{tmp_path}/absent/mlflow.db") == []
     assert not (tmp_path / "absent").exists()

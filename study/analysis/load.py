@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 
 from study.config import ConfigError
 from study.space import NUISANCE
-from study.tracking import check_store, check_uri, search_all_runs, sqlite_path, trial_state
+from study.tracking import checked_store, search_all_runs, sqlite_path, trial_state
 
 # Cell axes of the robustness grid (task x method x p x lr x clip); seeds are the replicates.
 CELL_PARAMS = ("task", "method", "p_detach", "lr", "clip_norm")
@@ -137,12 +137,9 @@ def load_study(name: str, tracking_uri: str) -> Study:
 
 def _check_store(tracking_uri: str, where: str) -> str:
     """The URI to read (tracking.check_uri), once it is known to name a store MLflow opens."""
-    tracking_uri = check_uri(tracking_uri)
-    # Opening a missing SQLite file would silently create an empty store; say what is wrong.
-    database = sqlite_path(tracking_uri)
-    if database is not None and str(database) != ":memory:" and not database.is_file():
-        raise ConfigError(f"{where}: no MLflow database at {database}")
-    check_store(tracking_uri, where)
+    tracking_uri, exists = checked_store(tracking_uri, where)
+    if not exists:  # opening a missing SQLite file would silently create an empty store
+        raise ConfigError(f"{where}: no MLflow database at {sqlite_path(tracking_uri)}")
     return tracking_uri
 
 

@@ -170,9 +170,8 @@ def _best_setting_verdict(analysis: Analysis, task: str) -> list[str]:
         picked = f", best of {len(enough)} cells" if len(enough) > 1 else ""
         parts.append(
             f"{name} (lr={format_float(best.lr)}, clip={format_clip(best.clip_norm)}{picked}) "
-            "reached "
-            f"{target} in {best.successes}/{best.n} seeds {_interval(best.success_ci)}, median "
-            f"best val {best.best.median:.3f}{test}"
+            f"reached {target} in {best.successes}/{best.n} seeds {_interval(best.success_ci)}, "
+            f"median best val {best.best.median:.3f}{test}"
         )
     return [f"{task}, each method at its best lr x clip: " + "; ".join(parts) + "."]
 
