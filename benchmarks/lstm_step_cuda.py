@@ -26,8 +26,8 @@ from study.config import TrialConfig
 from study.models import SequenceClassifier, triton_lstm
 from study.models.cuda_graph import GraphedStep
 from study.packed_train import _Pack, cuda_precision
-from study.tasks.base import Task
-from study.train import _Trial
+from study.tasks.base import Task, mean_cross_entropy
+from study.trial import TrialState
 
 # (name, T, B, H, classes, readout): the copying task at T=100 and pixel MNIST (paper Sec. 5).
 SHAPES = [
@@ -123,21 +123,30 @@ class RandomTask(Task):
     default_target = 1.0
 
     def __init__(self, seq_len: int, num_classes: int, readout: str) -> None:
-        self.seq_len, self.readout = seq_len, readout
+        self.seq_len, self.readout_steps = seq_len, _readout_steps(readout) or seq_len
         self.num_classes = num_classes  # type: ignore[misc]
 
     def train_batch(self, iteration: int, batch_size: int, seed: int) -> tuple:
         generator = torch.Generator().manual_seed(seed + iteration)
         x = torch.rand(self.seq_len, batch_size, 1, generator=generator)
-        shape = (self.seq_len, batch_size) if self.readout == "all" else (batch_size,)
+        shape = (batch_size,) if self.readout_steps == 1 else (self.seq_len, batch_size)
         return x, torch.randint(0, self.num_classes, shape, generator=generator)
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple]:
         yield self.train_batch(0, batch_size, 0)
 
-    def loss_and_metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple:
-        logits = logits[-1] if self.readout == "last" else logits.reshape(-1, self.num_classes)
-        return F.cross_entropy(logits, targets.reshape(-1)), 0, 1
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.readout_steps == 1:
+            return mean_cross_entropy(logits[..., -1, :, :], targets, item_dims=1)
+        return mean_cross_entropy(logits, targets, item_dims=2)
+
+    def metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+        return 0, 1
+
+
+def _readout_steps(readout: str) -> int | None:
+    """A shape's read-out as the models take it: every step (None) or the last one."""
+    return None if readout == "all" else 1
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor, readout: str) -> torch.Tensor:
@@ -210,7 +219,7 @@ def pack_step(
         for k in range(members)
     ]
     with cuda_precision(precision, device):
-        pack = _Pack([_Trial(config, device, task) for config in configs], device)
+        pack = _Pack([TrialState(config, device, task) for config in configs], device)
     counter = iter(range(10**9))
     return lambda: pack.step(next(counter))
 
@@ -288,7 +297,8 @@ def measure_shape(
         # on the default stream must not be captured on another stream (stale AccumulateGrad).
         model = SequenceClassifier(1, hidden, classes).to(device)
         model.load_state_dict(template.state_dict())
-        return forward_backward(model, lambda: model(x, mask, readout=readout))
+        steps_read = _readout_steps(readout)
+        return forward_backward(model, lambda: model(x, mask, readout_steps=steps_read))
 
     cuda = device.type == "cuda"
     with lstm_path("per-step"):
@@ -402,7 +412,7 @@ def triton_sweep(
         params = list(model.parameters())
 
         def forward(model: nn.Module = model) -> torch.Tensor:
-            return _loss(model(x, mask, readout=readout), y, readout)
+            return _loss(model(x, mask, readout_steps=_readout_steps(readout)), y, readout)
 
         def step(forward: Callable = forward, params: list = params) -> tuple:
             return torch.autograd.grad(forward(), params)

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
-import socket
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A bad value in a config, flag or YAML file; its message is one line meant for the user."""
+from study.errors import ConfigError
+from study.vocabulary import parse_clip
 
 
 @dataclass(frozen=True)
@@ -24,8 +22,11 @@ class TrialConfig:
     method: str = "none"
     # Probability of *detaching* at a step (paper Algorithm 1; the authors' code uses the same p).
     p_detach: float = 0.0
-    # Authors' scripts switch h-detach off for the last epochs; here: the last N iterations.
+    # Authors' scripts switch h-detach off for the last epochs; here: the last N iterations,
+    # or (anneal_fraction) that share of the budget, which scales with it: the authors' 39 of
+    # 600 copying epochs is 0.065 (study.methods.annealed_iterations). At most one of the two.
     anneal_last: int | None = None
+    anneal_fraction: float | None = None
     hidden_size: int = 128
     optimizer: str = "adam"
     lr: float = 1.0e-3
@@ -64,9 +65,10 @@ class TrialConfig:
 
 
 # Field types for casting YAML scalars; spec.py validates search spaces with the same sets.
-FLOAT_FIELDS = ("p_detach", "lr", "clip_norm")
+FLOAT_FIELDS = ("p_detach", "anneal_fraction", "lr", "clip_norm")
 INT_FIELDS = ("anneal_last", "hidden_size", "batch_size", "seed", "iterations", "eval_every")
-NULLABLE_FIELDS = ("clip_norm", "anneal_last")  # null means off: no clipping, no annealing
+# null means off: no clipping, no annealing
+NULLABLE_FIELDS = ("clip_norm", "anneal_last", "anneal_fraction")
 # Adam's first step is lr / (1 - 0.9) per unit, passed to torch as a float32 scalar (max 3.4e38).
 MAX_LR = 1e36
 
@@ -83,10 +85,8 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{_prefix(where)}{key}: must be a number or null, got {value!r}")
         try:
-            return float(value)
+            return parse_clip(value) if key == "clip_norm" else float(value)
         except (TypeError, ValueError):
-            if key == "clip_norm" and str(value).lower() in {"none", "null", "off"}:
-                return None
             raise ConfigError(f"{_prefix(where)}{key}: must be a number, got {value!r}") from None
     if key in INT_FIELDS:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -103,18 +103,26 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     return value
 
 
+def check_schedule(config: TrialConfig) -> TrialConfig:
+    """The config, once its evaluation schedule is one a user meant: an eval_every beyond
+    iterations evaluates once, at the end, without a word. Checked where users write configs
+    (a search space, `study trial` flags), not in every TrialConfig: code and saved states may
+    hold such a config, and train() handles it."""
+    if config.eval_every > config.iterations:
+        raise ConfigError(
+            f"eval_every: must be <= iterations ({config.iterations}), got {config.eval_every} "
+            "(it would evaluate only once, at the end)"
+        )
+    return config
+
+
 def validate_trial_config(config: TrialConfig) -> None:
     """Raise ConfigError naming the first bad field and what is allowed."""
-    # Imported here: the registries import torch-heavy modules, the config itself does not.
-    from study.methods import METHODS
-    from study.tasks import TASKS
+    # Imported on first use: the registries bring torch, this module does not (`study --help`
+    # stays fast). study.registry imports nothing of config, so there is no cycle.
+    from study.registry import check_registered
 
-    if config.task not in TASKS:
-        raise ConfigError(f"task: unknown task {config.task!r}; allowed: {', '.join(TASKS)}")
-    if config.method not in METHODS:
-        raise ConfigError(
-            f"method: unknown method {config.method!r}; allowed: {', '.join(METHODS)}"
-        )
+    check_registered(config.task, config.method, config.task_options)
     if not 0.0 <= config.p_detach <= 1.0:
         raise ConfigError(f"p_detach: must be in [0, 1], got {config.p_detach}")
     if config.method == "none" and config.p_detach != 0.0:
@@ -128,6 +136,9 @@ def validate_trial_config(config: TrialConfig) -> None:
         )
     if config.clip_norm is not None and not config.clip_norm > 0:
         raise ConfigError(f"clip_norm: must be > 0 or null (no clipping), got {config.clip_norm}")
+    if config.clip_norm == math.inf:
+        # It clips nothing, as null does, yet it would be logged as a setting of its own.
+        raise ConfigError("clip_norm: must be finite, got inf; null is no clipping")
     if config.optimizer not in ("adam", "sgd"):
         raise ConfigError(f"optimizer: must be adam or sgd, got {config.optimizer!r}")
     for name in ("hidden_size", "batch_size", "iterations", "eval_every"):
@@ -135,27 +146,18 @@ def validate_trial_config(config: TrialConfig) -> None:
             raise ConfigError(f"{name}: must be >= 1, got {getattr(config, name)}")
     if config.anneal_last is not None and config.anneal_last < 0:
         raise ConfigError(f"anneal_last: must be >= 0 or null, got {config.anneal_last}")
+    if config.anneal_fraction is not None:
+        if config.anneal_last is not None:
+            raise ConfigError(
+                f"anneal_fraction: set it or anneal_last, not both (got anneal_last "
+                f"{config.anneal_last} and anneal_fraction {config.anneal_fraction}); null is off"
+            )
+        if not 0.0 <= config.anneal_fraction < 1.0:
+            raise ConfigError(
+                f"anneal_fraction: must be in [0, 1) or null (no annealing), "
+                f"got {config.anneal_fraction}"
+            )
     if config.precision not in ("fp32", "tf32"):
         raise ConfigError(f"precision: must be fp32 or tf32, got {config.precision!r}")
     if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", config.device):
         raise ConfigError(f"device: must be cpu, cuda, cuda:N or auto, got {config.device!r}")
-    TASKS[config.task].check_options(config.task_options)
-
-
-def check_reachable(what: str, host: str, port: int, hint: str) -> None:
-    """One TCP connection to a server the user named (an MLflow server, a Ray head): a one-line
-    error now, instead of the client library's minutes of retries and a traceback."""
-    try:
-        socket.create_connection((host, port), timeout=10).close()
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
-        raise ConfigError(f"{what}: cannot connect to {host}:{port} ({reason}); {hint}") from None
-
-
-def make_folder(path: Path, flag: str) -> None:
-    """mkdir -p for a folder the user named with `flag`: a one-line error if it cannot be."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
-        raise ConfigError(f"{flag} {path}: cannot make this folder ({reason})") from None

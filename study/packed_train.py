@@ -10,26 +10,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from study.config import ConfigError, TrialConfig
+from study.config import TrialConfig
+from study.errors import ConfigError
 from study.models.cuda_graph import GraphedStep
 from study.models.packed import PackedClassifier
 from study.tasks import Task, make_task
-from study.train import (
-    COMPLETED,
-    DIVERGED,
-    RUNNING,
-    Progress,
-    Reporter,
-    TrialResult,
-    _Trial,
-    resolve_device,
-)
+from study.trial import Progress, Reporter, TrialResult, TrialState, resolve_device
+from study.vocabulary import COMPLETED, DIVERGED, RUNNING
 
 # What the members of a pack share: one model shape, one batch layout, one schedule. Everything
-# else (seed, lr, method, p_detach, anneal_last, clip_norm, task options that keep the shapes,
-# e.g. permutation_seed) may differ.
+# else (seed, lr, method, p_detach, anneal_last, anneal_fraction, clip_norm, task options that
+# keep the shapes, e.g. permutation_seed) may differ.
 SHARED_FIELDS = (
     "task",
     "hidden_size",
@@ -77,19 +69,6 @@ def check_packable(configs: Sequence[TrialConfig]) -> None:
                 )
 
 
-def readout_loss(logits: torch.Tensor, targets: torch.Tensor, readout: str) -> torch.Tensor:
-    """Per-member mean cross-entropy over the read-out steps: logits (K, T', B, C) -> (K,).
-
-    The loss of every task's `loss_and_metrics` (a test holds them equal), without its host-side
-    accuracy count, so that it can run inside a CUDA graph.
-    """
-    members, classes = logits.shape[0], logits.shape[-1]
-    if readout == "last":
-        logits = logits[:, -1]
-    per_item = F.cross_entropy(logits.reshape(-1, classes), targets.reshape(-1), reduction="none")
-    return per_item.view(members, -1).mean(1)
-
-
 @dataclass
 class _Window:
     """Per-member sums since the last evaluation, read back from the pack in one transfer."""
@@ -105,11 +84,13 @@ class _Window:
 class _Pack:
     """The batched model, optimizer and per-member bookkeeping of one packed run."""
 
-    def __init__(self, members: list[_Trial], device: torch.device) -> None:
+    def __init__(self, members: list[TrialState], device: torch.device) -> None:
         self.members = members
         self.device = device
         first = members[0]
-        self.readout = first.task.readout
+        # The members' tasks are of one class with equal shapes (_shared_tasks): the first's
+        # read-out and batched loss serve the whole pack on the device step.
+        self.task = first.task
         self.adam = first.config.optimizer == "adam"
         self.model = PackedClassifier.from_members([member.model for member in members])
         flat = self.model.flat
@@ -186,12 +167,10 @@ class _Pack:
         detach_h: torch.Tensor | None,
         detach_c: torch.Tensor | None,
     ) -> None:
-        """Bit-identical to each member's solo `_Trial.step`: the same loss, norm and clip ops."""
-        logits = self.model(x, detach_h, detach_c, readout=self.readout)
-        losses = [
-            member.task.loss_and_metrics(logits[k], ys[k])[0]
-            for k, member in enumerate(self.members)
-        ]
+        """Bit-identical to each member's solo `TrialState.step`: the same loss, norm and clip
+        ops (the loss per member, as the solo run computes it, not the batched device loss)."""
+        logits = self.model(x, detach_h, detach_c, readout_steps=self.task.readout_steps)
+        losses = [member.task.loss(logits[k], ys[k]) for k, member in enumerate(self.members)]
         loss = torch.stack(losses)
         (grad,) = torch.autograd.grad(loss.sum(), self.model.flat)
         norms = torch.stack(
@@ -205,8 +184,9 @@ class _Pack:
     def _device_step(self) -> None:
         """The whole step on the device, no host sync: what the CUDA graph captures."""
         static = self.static
-        logits = self.model(static["x"], static["h"], static["c"], readout=self.readout)
-        loss = readout_loss(logits, static["y"], self.readout)
+        readout_steps = self.task.readout_steps
+        logits = self.model(static["x"], static["h"], static["c"], readout_steps=readout_steps)
+        loss = self.task.loss(logits, static["y"])  # (K,): one loss per member
         (grad,) = torch.autograd.grad(loss.sum(), self.model.flat)
         norms = torch.linalg.vector_norm(grad, dim=1)
         self._finish(loss.detach(), norms, grad)
@@ -311,7 +291,7 @@ class _Pack:
 
     def checkpoint(self, k: int) -> dict[str, Any]:
         self.store_member(k)
-        return self.members[k].state()
+        return self.members[k].checkpoint()
 
     def _load_optimizer_states(self) -> None:
         """Resumed members bring their Adam moments; all must be at the same step."""
@@ -361,8 +341,8 @@ def _shared_tasks(configs: Sequence[TrialConfig]) -> list[Task]:
         tasks.append(built[key])
     first = tasks[0]
     for task in tasks[1:]:
-        shape = (task.seq_len, task.input_size, task.num_classes, task.readout)
-        if shape != (first.seq_len, first.input_size, first.num_classes, first.readout):
+        shape = (task.seq_len, task.input_size, task.num_classes, task.readout_steps)
+        if shape != (first.seq_len, first.input_size, first.num_classes, first.readout_steps):
             raise ConfigError("pack: task_options must give every member the same shapes")
     return tasks
 
@@ -405,7 +385,9 @@ def train_packed(
     first = configs[0]
     device = resolve_device(first.device)
     tasks = _shared_tasks(configs)
-    members = [_Trial(config, device, task) for config, task in zip(configs, tasks, strict=True)]
+    members = [
+        TrialState(config, device, task) for config, task in zip(configs, tasks, strict=True)
+    ]
     for member, state in zip(members, resumes, strict=True):
         if state is not None:
             member.load(state)
@@ -416,7 +398,7 @@ def train_packed(
 
 
 def _run(
-    members: list[_Trial], reports: list[Reporter | None], device: torch.device
+    members: list[TrialState], reports: list[Reporter | None], device: torch.device
 ) -> list[TrialResult]:
     """train_packed's loop: steps, divergence reads and evaluations of every member."""
     count, first = len(members), members[0].config

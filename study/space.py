@@ -1,4 +1,5 @@
-"""StudySpec -> planned trials (grid, random) or Optuna cells, parameter roles, `plan` text."""
+"""StudySpec -> one Plan: its trials (grid, random) in packs or its Optuna cells, the parameters'
+roles and counts, computed once per run; and the `plan` text."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ import itertools
 import json
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from study import vocabulary
 from study.config import INT_FIELDS, TrialConfig
+from study.errors import ConfigError
+from study.overrides import overrides_text
 from study.spec import PARAMS, Range, StudySpec, trial_config
 
 SCIENTIFIC, NUISANCE, FIXED, REPLICATE = "scientific", "nuisance", "fixed", "replicate"
@@ -46,7 +51,84 @@ class Pack:
     """Trials of a grid or random study trained together as one batched model (one Ray trial)."""
 
     pack_id: str
-    trials: list[PlannedTrial]
+    trials: tuple[PlannedTrial, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a study runs, computed once (make_plan) for `plan`, the runner and tracking."""
+
+    spec: StudySpec
+    trials: tuple[PlannedTrial, ...]  # grid or random, in order; none for Optuna
+    # The trials in packs of <= resources.pack members (with pack 1, a pack per trial).
+    packs: tuple[Pack, ...]
+    cells: tuple[Cell, ...]  # Optuna's; none for grid or random
+    roles: dict[str, str]  # every parameter's role, as the `role.<param>` tags of each trial
+
+    @property
+    def optuna(self) -> bool:
+        return self.spec.search.searcher == "optuna"
+
+    @property
+    def n_trials(self) -> int:
+        if self.optuna:
+            return sum(cell.n_samples for cell in self.cells)
+        return len(self.trials)
+
+    @property
+    def packed(self) -> bool:
+        """Whether trials train together (resources.pack > 1), a Ray trial per pack."""
+        return self.spec.resources.pack > 1
+
+
+def make_plan(spec: StudySpec) -> Plan:
+    """The study's one plan: trials and packs (grid, random) or cells (Optuna), and roles."""
+    check_size(spec)
+    if spec.search.searcher == "optuna":
+        return Plan(spec, (), (), tuple(_plan_cells(spec)), _roles(spec))
+    trials = tuple(plan_trials(spec))
+    return Plan(spec, trials, _plan_packs(trials, spec.resources.pack), (), _roles(spec))
+
+
+def count_trials(spec: StudySpec) -> tuple[int, str]:
+    """(at most how many trials the study plans, the factors that make it), from the axes'
+    lengths alone: a grid is never expanded to be counted. Method none counts its p_detach axis
+    once (plan_trials collapses it to 0); repeated values are counted as given."""
+    grid = dict(spec.scientific)
+    if spec.search.searcher == "grid":
+        grid.update(spec.nuisance)
+    lengths = {param: len(axis) for param, axis in grid.items() if isinstance(axis, list)}
+    factors = [f"{param} {length}" for param, length in lengths.items()]
+    count = math.prod(lengths.values())
+    # A method sampled per trial (random, optuna) may or may not be none: counted in full.
+    sampled = "method" not in lengths and isinstance(spec.nuisance.get("method"), (list, Range))
+    if "p_detach" in lengths and not sampled:
+        methods = grid.get("method", spec.fixed.get("method", "none"))
+        methods = methods if isinstance(methods, list) else [methods]
+        # The method and p_detach factors together: one point under none, len(p_detach) else.
+        per_p = lengths.get("p_detach", 1)
+        pairs = sum(1 if method == "none" else per_p for method in methods)
+        others = [n for param, n in lengths.items() if param not in ("method", "p_detach")]
+        count = math.prod(others) * pairs
+        if "none" in methods and per_p > 1:
+            factors.append("(p_detach once under method none)")
+    if spec.search.searcher != "grid":
+        count *= spec.search.samples_per_cell
+        factors.append(f"samples_per_cell {spec.search.samples_per_cell}")
+    factors.append(f"seeds {len(spec.seeds)}")
+    return count * len(spec.seeds), " x ".join(factors)
+
+
+def check_size(spec: StudySpec) -> None:
+    """Refuse, in one line and at once, a study larger than resources.max_trials: expanding a
+    grid of millions takes minutes without a word, and no study of them would finish."""
+    count, factors = count_trials(spec)
+    limit = spec.resources.max_trials
+    if count > limit:
+        raise ConfigError(
+            f"{spec.source}: {count:,} trials ({factors}), more than resources.max_trials "
+            f"{limit:,}; shrink an axis, or set resources.max_trials: {count} to plan them all"
+        )
 
 
 def trial_id(number: int) -> str:
@@ -57,7 +139,7 @@ def pack_id(number: int) -> str:
     return f"p{number:04d}"
 
 
-def roles(spec: StudySpec) -> dict[str, str]:
+def _roles(spec: StudySpec) -> dict[str, str]:
     """Role of every parameter as logged to MLflow (`role.<param>` tags); task options are named
     as in the flattened params (`task_options.T`)."""
     result = {"task": FIXED, **{param: spec.role_of(param) for param in PARAMS}}
@@ -84,7 +166,7 @@ def plan_trials(spec: StudySpec) -> list[PlannedTrial]:
     Seeds vary fastest, so consecutive trials are the replicates of one cell.
     """
     if spec.search.searcher == "optuna":
-        raise ValueError("an Optuna study is planned as cells; use plan_cells")
+        raise ValueError("an Optuna study is planned as cells; use make_plan")
     if spec.search.searcher == "grid":
         points = [{**s, **n} for s in _grid(spec.scientific) for n in _grid(spec.nuisance)]
     else:
@@ -104,18 +186,19 @@ def plan_trials(spec: StudySpec) -> list[PlannedTrial]:
     return trials
 
 
-def plan_packs(spec: StudySpec) -> list[Pack]:
-    """The trials grouped into packs of at most resources.pack members, in plan order.
+def _plan_packs(trials: Sequence[PlannedTrial], size: int) -> tuple[Pack, ...]:
+    """The trials grouped into packs of at most `size` members, in plan order.
 
     A trial joins the newest unfilled pack of its group, else opens one; packs are numbered by
-    their first trial. With pack 1 every trial is a pack of one.
+    their first trial. With size 1 every trial is a pack of one.
     """
+    if size == 1:  # what the grouping below gives, without importing torch for it
+        return tuple(Pack(pack_id(number), (trial,)) for number, trial in enumerate(trials))
     from study.packed_train import pack_key  # torch-heavy, as the task checks already are
 
-    size = spec.resources.pack
     packs: list[list[PlannedTrial]] = []
     open_packs: dict[str, list[PlannedTrial]] = {}
-    for trial in plan_trials(spec):
+    for trial in trials:
         # Task options join the key: members with other options (T, data) may differ in shape,
         # which only building the task would tell.
         options = sorted(trial.config.task_options.items())
@@ -125,7 +208,7 @@ def plan_packs(spec: StudySpec) -> list[Pack]:
             members = open_packs[group] = []
             packs.append(members)
         members.append(trial)
-    return [Pack(pack_id(number), members) for number, members in enumerate(packs)]
+    return tuple(Pack(pack_id(number), tuple(members)) for number, members in enumerate(packs))
 
 
 def _random_draws(spec: StudySpec) -> list[dict[str, Any]]:
@@ -158,7 +241,7 @@ def _effective(point: dict[str, Any], config: TrialConfig) -> dict[str, Any]:
     return shown
 
 
-def plan_cells(spec: StudySpec) -> list[Cell]:
+def _plan_cells(spec: StudySpec) -> list[Cell]:
     """The scientific x replicate cells of an Optuna study, samples_per_cell trials each."""
     cells: list[Cell] = []
     first = 0
@@ -194,37 +277,26 @@ def cell_config(spec: StudySpec, cell: Cell, nuisance: dict[str, Any]) -> TrialC
     return trial_config(spec, point, cell.seed)
 
 
-def n_trials(spec: StudySpec) -> int:
-    if spec.search.searcher == "optuna":
-        return sum(cell.n_samples for cell in plan_cells(spec))
-    return len(plan_trials(spec))
-
-
 def format_value(value: Any) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:g}"
+    """A setting or a whole axis as `plan` prints it: vocabulary's format, and a sampled range."""
     if isinstance(value, Range):
         return f"{value.scaling}[{value.min:g}, {value.max:g}]"
     if isinstance(value, list):
         return "[" + ", ".join(format_value(v) for v in value) + "]"
-    return str(value)
+    return vocabulary.format_value(value)
 
 
 def format_point(point: dict[str, Any]) -> str:
     return " ".join(f"{k}={format_value(v)}" for k, v in point.items())
 
 
-def plan_text(spec: StudySpec) -> str:
+def plan_text(plan: Plan) -> str:
     """What `study plan` prints: the count (as `N trials`), the axes and every trial or cell."""
-    count = n_trials(spec)
+    spec = plan.spec
     variant = " (smoke)" if spec.smoke else ""
     options = " ".join(f"{k}={format_value(v)}" for k, v in spec.task_options.items())
     lines = [
-        f"{spec.name}{variant}: {count} trials, searcher {spec.search.searcher}, "
+        f"{spec.name}{variant}: {plan.n_trials} trials, searcher {spec.search.searcher}, "
         f"task {spec.task} {options}".rstrip(),
     ]
     for label, axes in (("scientific", spec.scientific), ("nuisance", spec.nuisance)):
@@ -232,35 +304,46 @@ def plan_text(spec: StudySpec) -> str:
         lines.append(f"  {label}: {shown}")
     lines.append(f"  replicates: seeds {format_value(list(spec.seeds))}")
     lines.append(f"  fixed: {format_point(spec.fixed) or '-'}")
-    if spec.search.searcher == "optuna":
+    if spec.overrides:
+        lines.append(f"  overrides (--set): {overrides_text(spec.overrides)}")
+    if spec.base_iterations and "iterations" in spec.fixed:
+        fraction = spec.fixed["iterations"] / spec.base_iterations
+        lines.append(f"  budget: {100 * fraction:.3g}% of the space's {spec.base_iterations} its")
+    for claim in spec.claims:
+        compared = claim.method + (f" vs {claim.baseline}" if claim.baseline else "")
+        where = f" where {format_point(claim.where)}" if claim.where else ""
         lines.append(
-            f"  {len(plan_cells(spec))} cells (scientific x seeds), Optuna tunes the nuisance "
+            f'  claim {claim.id} (Fig. {claim.figure}): "{claim.claim}": {claim.statistic} '
+            f"{compared}{where}, expected {claim.expect}"
+        )
+    if plan.optuna:
+        lines.append(
+            f"  {len(plan.cells)} cells (scientific x seeds), Optuna tunes the nuisance "
             f"axes in each for {spec.search.metric} ({spec.search.mode}), "
             f"seed {spec.search.seed}:"
         )
-        for cell in plan_cells(spec):
+        for cell in plan.cells:
             ids = cell.trial_ids()
             span = ids[0] if len(ids) == 1 else f"{ids[0]}..{ids[-1]}"
             point = format_point({**cell.point, "seed": cell.seed})
             lines.append(f"  {span}  {point}: {cell.n_samples} samples")
-    elif spec.resources.pack > 1:
-        packs = plan_packs(spec)
+    elif plan.packed:
         lines.append(
-            f"  {count} trials in {len(packs)} packs of <= {spec.resources.pack} "
+            f"  {plan.n_trials} trials in {len(plan.packs)} packs of <= {spec.resources.pack} "
             "(one batched model and one Ray trial per pack):"
         )
-        pack_of = {t.trial_id: p.pack_id for p in packs for t in p.trials}
-        for trial in plan_trials(spec):
+        pack_of = {t.trial_id: p.pack_id for p in plan.packs for t in p.trials}
+        for trial in plan.trials:
             point = format_point(trial.point)
             lines.append(f"  {trial.trial_id}  {pack_of[trial.trial_id]}  {point}")
     else:
-        for trial in plan_trials(spec):
+        for trial in plan.trials:
             lines.append(f"  {trial.trial_id}  {format_point(trial.point)}")
     return "\n".join(lines)
 
 
 def sample_config(
-    base: dict[str, Any], nuisance: dict[str, Any], option_names: list[str]
+    base: dict[str, Any], nuisance: dict[str, Any], option_names: Sequence[str]
 ) -> TrialConfig:
     """An Optuna sample as a TrialConfig: the cell's base config with the sampled nuisance values
     (task options among them go into task_options)."""

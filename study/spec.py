@@ -1,4 +1,5 @@
-"""StudySpec: a search-space YAML loaded, smoke-merged and validated with one-line errors."""
+"""StudySpec: a search-space YAML loaded, smoke-merged, `--set`-overridden and validated with
+one-line errors (the value checks live in spec_checks.py, the claims' in claim_spec.py)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,19 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import math
-from collections.abc import Hashable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from study.config import FLOAT_FIELDS, INT_FIELDS, NULLABLE_FIELDS, ConfigError, TrialConfig
+from study.claim_spec import Claim, parse_claims
+from study.config import TrialConfig, check_schedule
+from study.errors import ConfigError
 from study.methods import METHODS
+from study.overrides import apply_overrides, overrides_hash, overrides_text, parse_overrides
+from study.spec_checks import PARAMS, Axis, Checker, Range, UniqueKeyLoader
 
 SECTIONS = (
     "task",
@@ -28,35 +32,16 @@ SECTIONS = (
     "search",
     "resources",
     "target",
+    "claims",
     "smoke",
 )
 AXIS_SECTIONS = ("fixed", "scientific", "nuisance")
 SEARCHERS = ("grid", "random", "optuna")
 METRICS = ("val/accuracy", "val/loss", "best/val_accuracy")
-SCALINGS = ("log", "linear")
-# Trial fields a search space may set; task/task_options come from `task:`, seed from replicates.
-PARAMS = tuple(
-    f.name
-    for f in dataclasses.fields(TrialConfig)
-    if f.name not in ("task", "task_options", "seed")
-)
-# What null means for each of config.NULLABLE_FIELDS, for error hints.
-NULL_MEANS = {"clip_norm": "no clipping", "anneal_last": "no annealing"}
 DEFAULT_MAX_FAILURES = 2
 AUTO_GPUS = "auto"  # resources.gpus: one GPU per trial where the cluster has GPUs
-
-
-@dataclass(frozen=True)
-class Range:
-    """A sampled axis `{min, max, scaling}`: drawn by the random or Optuna searcher."""
-
-    min: float
-    max: float
-    scaling: str = "linear"
-
-
-# An axis value: a list (grid axis), a Range, or one scalar (a single fixed value).
-Axis = Any
+# Past it `plan` and `run` refuse, naming the count, before expanding the grid (minutes).
+MAX_TRIALS = 100_000
 
 
 @dataclass(frozen=True)
@@ -77,6 +62,7 @@ class Resources:
     max_concurrent: int | None = None
     max_failures: int = DEFAULT_MAX_FAILURES
     pack: int = 1  # trials trained together as one batched model (study.packed_train)
+    max_trials: int = MAX_TRIALS  # a larger study must say so (study.space.check_size)
 
 
 @dataclass(frozen=True)
@@ -96,6 +82,12 @@ class StudySpec:
     resources: Resources
     target: float | None
     raw: dict[str, Any]  # the resolved YAML mapping (smoke merged, smoke section dropped)
+    claims: tuple[Claim, ...] = ()
+    # `--set KEY=VALUE` pairs applied on top of the file (and its smoke variant), in order.
+    overrides: tuple[tuple[str, Any], ...] = ()
+    # fixed.iterations of the file's full variant without overrides: the paper's budget, against
+    # which a smaller run's budget fraction is reported. None where iterations is not fixed.
+    base_iterations: int | None = None
 
     @property
     def task_option_names(self) -> tuple[str, ...]:
@@ -117,7 +109,7 @@ class StudySpec:
         return yaml.safe_dump(self.raw, sort_keys=False)
 
 
-def _gpus(check: _Checker, value: Any) -> float | str:
+def _gpus(check: Checker, value: Any) -> float | str:
     if value == AUTO_GPUS:
         return AUTO_GPUS
     try:
@@ -127,25 +119,6 @@ def _gpus(check: _Checker, value: Any) -> float | str:
         raise check.error("resources.gpus", message) from None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a key given twice in a mapping (PyYAML silently keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        lines: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *anchor` may repeat, and its keys may be overridden
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, Hashable):
-                continue  # SafeLoader reports an unhashable key itself
-            line = key_node.start_mark.line + 1
-            if key in lines:
-                problem = f"duplicate key {key!r}, first on line {lines[key]}"
-                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
-            lines[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
 def task_option_names(task: str) -> tuple[str, ...]:
     from study.tasks import TASKS  # torch-heavy: imported when a spec is checked, not on import
 
@@ -153,8 +126,18 @@ def task_option_names(task: str) -> tuple[str, ...]:
     return tuple(name for name in signature.parameters if name != "self")
 
 
-def load_spec(path: str | Path, smoke: bool = False) -> StudySpec:
-    """Read and validate a search-space YAML; ConfigError names the file and the field."""
+def load_spec(
+    path: str | Path,
+    smoke: bool = False,
+    overrides: Sequence[str] = (),
+    name: str | None = None,
+) -> StudySpec:
+    """Read and validate a search-space YAML; ConfigError names the file and the field.
+
+    `overrides` are `--set KEY=VALUE` texts. The study is named after the file; with overrides
+    it is another study (`NAME-set-HASH`) unless `name` says otherwise, so a cut-down run never
+    mixes with the full-budget study of the same file.
+    """
     path = Path(path)
     if str(path).strip() in ("", "."):
         # `study plan ""` arrives as Path(".") (the CLI's type=Path), a folder, not a typo'd file.
@@ -175,18 +158,29 @@ def load_spec(path: str | Path, smoke: bool = False) -> StudySpec:
             f"offset {error.start}; save the file as UTF-8"
         ) from None
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"{where}: not valid YAML ({line}{problem})") from None
-    return spec_from_mapping(raw, name=path.stem, where=where, smoke=smoke)
+    pairs = parse_overrides(overrides)
+    if name is None:
+        name = path.stem if not pairs else f"{path.stem}-set-{overrides_hash(pairs)}"
+    return spec_from_mapping(raw, name=name, where=where, smoke=smoke, overrides=pairs)
 
 
-def spec_from_mapping(raw: Any, name: str, where: str, smoke: bool = False) -> StudySpec:
-    """Validate a parsed YAML mapping (also used to reload the resolved spec of a study)."""
-    check = _Checker(where)
+def spec_from_mapping(
+    raw: Any,
+    name: str,
+    where: str,
+    smoke: bool = False,
+    overrides: Sequence[tuple[str, Any]] = (),
+    base_iterations: int | None = None,
+) -> StudySpec:
+    """Validate a parsed YAML mapping (also used to reload the resolved spec of a study, with
+    the overrides and base budget its record kept)."""
+    check = Checker(where)
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of sections ({', '.join(SECTIONS)})")
     check.keys("", raw, SECTIONS)
@@ -196,23 +190,40 @@ def spec_from_mapping(raw: Any, name: str, where: str, smoke: bool = False) -> S
         # Running the full study labelled "(smoke)" would be a silent, costly surprise.
         what = "no smoke section" if raw.get("smoke") is None else "an empty smoke section"
         raise ConfigError(f"{where}: --smoke asks for the smoke variant, but the file has {what}")
-    overrides = raw.get("smoke") or {}
-    check.mapping("smoke", overrides)
-    check.keys("smoke", overrides, [s for s in SECTIONS if s != "smoke"])
+    smoke_section = raw.get("smoke") or {}
+    check.mapping("smoke", smoke_section)
+    check.keys("smoke", smoke_section, [s for s in SECTIONS if s not in ("smoke", "claims")])
     full = {k: v for k, v in raw.items() if k != "smoke"}
     # Both variants are built on every load, so a broken smoke section fails the full study's
     # validation too (CI only runs the smoke variant).
     full_spec = _build(full, name, where, smoke=False)
     try:
-        smoke_spec = _build(_merge(full, overrides, check), name, where, smoke=True)
+        smoke_spec = _build(_merge(full, smoke_section, check), name, where, smoke=True)
     except ConfigError as error:
         # Name the variant: the bad value may come from the smoke section or meet it there.
         message = str(error).replace(f"{where}: ", f"{where}: smoke variant: ", 1)
         raise ConfigError(message) from None
-    return smoke_spec if smoke else full_spec
+    spec = smoke_spec if smoke else full_spec
+    if base_iterations is None:
+        fixed = full_spec.fixed.get("iterations")
+        base_iterations = fixed if isinstance(fixed, int) else None
+    spec = dataclasses.replace(spec, base_iterations=base_iterations)
+    if not overrides:
+        return spec
+    # One build per pair, so that a bad key or value is named by the --set that brought it.
+    for count in range(1, len(overrides) + 1):
+        pairs = tuple(overrides[:count])
+        key, value = pairs[-1]
+        label = f"{where} with --set {overrides_text([(key, value)])}"
+        raw_overridden = apply_overrides(spec.raw, pairs, label)
+        Checker(label).keys("", raw_overridden, [s for s in SECTIONS if s != "smoke"])
+        overridden = _build(raw_overridden, name, label, smoke=smoke)
+    return dataclasses.replace(
+        overridden, source=where, overrides=tuple(overrides), base_iterations=base_iterations
+    )
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any], check: _Checker) -> dict[str, Any]:
+def _merge(base: dict[str, Any], overrides: dict[str, Any], check: Checker) -> dict[str, Any]:
     """Section-wise merge: mapping sections update key by key, `target` is replaced."""
     merged = copy.deepcopy(base)
     for section, value in overrides.items():
@@ -227,7 +238,7 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any], check: _Checker) -> 
 def _build(raw: dict[str, Any], name: str, where: str, smoke: bool) -> StudySpec:
     from study.tasks import TASKS
 
-    check = _Checker(where)
+    check = Checker(where)
     task_section = raw.get("task")
     check.mapping("task", task_section)
     task_section = task_section or {}
@@ -310,6 +321,9 @@ def _build(raw: dict[str, Any], name: str, where: str, smoke: bool) -> StudySpec
             minimum=0,
         ),
         pack=check.integer("resources.pack", resources_raw.get("pack", 1), minimum=1),
+        max_trials=check.integer(
+            "resources.max_trials", resources_raw.get("max_trials", MAX_TRIALS), minimum=1
+        ),
     )
     if resources.pack > 1 and search.searcher == "optuna":
         raise check.error(
@@ -337,12 +351,13 @@ def _build(raw: dict[str, Any], name: str, where: str, smoke: bool) -> StudySpec
         resources=resources,
         target=target,
         raw=raw,
+        claims=parse_claims(raw.get("claims"), where, names),
     )
     _probe_values(spec, check)
     return spec
 
 
-def _check_search(check: _Checker, search: Search, sections: dict[str, dict[str, Any]]) -> None:
+def _check_search(check: Checker, search: Search, sections: dict[str, dict[str, Any]]) -> None:
     for param, axis in sections["scientific"].items():
         if isinstance(axis, Range):
             raise check.error(
@@ -371,7 +386,7 @@ def _check_search(check: _Checker, search: Search, sections: dict[str, dict[str,
             )
 
 
-def _probe_values(spec: StudySpec, check: _Checker) -> None:
+def _probe_values(spec: StudySpec, check: Checker) -> None:
     """Build a TrialConfig for every listed value (and range end) so TrialConfig's own checks
     run, and report a bad value under the section that holds it."""
     first = {p: _values(a)[0] for p, a in {**spec.scientific, **spec.nuisance}.items()}
@@ -440,136 +455,4 @@ def trial_config(spec: StudySpec, point: dict[str, Any], seed: int) -> TrialConf
             f"p_detach: missing; method {method} blocks gradients with probability p_detach: "
             "set it under fixed, scientific or nuisance (the paper's choice: 0.25)"
         )
-    return TrialConfig.from_dict(values, where=spec.source)
-
-
-class _Checker:
-    """Casts YAML's loose scalars and raises 'FILE: field X: what is allowed' errors."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-
-    def error(self, field: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.where}: field {field}: {message}")
-
-    def mapping(self, field: str, value: Any) -> None:
-        if value is not None and not isinstance(value, dict):
-            raise self.error(field, f"must be a mapping of keys to values, got {value!r}")
-
-    def keys(self, section: str, values: dict[str, Any], allowed: Any) -> None:
-        allowed = list(dict.fromkeys(allowed))
-        for key in values:
-            if key not in allowed:
-                field = f"{section}.{key}" if section else str(key)
-                raise self.error(field, f"unknown key; allowed: {', '.join(map(str, allowed))}")
-
-    def choice(self, field: str, value: Any, allowed: tuple[str, ...]) -> str:
-        if value not in allowed:
-            raise self.error(field, f"must be one of {', '.join(allowed)}, got {value!r}")
-        return value
-
-    def number(self, field: str, value: Any, positive: bool = False) -> float:
-        if isinstance(value, bool):
-            raise self.error(field, _bool_hint(value))
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise self.error(field, f"must be a number, got {value!r}") from None
-        if not math.isfinite(number) or number < 0 or (positive and number == 0):
-            bound = f"{'>' if positive else '>='} 0"
-            raise self.error(field, f"must be a finite number {bound}, got {value}")
-        return number
-
-    def integer(self, field: str, value: Any, minimum: int | None = None) -> int:
-        if isinstance(value, bool):
-            raise self.error(field, _bool_hint(value))
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise self.error(field, f"must be an integer, got {value!r}") from None
-        if not number.is_integer():
-            raise self.error(field, f"must be an integer, got {value!r}")
-        if minimum is not None and number < minimum:
-            raise self.error(field, f"must be >= {minimum}, got {int(number)}")
-        return int(number)
-
-    def seeds(self, value: Any) -> tuple[int, ...]:
-        field = "replicates.seeds"
-        if isinstance(value, list):
-            if not value:
-                raise self.error(field, "must be a count or a non-empty list of integers")
-            seeds = tuple(self.integer(field, v) for v in value)
-            if len(set(seeds)) != len(seeds):
-                raise self.error(field, f"lists a seed twice: {list(seeds)}")
-            return seeds
-        return tuple(range(self.integer(field, value, minimum=1)))
-
-    def value(self, field: str, param: str, value: Any, range_end: bool = False) -> Any:
-        """Cast one value of a TrialConfig parameter (task options are checked by the task)."""
-        if value is None:
-            if param in NULLABLE_FIELDS:
-                return None
-            raise self.error(field, "null is only allowed for clip_norm and anneal_last")
-        if isinstance(value, bool) and param in (*FLOAT_FIELDS, *INT_FIELDS):
-            raise self.error(field, _bool_hint(value, param))
-        # `none` or `off` typed as a string: say how to write "off" (the design's null).
-        nullable = param in NULLABLE_FIELDS and not range_end
-        off = f", or null for {NULL_MEANS.get(param, 'off')}" if nullable else ""
-        if param in FLOAT_FIELDS:
-            try:
-                return float(value)
-            except (TypeError, ValueError):
-                raise self.error(field, f"must be a number{off}, got {value!r}") from None
-        if param in INT_FIELDS:
-            try:
-                return self.integer(field, value)
-            except ConfigError:
-                if not off:
-                    raise
-                raise self.error(field, f"must be an integer{off}, got {value!r}") from None
-        if param in PARAMS and not isinstance(value, str):
-            raise self.error(field, f"must be a string, got {value!r}")
-        return value
-
-    def axis(self, section: str, param: str, value: Any, option_names: tuple[str, ...]) -> Axis:
-        field = f"{section}.{param}"
-        if isinstance(value, dict):
-            if section == "fixed":
-                raise self.error(field, "fixed values are scalars; ranges belong under nuisance")
-            return self.range(field, param, value)
-        if isinstance(value, list):
-            if section == "fixed":
-                raise self.error(
-                    field, "a list is a grid axis; put it under scientific or nuisance"
-                )
-            if not value:
-                raise self.error(field, "an axis needs at least one value")
-            cast = [self.value(field, param, v) for v in value]
-            if len({json.dumps(v, default=str) for v in cast}) != len(cast):
-                raise self.error(field, f"lists a value twice: {value}")
-            return cast
-        return self.value(field, param, value)
-
-    def range(self, field: str, param: str, value: dict[str, Any]) -> Range:
-        self.keys(field, value, ["min", "max", "scaling"])
-        if param not in FLOAT_FIELDS and param not in INT_FIELDS:
-            raise self.error(field, "only numeric parameters can be sampled from {min, max}")
-        for key in ("min", "max"):
-            if key not in value:
-                raise self.error(f"{field}.{key}", "missing; a range is {min, max, scaling}")
-        low = self.value(f"{field}.min", param, value["min"], range_end=True)
-        high = self.value(f"{field}.max", param, value["max"], range_end=True)
-        if low is None or high is None:
-            raise self.error(field, "range ends must be numbers, not null")
-        scaling = self.choice(f"{field}.scaling", value.get("scaling", "linear"), SCALINGS)
-        if not low < high:
-            raise self.error(field, f"min must be < max, got min {low}, max {high}")
-        if scaling == "log" and low <= 0:
-            raise self.error(field, f"a log range needs min > 0, got {low}")
-        return Range(float(low), float(high), scaling)
-
-
-def _bool_hint(value: bool, param: str = "") -> str:
-    word = "on/yes/true" if value else "off/no/false"
-    hint = "; write null for no clipping" if param == "clip_norm" else ""
-    return f"got {value} (YAML reads {word} as a boolean), expected a number{hint}"
+    return check_schedule(TrialConfig.from_dict(values, where=spec.source))

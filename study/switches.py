@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 
-from study.config import ConfigError
+from study.errors import ConfigError
 
 # name -> allowed values, the default first. None of these changes a curve's math; each picks how
 # it is computed (and so the last bits of a float, as README "Performance" says).

@@ -110,6 +110,7 @@ def write_study(
     target: float = 0.99,
     searcher: str = "grid",
     roles: dict[str, str] | None = None,
+    parent_tags: dict[str, str] | None = None,
 ) -> tuple[str, str]:
     """Write the study as the runner does (layout contract of issue 4); (tracking_uri, parent id).
 
@@ -134,6 +135,7 @@ def write_study(
             "study.spec_hash": "0123abcd",
             "study.version": "0.1.0",
             "study.searcher": searcher,
+            **(parent_tags or {}),
         },
     )
     parent_id = parent.info.run_id

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from study.analysis.load import load_study
-from study.config import ConfigError
+from study.errors import ConfigError
 from study.tracking import store_uri
 
 

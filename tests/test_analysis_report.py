@@ -6,14 +6,19 @@ import contextlib
 import csv
 import io
 import json
+import subprocess
+import sys
+import urllib.request
 
 import matplotlib.image
 import pytest
 from analysis_fixtures import CHROMIUM, grid, make_trial, screenshot, write_study
+from conftest import free_port, stop_process_group, wait_for_http
 from mlflow import MlflowClient
 
 from study.analysis.report import write_report
-from study.config import ConfigError
+from study.claim_spec import Claim
+from study.errors import ConfigError
 
 # Curves evaluated every 100 of 1000 iterations. Vanilla with clipping: one seed of three reaches
 # exactly the 0.99 target, at iteration 500.
@@ -62,7 +67,10 @@ def test_dominating_method_gets_p_better_one(dominating):
     assert paired["p_better"] == 1.0 and paired["p_better_ci"][1] == 1.0
     assert paired["p_better_ci"][0] == pytest.approx(0.7575, abs=1e-4)
     assert (paired["successes"], paired["baseline_successes"]) == (12, 2)
-    assert any("P(h-detach p=0.5 better) = 1.00 [0.76, 1.00]" in v for v in summary["verdicts"])
+    assert any(
+        "P(h-detach p=0.5 better, by best val accuracy) = 1.00 [0.76, 1.00]" in v
+        for v in summary["verdicts"]
+    )
     # Each method's best setting was picked from its 4 cells: the verdict says so.
     best = next(v for v in summary["verdicts"] if "each method at its best" in v)
     assert best.count(", best of 4 cells) reached") == 2, best
@@ -251,3 +259,140 @@ def test_a_report_folder_that_cannot_be_made_is_a_one_line_error(tmp_path):
     (tmp_path / "reports").write_text("a file where the reports folder goes")
     with pytest.raises(ConfigError, match=r"--output .*: cannot make this folder \(Not a dir"):
         write_report("blocked", tmp_path, None)
+
+
+# ---------------------------------------------------------------- the paper's claims
+
+CLAIMS = [
+    # Constructed to hold: h-detach beats vanilla on every pair (P(better) 1 in every cell).
+    Claim("fig3-better", 3, "h-detach trains better", "h_detach", "p_better", "higher",
+          baseline="none", null=0.5),
+    # Constructed to fail: the same data, claimed the other way round.
+    Claim("fig3-worse", 3, "h-detach trains worse", "h_detach", "best_accuracy", "lower",
+          baseline="none"),
+    # Constructed to be undecidable: vanilla diverges in 1 of 3 seeds per no-clip cell only.
+    Claim("fig4-diverges", 4, "no-clip vanilla diverges", "h_detach", "divergence_rate",
+          "lower", baseline="none", where={"clip_norm": None}),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def claimed(tmp_path_factory):
+    """The dominating study again, with claims on its parent run and a tenth of the budget."""
+    tmp_path = tmp_path_factory.mktemp("claimed")
+    vanilla = {}
+    for lr in LRS:
+        vanilla[(lr, 1.0)] = [VANILLA_REACH, MISS, MISS]
+        vanilla[(lr, None)] = [MISS, MISS, DIVERGED]
+    h_detach = {key: [H_FAST, H_FAST, H_SLOW] for key in vanilla}
+    trials = grid({("none", 0.0): vanilla, ("h_detach", 0.5): h_detach})
+    for trial in trials:
+        if trial.val_acc.tolist() == DIVERGED:
+            trial.state = "diverged"
+    tags = {
+        "study.claims": json.dumps([claim.to_dict() for claim in CLAIMS]),
+        "study.base_iterations": "10000",  # the trials ran 1000: budget 10%
+        "study.overrides": json.dumps([["fixed.iterations", 1000]]),
+    }
+    write_study(tmp_path, "claimed", trials, target=0.99, parent_tags=tags)
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        report_dir = write_report("claimed", tmp_path, None)
+    summary = json.loads((report_dir / "summary.json").read_text())
+    return tmp_path, report_dir, stdout.getvalue(), summary
+
+
+def test_each_claim_gets_the_verdict_it_was_built_for(claimed):
+    _, _, stdout, summary = claimed
+    verdicts = {claim["id"]: claim["verdict"] for claim in summary["claims"]}
+    assert verdicts == {
+        "fig3-better": "supported",
+        "fig3-worse": "contradicted",
+        "fig4-diverges": "inconclusive",
+    }
+    better = summary["claims"][0]
+    for key in ("id", "figure", "verdict", "statistic", "value", "interval", "runs"):
+        assert key in better
+    assert better["value"] == 1.0 and better["interval"][0] > 0.5 and better["runs"] == 24
+    assert "claim fig3-better (Fig. 3): SUPPORTED" in stdout
+
+
+def test_a_smaller_budget_is_said_with_its_fraction(claimed):
+    _, _, stdout, summary = claimed
+    assert all(claim["budget_fraction"] == pytest.approx(0.1) for claim in summary["claims"])
+    assert summary["budget_fraction"] == pytest.approx(0.1)
+    assert summary["overrides"] == [["fixed.iterations", 1000]]
+    assert "budget 10% of the paper's iterations" in stdout
+    assert "run with --set fixed.iterations=1000" in stdout
+
+
+def test_the_report_lists_the_claims_and_defines_the_rule(claimed):
+    _, report_dir, _, summary = claimed
+    page = (report_dir / "index.html").read_text()
+    assert "Claims of the paper" in page and "fig3-worse" in page
+    assert "claim verdict" in summary["definitions"]
+    assert "Claims of the paper" in (report_dir / "summary.md").read_text()
+
+
+def test_the_report_logs_one_run_per_cell_with_seed_quartiles(claimed):
+    tmp_path, _, _, _ = claimed
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("claimed")
+    cells = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`study.kind` = 'cell'"
+    )
+    assert len(cells) == 8  # 2 methods x 2 lrs x 2 clips
+    one = next(
+        r for r in cells if r.data.tags["study.cell"].endswith("vanilla | lr=0.001 | clip=1")
+    )
+    median = client.get_metric_history(one.info.run_id, "val/accuracy_median")
+    # Seeds VANILLA_REACH, MISS, MISS: the median at each step is MISS's value.
+    assert [m.value for m in sorted(median, key=lambda m: m.step)] == MISS
+    assert {"val/accuracy_q25", "val/accuracy_q75", "train/loss_median"} <= set(one.data.metrics)
+    # A second report replaces the cell runs instead of adding to them.
+    with contextlib.redirect_stdout(io.StringIO()):
+        write_report("claimed", tmp_path, None)
+    again = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`study.kind` = 'cell'"
+    )
+    assert len(again) == 8
+
+
+@pytest.mark.slow
+def test_the_mlflow_ui_serves_the_cell_runs_through_its_rest_api(claimed):
+    """What the UI shows comes from this API: the cell runs are there, tagged and named."""
+    tmp_path, _, _, _ = claimed
+    port = free_port()
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    server = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", timeout=90, process=server)
+        by_name = f"{base}/experiments/get-by-name?experiment_name=claimed"
+        with urllib.request.urlopen(by_name) as response:
+            experiment_id = json.load(response)["experiment"]["experiment_id"]
+        query = {
+            "experiment_ids": [experiment_id],
+            "filter": "tags.`study.kind` = 'cell'",
+            "max_results": 100,
+        }
+        request = urllib.request.Request(
+            f"{base}/runs/search",
+            data=json.dumps(query).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request) as response:
+            runs = json.load(response)["runs"]
+    finally:
+        stop_process_group(server)
+    assert len(runs) == 8
+    names = sorted(run["info"]["run_name"] for run in runs)
+    assert names[0] == "copying T=100 | h-detach p=0.5 | lr=0.001 | clip=1"
+    metrics = {m["key"] for m in runs[0]["data"]["metrics"]}
+    assert {"val/accuracy_median", "val/accuracy_q25", "val/accuracy_q75"} <= metrics

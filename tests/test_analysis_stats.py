@@ -10,6 +10,12 @@ import pytest
 from analysis_fixtures import grid, make_trial
 from scipy import stats
 
+from study.analysis.intervals import (
+    expected_best_of_n,
+    newcombe_interval,
+    stratified_interval,
+    wilson_interval,
+)
 from study.analysis.load import Study
 from study.analysis.stats import (
     TUNED,
@@ -17,15 +23,11 @@ from study.analysis.stats import (
     best_tuned_trials,
     cell_stats,
     clipping_dependence,
-    expected_best_of_n,
     interquartile_means,
     lr_sensitivity,
-    newcombe_interval,
     paired_comparisons,
     score_run,
     spread,
-    stratified_interval,
-    wilson_interval,
 )
 
 TARGET = 0.99

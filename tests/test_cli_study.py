@@ -129,10 +129,55 @@ def test_quick_smoke_from_the_command_line(
             experiment = json.load(response)["experiment"]
         assert experiment["name"] == "quick"
         # The UI shows the parent run's spec.yaml through the server, as a browser fetches it.
-        parent = tracking.find_parent(tracking.store_uri(output), "quick").info.run_id
+        parent = tracking.open_store(tracking.store_uri(output)).find_parent("quick").run_id
         url = f"http://127.0.0.1:{port}/get-artifact?path=spec.yaml&run_uuid={parent}"
         with urllib.request.urlopen(url, timeout=10) as response:
             assert "name: copying" in response.read().decode()
     finally:
         stop_process_group(ui)
     assert f"http://127.0.0.1:{port}" in ui.stdout.read().splitlines()[0]
+
+
+def test_trial_help_names_the_registered_tasks_and_methods(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from study.methods import METHODS
+    from study.tasks import TASKS
+
+    with pytest.raises(SystemExit):
+        main(["trial", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"--task TASK {' | '.join(TASKS)}" in out
+    assert f"--method METHOD {' | '.join(METHODS)}" in out
+
+
+@pytest.mark.parametrize(
+    ("pair", "named"),
+    [
+        ("fixed.colour=red", "field fixed.colour: unknown key"),
+        ("fixed.iterations=many", "field fixed.iterations: must be an integer"),
+        ("fixed.iterations", "--set fixed.iterations: expected KEY=VALUE"),
+        ("fixed.lr=[1", "--set fixed.lr=[1: the value is not valid YAML"),
+    ],
+)
+@pytest.mark.parametrize("command", ["plan", "run"])
+def test_a_bad_set_is_one_line_and_exit_2(command, pair, named, tmp_path, capsys) -> None:
+    args = [command, str(REPO / "search_spaces" / "quick.yaml"), "--set", pair]
+    if command == "run":
+        args += ["--output", str(tmp_path / "out")]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and named in captured.err, captured.err
+    assert not (tmp_path / "out").exists()  # refused before anything was made
+
+
+def test_plan_with_set_names_another_study_and_shows_the_overrides(capsys) -> None:
+    space = str(REPO / "search_spaces" / "paper" / "fig4_pixel_mnist_no_clip.yaml")
+    assert main(["plan", space, "--set", "fixed.iterations=1000"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("fig4_pixel_mnist_no_clip-set-")
+    assert "overrides (--set): fixed.iterations=1000" in out
+    assert "budget: 1% of the space's 100000 its" in out
+    assert 'claim fig4-no-clip-divergence (Fig. 4): "without gradient clipping' in out
+    assert main(["plan", space, "--set", "fixed.iterations=1000", "--name", "mine"]) == 0
+    assert capsys.readouterr().out.startswith("mine: 10 trials")

@@ -178,8 +178,8 @@ def test_failed_write_prints_the_result_instead(
 def test_ctrl_c_saves_the_curve_so_far(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from study import cli
-    from study.train import Progress
+    from study import cli_trial as cli
+    from study.trial import Progress
 
     update = cli._ProgressBar.update
 

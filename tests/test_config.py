@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from study.config import ConfigError, TrialConfig, check_reachable
+from study.config import TrialConfig
+from study.errors import ConfigError, check_reachable
 
 
 def test_yaml_strings_and_nulls_are_coerced() -> None:
     config = TrialConfig.from_dict({"lr": "1e-4", "clip_norm": None, "seed": 3.0})
     assert config.lr == 1e-4 and config.clip_norm is None and config.seed == 3
+    fraction = TrialConfig.from_dict({"anneal_fraction": "6.5e-2", "anneal_last": None})
+    assert fraction.anneal_fraction == 0.065 and TrialConfig().anneal_fraction is None
 
 
 @pytest.mark.parametrize(
@@ -33,6 +36,14 @@ def test_yaml_strings_and_nulls_are_coerced() -> None:
         ({"task_options": {"length": 5}}, "unknown option(s) length for task copying"),
         ({"method": "none", "p_detach": 0.5}, "method none never detaches"),
         ({"precision": "fp16"}, "precision: must be fp32 or tf32, got 'fp16'"),
+        ({"anneal_fraction": 1.0}, "anneal_fraction: must be in [0, 1) or null (no annealing)"),
+        ({"anneal_fraction": -0.1}, "anneal_fraction: must be in [0, 1) or null"),
+        ({"anneal_fraction": "nan"}, "anneal_fraction: must be in [0, 1) or null"),
+        ({"anneal_fraction": True}, "anneal_fraction: must be a number or null"),
+        (
+            {"anneal_fraction": 0.1, "anneal_last": 5},
+            "anneal_fraction: set it or anneal_last, not both (got anneal_last 5 and",
+        ),
     ],
 )
 def test_bad_values_name_the_field(values: dict, message: str) -> None:
@@ -62,7 +73,7 @@ def test_check_reachable_names_what_and_where_in_one_line() -> None:
 
 
 def test_make_folder_names_the_flag_and_the_reason(tmp_path: Path) -> None:
-    from study.config import make_folder
+    from study.errors import make_folder
 
     make_folder(tmp_path / "a" / "b", "--output")
     assert (tmp_path / "a" / "b").is_dir()

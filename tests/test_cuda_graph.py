@@ -17,11 +17,13 @@ import study.models.cuda_graph as cuda_graph
 from study.config import TrialConfig
 from study.models import DetachLSTM, notices
 from study.models.cuda_graph import GraphedStep, graphs_enabled
-from study.models.device_lstm import _cell_backward, _cell_forward
+from study.models.step_lstm import _cell_backward, _cell_forward
 from study.packed_train import _Pack, train_packed
 from study.repro import derive_seed
 from study.tasks.copying import Copying
-from study.train import DIVERGED, _Trial, train
+from study.train import train
+from study.trial import TrialState
+from study.vocabulary import DIVERGED
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 BASE = dict(
@@ -89,7 +91,7 @@ def test_capture_failure_restores_state_runs_eagerly_and_warns_once(
 
 def test_cpu_pack_has_no_graph() -> None:
     config = TrialConfig(**BASE)
-    pack = _Pack([_Trial(config, torch.device("cpu"))], torch.device("cpu"))
+    pack = _Pack([TrialState(config, torch.device("cpu"))], torch.device("cpu"))
     assert pack.graphed is None
 
 
@@ -202,7 +204,7 @@ def test_cuda_steps_never_wait_for_the_device(graphs: str, monkeypatch) -> None:
         for s in range(3)
     ]
     device = torch.device("cuda")
-    pack = _Pack([_Trial(config, device) for config in configs], device)
+    pack = _Pack([TrialState(config, device) for config in configs], device)
     pack.step(0)  # capture (or the first eager step) may synchronize
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import urllib.request
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import jsonschema
 import pytest
 import yaml
+from conftest import free_port, stop_process_group, wait_for_http
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -21,6 +29,7 @@ DOCKERFILE = DOCKER / "Dockerfile"
 COMPOSE = DOCKER / "compose.yaml"
 ENV_EXAMPLE = DOCKER / ".env.example"
 KUBERAY = DOCKER / "kuberay"
+CRD_SCHEMAS = KUBERAY / "rayjob-crd.schema.json"
 LOCK = ROOT / "requirements.lock"
 
 # The versions issue 6 and DESIGN.md name; the image must carry exactly these.
@@ -175,6 +184,65 @@ def ray_pod_specs() -> list[dict[str, Any]]:
     return [group["template"]["spec"] for group in groups]
 
 
+def _project_requirements(extras: frozenset[str]) -> list[str]:
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    optional = project.get("optional-dependencies", {})
+    return [*project["dependencies"], *(req for extra in extras for req in optional[extra])]
+
+
+def _requirements(name: str, extras: frozenset[str]) -> list[Requirement]:
+    """What NAME[EXTRAS] requires on this Python and platform (the image's: Linux, 3.11): our
+    project from pyproject.toml, every other package from its metadata installed here."""
+    texts = _project_requirements(extras) if name == "hdetach-study" else metadata.requires(name)
+    needed = []
+    for req in map(Requirement, texts or []):
+        if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in {"", *extras}):
+            needed.append(req)
+    return needed
+
+
+def lock_problems(pins: dict[str, str]) -> list[str]:
+    """`pip check` on the lock, and what the image's check needs besides: every requirement of
+    every locked package (its metadata installed here, so at the locked version) is met by a
+    locked version, as is everything `pip install .[all]` asks for, extras of extras included;
+    and each locked package is asked for by something, so the lock is the install, no more."""
+    problems, unreadable = [], set()
+    for name, version in pins.items():
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            installed = None
+        if installed != version:
+            unreadable.add(name)  # no metadata at the locked version to read
+            problems.append(f"{name}=={version}: in the lock, {installed or 'not'} installed here")
+    todo = [("hdetach-study", frozenset({"all"}))] + [(name, frozenset()) for name in pins]
+    seen, wanted = set(), set()
+    while todo:
+        name, extras = todo.pop()
+        if (name, extras) in seen or (name != "hdetach-study" and name not in pins):
+            continue
+        seen.add((name, extras))
+        if name in unreadable:
+            continue
+        who = f"{name}=={pins[name]}" if name in pins else "hdetach-study[all]"
+        for req in _requirements(name, extras):
+            dep = canonicalize_name(req.name)
+            if dep != "hdetach-study":
+                wanted.add(dep)
+                if dep not in pins:
+                    problems.append(f"{who} requires {req}; the lock has no {req.name}")
+                    continue
+                if not req.specifier.contains(Version(pins[dep]), prereleases=True):
+                    problems.append(f"{who} requires {req}; the lock has {dep}=={pins[dep]}")
+            todo.append((dep, frozenset(req.extras)))
+    problems += [
+        f"{name}=={pins[name]}: in the lock, but nothing in pyproject.toml [all] requires it"
+        for name in sorted(set(pins) - wanted)
+    ]
+    return problems
+
+
 # --- the lock ----------------------------------------------------------------------------------
 
 
@@ -182,6 +250,34 @@ def test_lock_pins_the_versions_the_image_must_carry() -> None:
     pins = lock_pins()
     for name, version in REQUIRED_PINS.items():
         assert pins.get(name) == version, f"requirements.lock must pin {name}=={version}"
+
+
+def test_the_lock_meets_every_requirement_of_what_it_pins() -> None:
+    # What `pip check` in the image would say, found here: the image installs the lock with
+    # --no-deps, so a requirement the lock misses is missing from the image (issue 20).
+    assert lock_problems(lock_pins()) == []
+
+
+def test_the_lock_check_finds_torchs_setuptools_missing_or_too_old() -> None:
+    # Issue 20: the lock had no setuptools (plain `pip freeze` hides it on Python 3.11), and the
+    # base image's 65.5 does not meet torch 2.14.1's setuptools>=77.0.3.
+    pins = lock_pins()
+    without = {name: version for name, version in pins.items() if name != "setuptools"}
+    assert "torch==2.14.1 requires setuptools>=77.0.3; the lock has no setuptools" in (
+        lock_problems(without)
+    )
+    old = {**pins, "setuptools": "65.5.1"}
+    assert "torch==2.14.1 requires setuptools>=77.0.3; the lock has setuptools==65.5.1" in (
+        lock_problems(old)
+    )
+
+
+def test_the_lock_check_finds_a_pin_nothing_requires_and_one_not_installed() -> None:
+    problems = lock_problems({**lock_pins(), "left-pad": "1.0"})
+    assert [problem for problem in problems if "left-pad" in problem] == [
+        "left-pad==1.0: in the lock, not installed here",
+        "left-pad==1.0: in the lock, but nothing in pyproject.toml [all] requires it",
+    ]
 
 
 # --- Dockerfile --------------------------------------------------------------------------------
@@ -226,7 +322,8 @@ def test_dockerfile_installs_exactly_the_lock_and_verifies_it() -> None:
     run = " ".join(args for kw, args in stage_instructions("study") if kw == "RUN")
     assert re.search(r"pip install (\S+ )*--no-deps (\S+ )*-r requirements\.lock", run)
     assert "pip check" in run
-    assert "pip freeze --exclude hdetach-study" in run and "diff " in run
+    # --all: plain `pip freeze` hides setuptools on Python 3.11, and the lock pins it.
+    assert "pip freeze --all --exclude hdetach-study" in run and "diff " in run
     mlflow_run = " ".join(args for kw, args in stage_instructions("mlflow") if kw == "RUN")
     assert re.search(r"pip install -c \S*requirements\.lock mlflow ", mlflow_run)
     assert "pip check" in mlflow_run
@@ -277,6 +374,105 @@ def test_the_image_lock_check_fails_when_a_package_is_not_in_the_lock(tmp_path: 
     missing = re.sub(r"(?m)^optuna==.*\n", "", LOCK.read_text())
     result = _run_lock_verification(tmp_path, missing)
     assert result.returncode != 0 and "+optuna==" in result.stdout
+
+
+def stage_env(stage: str) -> dict[str, str]:
+    """The ENV a stage sets (KEY=VALUE form)."""
+    env = {}
+    for keyword, args in stage_instructions(stage):
+        if keyword == "ENV":
+            env.update(item.split("=", 1) for item in shlex.split(args))
+    return env
+
+
+def default_command(stage: str) -> list[str]:
+    instructions = stage_instructions(stage)
+    entrypoint = [json.loads(args) for kw, args in instructions if kw == "ENTRYPOINT"][-1]
+    return entrypoint + [json.loads(args) for kw, args in instructions if kw == "CMD"][-1]
+
+
+def test_the_mlflow_image_defaults_to_a_store_and_artifact_root_its_user_can_write() -> None:
+    # Issue 20: uid 1000 cannot write /app, where MLflow's own default, sqlite:///mlflow.db,
+    # would go; the image names folders it makes for that user, through MLflow's variables, which
+    # compose's and a user's flags or variables still override.
+    env = stage_env("mlflow")
+    store = env["MLFLOW_BACKEND_STORE_URI"]
+    assert store.startswith("sqlite:////"), "an absolute path, whatever the working directory"
+    folders = {
+        str(Path(store.removeprefix("sqlite:///")).parent),
+        env["MLFLOW_ARTIFACTS_DESTINATION"],
+    }
+    made = [
+        set(match.split())
+        for kw, args in stage_instructions("mlflow")
+        if kw == "RUN"
+        for match in re.findall(r"install -d -o study -g study ([^&]+)", args)
+    ]
+    assert any(folders <= m for m in made), f"{folders}: not made for the study user"
+    workdir = [args for kw, args in stage_instructions("mlflow") if kw == "WORKDIR"]
+    assert workdir and workdir[-1] in folders, "a relative default would land in the work dir"
+    base_user = " ".join(args for kw, args in stage_instructions("base") if kw == "RUN")
+    assert "useradd --uid 1000 --gid study" in base_user
+    command = default_command("mlflow")
+    assert command[:2] == ["mlflow", "server"]
+    for flag in ("--backend-store-uri", "--artifacts-destination", "--host", "--port"):
+        assert flag not in command, f"{flag} in CMD would hide MLFLOW_* set by the user"
+
+
+@pytest.mark.slow
+def test_the_mlflow_default_command_serves_from_the_images_variables(tmp_path: Path) -> None:
+    # The image's default command with its MLFLOW_* variables, its folders moved under tmp_path
+    # (and host and port made local): MLflow must read every one of them, or it would fall back
+    # to ./mlflow.db and ./mlartifacts in the working directory.
+    env = stage_env("mlflow")
+    port = free_port()
+    moved = {
+        "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path}/store/mlflow.db",
+        "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"),
+        "MLFLOW_HOST": "127.0.0.1",
+        "MLFLOW_PORT": str(port),
+    }
+    assert set(moved) <= set(env), set(moved) - set(env)
+    (tmp_path / "store").mkdir()
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    command = default_command("mlflow")
+    binary = shutil.which(command[0]) or str(Path(sys.executable).with_name(command[0]))
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [binary, *command[1:], "--workers", "1"],
+        cwd=workdir,
+        env={**os.environ, **moved},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{base}/health", timeout=90, process=server)
+
+        def call(path: str, body: dict[str, Any]) -> dict[str, Any]:
+            request = urllib.request.Request(
+                base + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.load(response)
+
+        experiment = call("/api/2.0/mlflow/experiments/create", {"name": "image-default"})
+        run = call("/api/2.0/mlflow/runs/create", experiment)["run"]["info"]
+        upload = urllib.request.Request(
+            f"{base}/api/2.0/mlflow-artifacts/artifacts/{experiment['experiment_id']}/"
+            f"{run['run_id']}/artifacts/probe.txt",
+            b"ok",
+            method="PUT",
+        )
+        urllib.request.urlopen(upload, timeout=10).close()
+    finally:
+        stop_process_group(server)
+        log.close()
+    assert (tmp_path / "store" / "mlflow.db").is_file()
+    assert [p.name for p in (tmp_path / "artifacts").rglob("probe.txt")] == ["probe.txt"]
+    assert list(workdir.iterdir()) == [], "the server wrote into its working directory"
 
 
 def test_image_runs_study_as_a_non_root_user_with_oci_labels() -> None:
@@ -502,6 +698,70 @@ def test_kuberay_nodes_share_a_read_write_many_volume_and_run_as_the_image_user(
         "nvidia.com/gpu" in w["template"]["spec"]["containers"][0]["resources"]["limits"]
         for w in workers
     )
+
+
+# Keywords whose value is a map of schemas, a schema, or a list of schemas (OpenAPI v3's subset
+# of JSON Schema that CRDs use).
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs")
+_SCHEMAS = ("items", "additionalProperties", "not")
+_SCHEMA_LISTS = ("allOf", "anyOf", "oneOf")
+
+
+def strict_schema(schema: Any) -> Any:
+    """The CRD schema with unknown fields made errors: the API server drops a field its
+    structural schema does not name (silently, unless the client asks for strict validation),
+    so a misspelt field would apply as its default."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS:
+            out[key] = {name: strict_schema(sub) for name, sub in value.items()}
+        elif key in _SCHEMAS:
+            out[key] = strict_schema(value)
+        elif key in _SCHEMA_LISTS:
+            out[key] = [strict_schema(sub) for sub in value]
+        else:
+            out[key] = value
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+def crd_errors(job: dict[str, Any]) -> dict[str, list[str]]:
+    """Each pinned KubeRay release's complaints about the RayJob (docker/kuberay/pin_crd_schema.py
+    pinned the CRD schemas: the oldest KubeRay the README supports, and master)."""
+    found = {}
+    for release, pinned in json.loads(CRD_SCHEMAS.read_text()).items():
+        validator = jsonschema.Draft202012Validator(strict_schema(pinned["schema"]))
+        found[release] = sorted(
+            f"{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
+            for e in validator.iter_errors(job)
+        )
+    return found
+
+
+def test_kuberay_rayjob_validates_against_the_crd_schema_of_every_pinned_release() -> None:
+    releases = crd_errors(rayjob())
+    assert {"v1.1.0", "master"} <= set(releases)
+    assert releases == {release: [] for release in releases}
+
+
+def test_the_crd_check_catches_a_misspelt_field_and_a_wrong_type() -> None:
+    job = rayjob()
+    job["spec"]["shutdownAfterJobFinish"] = job["spec"].pop("shutdownAfterJobFinishes")
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "two"
+    for errors in crd_errors(job).values():
+        assert any(
+            "spec: Additional properties" in e and "shutdownAfterJobFinish'" in e for e in errors
+        ), errors
+        assert any(
+            e.startswith("spec.rayClusterSpec.workerGroupSpecs.0.replicas:") for e in errors
+        )
 
 
 def test_kuberay_manifests_avoid_yaml_anchors() -> None:

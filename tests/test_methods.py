@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from study.methods import METHODS, make_method
+from study.config import TrialConfig
+from study.methods import METHODS, annealed_iterations, make_method
+from study.trial import TrialState
 
 
 @pytest.mark.parametrize("name,path", [("h_detach", "h"), ("c_detach", "c")])
@@ -40,6 +42,27 @@ def test_annealing_keeps_earlier_draws_aligned() -> None:
     for i in range(8):
         a, b = plain.masks(20, i, 10, g1), annealed.masks(20, i, 10, g2)
         assert torch.equal(a.detach_h, b.detach_h)
+
+
+def test_annealing_by_fraction_scales_with_the_budget() -> None:
+    # The authors' protocol: h-detach off for the last 39 of 600 epochs (epoch > 600 - 40).
+    assert annealed_iterations(None, 39 / 600, 600) == 39
+    assert annealed_iterations(None, 0.065, 6000) == 390
+    assert annealed_iterations(None, 0.0, 50) == 0
+    assert annealed_iterations(None, 0.25, 10) == 2  # 2.5 rounds half to even
+    assert annealed_iterations(7, None, 100) == 7 and annealed_iterations(None, None, 100) is None
+    method = make_method("h_detach", 1.0, annealed_iterations(None, 0.3, 10))
+    generator = torch.Generator().manual_seed(0)
+    cuts = [bool(method.masks(5, i, 10, generator).detach_h.any()) for i in range(10)]
+    assert cuts == [True] * 7 + [False] * 3
+
+
+def test_a_trial_anneals_by_fraction_as_by_the_same_count() -> None:
+    base = dict(method="h_detach", p_detach=1.0, task_options={"T": 2, "train_size": 5})
+    cpu = torch.device("cpu")
+    by_fraction = TrialState(TrialConfig(**base, iterations=40, anneal_fraction=0.1), cpu)
+    by_count = TrialState(TrialConfig(**base, iterations=40, anneal_last=4), cpu)
+    assert by_fraction.method.anneal_last == by_count.method.anneal_last == 4
 
 
 def test_registry_names_are_the_yaml_words() -> None:

@@ -20,18 +20,19 @@ def _members(count: int, input_size: int, hidden: int, classes: int) -> list[Seq
     return models
 
 
-def _loss(logits: torch.Tensor, targets: torch.Tensor, readout: str) -> torch.Tensor:
-    if readout == "last":
+def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if targets.dim() == 1:  # one label per sequence, read on the last step
         return F.cross_entropy(logits[-1], targets)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 CASES = [
-    # (T, B, I, H, classes, K, readout, p_h, p_c)
-    (30, 100, 1, 128, 9, 2, "all", 0.25, 0.0),
-    (30, 100, 1, 100, 10, 3, "last", 0.25, 0.0),
-    (20, 37, 3, 50, 10, 4, "all", 0.3, 0.2),
-    (25, 20, 1, 100, 10, 2, "last", 0.0, 0.25),
+    # (T, B, I, H, classes, K, readout_steps (None: every step), p_h, p_c)
+    (30, 100, 1, 128, 9, 2, None, 0.25, 0.0),
+    (30, 100, 1, 100, 10, 3, 1, 0.25, 0.0),
+    (20, 37, 3, 50, 10, 4, None, 0.3, 0.2),
+    (25, 20, 1, 100, 10, 2, 1, 0.0, 0.25),
+    (20, 30, 1, 40, 9, 2, 7, 0.25, 0.0),  # the last 7 steps
 ]
 
 
@@ -40,14 +41,14 @@ CASES = [
 def test_packed_cpu_members_are_bit_identical_to_solo(
     case: tuple, threads: int, cell_kind: str
 ) -> None:
-    steps, batch, input_size, hidden, classes, count, readout, p_h, p_c = case
+    steps, batch, input_size, hidden, classes, count, readout_steps, p_h, p_c = case
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(0)
         models = _members(count, input_size, hidden, classes)
         xs = [torch.rand(steps, batch, input_size) for _ in range(count)]
-        shape = (steps, batch) if readout == "all" else (batch,)
+        shape = (batch,) if readout_steps == 1 else (readout_steps or steps, batch)
         ys = [torch.randint(0, classes, shape) for _ in range(count)]
         detach_h = (torch.rand(count, steps) < p_h) if p_h else None
         detach_c = (torch.rand(count, steps) < p_c) if p_c else None
@@ -59,15 +60,15 @@ def test_packed_cpu_members_are_bit_identical_to_solo(
                 xs[k],
                 None if detach_h is None else detach_h[k],
                 None if detach_c is None else detach_c[k],
-                readout=readout,
+                readout_steps=readout_steps,
             )
-            _loss(logits, ys[k], readout).backward()
+            _loss(logits, ys[k]).backward()
             grads = [parameter.grad for parameter in model.parameters()]
             solo.append((logits.detach(), grads, torch.nn.utils.get_total_norm(grads)))
 
         packed = PackedClassifier.from_members(models)
-        logits = packed(torch.stack(xs), detach_h, detach_c, readout=readout)
-        losses = torch.stack([_loss(logits[k], ys[k], readout) for k in range(count)])
+        logits = packed(torch.stack(xs), detach_h, detach_c, readout_steps=readout_steps)
+        losses = torch.stack([_loss(logits[k], ys[k]) for k in range(count)])
         (grad,) = torch.autograd.grad(losses.sum(), packed.flat)
         for k in range(count):
             member_grads = packed.member_views(grad, k)
@@ -168,8 +169,8 @@ def test_detach_lstm_device_path_equals_cpu_path(masks: str) -> None:
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("readout", ["all", "last"])
-def test_packed_device_path_equals_cpu_path(readout: str) -> None:
+@pytest.mark.parametrize("readout_steps", [None, 1, 4])
+def test_packed_device_path_equals_cpu_path(readout_steps: int | None) -> None:
     torch.manual_seed(3)
     models = [model.double() for model in _members(3, 1, 8, 5)]
     packed = PackedClassifier.from_members(models)
@@ -177,7 +178,8 @@ def test_packed_device_path_equals_cpu_path(readout: str) -> None:
     detach_h = torch.rand(3, 11) < 0.3
 
     def run():
-        logits = packed(x, detach_h, None, readout=readout)
+        logits = packed(x, detach_h, None, readout_steps=readout_steps)
+        assert logits.shape == (3, readout_steps or 11, 6, 5)
         return [logits, *torch.autograd.grad((logits**2).sum(), packed.flat)]
 
     cpu = run()

@@ -12,13 +12,16 @@ import pytest
 import torch
 
 from study import packed_train
-from study.config import ConfigError, TrialConfig
-from study.packed_train import check_packable, pack_key, readout_loss, train_packed
+from study.config import TrialConfig
+from study.errors import ConfigError
+from study.packed_train import check_packable, pack_key, train_packed
 from study.repro import derive_seed
 from study.tasks import make_task
 from study.tasks.copying import Copying
 from study.tasks.mnist_data import IDX_FILES
-from study.train import COMPLETED, DIVERGED, Progress, train
+from study.train import train
+from study.trial import Progress
+from study.vocabulary import COMPLETED, DIVERGED
 
 COPYING = {"T": 5, "train_size": 400, "val_size": 60}
 BASE = dict(task="copying", task_options=COPYING, hidden_size=12, batch_size=16, iterations=30)
@@ -207,7 +210,7 @@ def test_pixel_mnist_members_sharing_one_task_object_keep_their_own_data_order(
 
 
 @pytest.mark.parametrize("name", ["copying", "pixel_mnist"])
-def test_readout_loss_is_each_task_loss(name: str, tmp_path: Path, monkeypatch) -> None:
+def test_a_packs_batched_loss_is_each_members_loss(name: str, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     if name == "copying":
         task = make_task("copying", COPYING, 0)
@@ -215,11 +218,11 @@ def test_readout_loss_is_each_task_loss(name: str, tmp_path: Path, monkeypatch) 
         task = make_task(name, {"data_dir": str(_write_idx(tmp_path / "idx")), "val_size": 6}, 0)
     batches = [task.train_batch(i, 5, seed=0) for i in range(3)]
     classes = task.num_classes
-    readout_steps = task.seq_len if task.readout == "all" else 1
-    logits = torch.randn(3, readout_steps, 5, classes)
-    losses = readout_loss(logits, torch.stack([y for _, y in batches]), task.readout)
+    logits = torch.randn(3, task.readout_steps, 5, classes)
+    losses = task.loss(logits, torch.stack([y for _, y in batches]))  # the device step's call
+    assert losses.shape == (3,)
     for k, (_, y) in enumerate(batches):
-        expected = task.loss_and_metrics(logits[k], y)[0]
+        expected = task.loss(logits[k], y)  # the solo run's call
         torch.testing.assert_close(losses[k], expected, rtol=1e-6, atol=1e-7)
 
 

@@ -1,4 +1,5 @@
-"""Expanding a StudySpec: grid order and dedupe, random draws, Optuna cells, roles, plan text."""
+"""Expanding a StudySpec into its one Plan: grid order and dedupe, random draws, packs, Optuna
+cells, roles, counts, and the plan text."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def test_grid_seeds_vary_fastest_and_method_none_collapses(tmp_path: Path) -> No
     spec = load_spec(write_space(tmp_path, "grid", body))
     trials = space.plan_trials(spec)
     # none x {0.25, 0.5} collapses to one p_detach=0 point: (1 + 2) methods x 2 lr x 2 seeds.
-    assert len(trials) == 12 == space.n_trials(spec)
+    assert len(trials) == 12 == space.make_plan(spec).n_trials
     assert [t.trial_id for t in trials] == [f"t{i:04d}" for i in range(12)]
     assert [t.config.seed for t in trials[:4]] == [0, 1, 0, 1]
     assert [t.config.lr for t in trials[:4]] == [1.0e-3, 1.0e-3, 1.0e-2, 1.0e-2]
@@ -42,7 +43,7 @@ def test_task_option_axis_goes_into_task_options(tmp_path: Path) -> None:
     trials = space.plan_trials(spec)
     assert [t.config.task_options["T"] for t in trials] == [5, 7]
     assert trials[0].config.task_options["train_size"] == 500
-    assert space.roles(spec)["task_options.T"] == "scientific"
+    assert space.make_plan(spec).roles["task_options.T"] == "scientific"
 
 
 def test_random_draws_are_seeded_in_range_and_shared_by_cells(tmp_path: Path) -> None:
@@ -80,13 +81,15 @@ def test_optuna_cells_number_trials_study_wide(tmp_path: Path) -> None:
     )
     body["scientific"] = {"method": ["none", "h_detach"]}
     spec = load_spec(write_space(tmp_path, "optuna", body))
-    cells = space.plan_cells(spec)
+    plan = space.make_plan(spec)
+    cells = plan.cells
     assert len(cells) == 4  # 2 methods x 2 seeds
     assert [c.first_trial for c in cells] == [0, 3, 6, 9]
     assert cells[1].trial_ids() == ["t0003", "t0004", "t0005"]
     assert "p_detach" not in cells[0].domains  # method none never detaches
     assert set(cells[2].domains) == {"lr", "p_detach"}
-    assert space.n_trials(spec) == 12
+    assert plan.n_trials == 12 and plan.optuna
+    assert plan.trials == plan.packs == ()  # an Optuna study is planned as cells only
     with pytest.raises(ValueError):
         space.plan_trials(spec)
     base = space.cell_config(spec, cells[2], {})
@@ -105,7 +108,7 @@ def test_roles_cover_every_flattened_param(tmp_path: Path) -> None:
     spec = load_spec(
         write_space(tmp_path, "roles", tiny_copying(nuisance={"batch_size": [10, 20]}))
     )
-    roles = space.roles(spec)
+    roles = space.make_plan(spec).roles
     assert roles["method"] == roles["p_detach"] == "scientific"
     assert roles["batch_size"] == "nuisance"
     assert roles["lr"] == roles["task"] == roles["task_options.train_size"] == "fixed"
@@ -123,7 +126,9 @@ def test_roles_cover_every_flattened_param(tmp_path: Path) -> None:
 
 def test_plan_text_counts_trials(tmp_path: Path) -> None:
     spec = load_spec(write_space(tmp_path, "plan", tiny_copying()))
-    text = space.plan_text(spec)
+    plan = space.make_plan(spec)
+    assert (plan.n_trials, len(plan.trials), plan.cells, plan.packed) == (4, 4, (), False)
+    text = space.plan_text(plan)
     assert text.splitlines()[0].startswith("plan: 4 trials, searcher grid")
     assert "t0003  method=h_detach p_detach=0.5 seed=1" in text
 
@@ -136,7 +141,8 @@ def test_packs_group_shareable_trials_in_plan_order(tmp_path: Path) -> None:
         resources={"pack": 3},
     )
     spec = load_spec(write_space(tmp_path, "packs", body))
-    packs = space.plan_packs(spec)
+    plan = space.make_plan(spec)
+    packs = plan.packs
     members = {p.pack_id: [t.trial_id for t in p.trials] for p in packs}
     assert members == {
         "p0000": ["t0000", "t0001", "t0004"],
@@ -146,8 +152,10 @@ def test_packs_group_shareable_trials_in_plan_order(tmp_path: Path) -> None:
     }
     for pack in packs:
         assert len({t.config.batch_size for t in pack.trials}) == 1
-    assert space.plan_packs(spec) == packs  # deterministic
-    text = space.plan_text(spec)
+    assert space.make_plan(spec).packs == packs  # deterministic
+    in_packs = sorted(t.trial_id for p in packs for t in p.trials)
+    assert plan.packed and in_packs == [t.trial_id for t in plan.trials]
+    text = space.plan_text(plan)
     assert "  12 trials in 4 packs of <= 3 (one batched model" in text
     assert "  t0004  p0000  method=h_detach p_detach=0.25 batch_size=10 seed=0" in text
     assert text.splitlines()[0].startswith("packs: 12 trials, searcher grid")
@@ -163,7 +171,7 @@ def test_packs_split_by_task_options_and_follow_random_draws(tmp_path: Path) -> 
     body["task"] = {"name": "copying", "train_size": 500, "val_size": 100}
     body["scientific"] = {"T": [5, 7]}
     spec = load_spec(write_space(tmp_path, "random_packs", body))
-    packs = space.plan_packs(spec)
+    packs = space.make_plan(spec).packs
     assert [[t.trial_id for t in p.trials] for p in packs] == [
         ["t0000", "t0001", "t0002", "t0003"],
         ["t0004", "t0005", "t0006", "t0007"],
@@ -175,20 +183,23 @@ def test_packs_split_by_task_options_and_follow_random_draws(tmp_path: Path) -> 
 def test_pack_one_is_a_pack_per_trial_and_plans_as_before(tmp_path: Path) -> None:
     spec = load_spec(write_space(tmp_path, "solo", tiny_copying()))
     assert spec.resources.pack == 1
-    packs = space.plan_packs(spec)
+    plan = space.make_plan(spec)
+    packs = plan.packs
     assert [[t.trial_id for t in p.trials] for p in packs] == [[f"t{i:04d}"] for i in range(4)]
-    text = space.plan_text(spec)
+    assert packs == tuple(space.Pack(space.pack_id(i), (t,)) for i, t in enumerate(plan.trials))
+    text = space.plan_text(plan)
     assert "pack" not in text and "  t0000  method=none p_detach=0 seed=0" in text
 
 
 @pytest.mark.parametrize("path", SEARCH_SPACES, ids=lambda p: p.stem)
 def test_every_shipped_space_plans_its_smoke_variant(path: Path) -> None:
     spec = load_spec(path, smoke=True)
-    text = space.plan_text(spec)
-    count = space.n_trials(spec)
+    plan = space.make_plan(spec)
+    text = space.plan_text(plan)
+    count = plan.n_trials
     assert 1 <= count <= 8, "a smoke variant should stay a handful of trials"
     assert f": {count} trials" in text.splitlines()[0]
-    assert space.n_trials(load_spec(path)) >= count
+    assert space.make_plan(load_spec(path)).n_trials >= count
 
 
 def test_format_value() -> None:
@@ -205,7 +216,8 @@ def test_optuna_cells_of_method_none_collapse_over_p_detach(tmp_path: Path) -> N
         search={"searcher": "optuna", "samples_per_cell": 2},
     )
     spec = load_spec(write_space(tmp_path, "collapse", body))
-    cells = space.plan_cells(spec)
+    plan = space.make_plan(spec)
+    cells = plan.cells
     # As the grid: none x {0.25, 0.5} is one cell per seed at p_detach 0, not two alike.
     points = [(cell.point["method"], cell.point["p_detach"], cell.seed) for cell in cells]
     assert points == [
@@ -213,5 +225,5 @@ def test_optuna_cells_of_method_none_collapse_over_p_detach(tmp_path: Path) -> N
         ("h_detach", 0.25, 0), ("h_detach", 0.25, 1),
         ("h_detach", 0.5, 0), ("h_detach", 0.5, 1),
     ]  # fmt: skip
-    assert space.n_trials(spec) == 12
-    assert "method=none p_detach=0 seed=0: 2 samples" in space.plan_text(spec)
+    assert plan.n_trials == 12
+    assert "method=none p_detach=0 seed=0: 2 samples" in space.plan_text(plan)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from study.config import ConfigError
+from study.errors import ConfigError
 from study.models import cpu_cells, cuda_graph, triton_lstm
 from study.switches import SWITCHES, check_switches, switch
 

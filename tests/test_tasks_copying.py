@@ -26,18 +26,18 @@ def test_loss_over_all_steps_accuracy_over_last_ten() -> None:
     task = Copying(T=5, train_size=10, val_size=10)
     x, y = task.train_batch(0, 3, seed=0)
     assert x.shape == (25, 3, 1) and y.shape == (25, 3)  # time-major
+    assert task.readout_steps == 25  # the model reads out every step
     perfect = torch.nn.functional.one_hot(y, 9).float() * 50
-    loss, correct, count = task.loss_and_metrics(perfect, y)
+    (correct, count), loss = task.metrics(perfect, y), task.loss(perfect, y)
     assert count == 30 and correct == 30 and loss.item() < 1e-6
     # Wrong on the blanks only: accuracy (last 10 steps) unaffected, loss not.
     wrong_blanks = perfect.clone()
     wrong_blanks[:15] = torch.nn.functional.one_hot(torch.full_like(y[:15], 3), 9).float() * 50
-    loss, correct, _ = task.loss_and_metrics(wrong_blanks, y)
-    assert correct == 30 and loss.item() > 1.0
+    assert task.metrics(wrong_blanks, y)[0] == 30 and task.loss(wrong_blanks, y).item() > 1.0
     # Wrong on one answer step: accuracy drops by exactly 3 of 30 predictions.
     wrong_answer = perfect.clone()
     wrong_answer[-1] = torch.nn.functional.one_hot((y[-1] % 8) + 1, 9).float() * 50
-    assert task.loss_and_metrics(wrong_answer, y)[1] == 27
+    assert task.metrics(wrong_answer, y)[0] == 27
 
 
 def test_batches_are_a_function_of_iteration_and_seed() -> None:

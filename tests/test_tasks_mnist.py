@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from study.config import ConfigError, TrialConfig
+from study.config import TrialConfig
+from study.errors import ConfigError
 from study.tasks import make_task
 from study.tasks.mnist_data import IDX_FILES
 from study.tasks.permuted_mnist import PermutedMNIST
@@ -65,9 +66,11 @@ def test_batches_are_pixels_in_unit_range_read_at_the_last_step(tmp_path: Path) 
     assert (image_index % 10).tolist() == y.tolist()
     assert torch.equal((x[1] * 255).round(), (x[0] * 255).round().add(7).remainder(256))
     # The classifier's last-step read-out is (1, B, classes); only that step is scored.
+    assert task.readout_steps == 1
     right = torch.nn.functional.one_hot(y, 10).float().unsqueeze(0)
-    assert task.loss_and_metrics(right, y)[1:] == (8, 8)
-    assert task.loss_and_metrics(right.roll(1, dims=-1), y)[1] == 0
+    assert task.metrics(right, y) == (8, 8)
+    assert task.metrics(right.roll(1, dims=-1), y)[0] == 0
+    assert task.loss(right * 50, y).item() < 1e-6 < task.loss(right.roll(1, dims=-1), y).item()
 
 
 def _first_pixels(task: PixelMNIST, iterations: range, seed: int) -> list[int]:

@@ -1,8 +1,12 @@
-"""MLflow bookkeeping on a real SQLite store: params, child runs, resumed steps, summaries."""
+"""MLflow bookkeeping on a real SQLite store through its one tracker: params, child runs,
+resumed steps, failures, summaries, and the checks of a store."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import pickle
 import re
 import socket
 from pathlib import Path
@@ -11,19 +15,38 @@ import pytest
 from mlflow import MlflowClient
 
 from study import tracking
-from study.config import ConfigError, TrialConfig
+from study.config import TrialConfig
+from study.errors import ConfigError, one_line
+from study.tracking import StudyContext, Tracker
 
 ROLES = {"method": "scientific", "lr": "nuisance", "seed": "replicate", "task_options.T": "fixed"}
 PACK_TAGS = {"study.pack": "p0001", "study.pack_size": "2"}
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> tuple[str, str]:
-    """A fresh embedded store with one study 'demo' of 3 planned trials; (uri, parent run id)."""
-    uri = tracking.store_uri(tmp_path)
-    experiment = tracking.ensure_experiment(uri, "demo", (tmp_path / "mlartifacts").as_uri())
-    parent = tracking.start_parent(uri, experiment, "demo", {"study.n_trials": "3"}, "a: 1\n")
-    return uri, parent
+def store(tmp_path: Path) -> tuple[Tracker, StudyContext]:
+    """A fresh embedded store with one study 'demo' of 3 planned trials: its tracker, and the
+    context its trials carry."""
+    tracker = tracking.open_store(tracking.store_uri(tmp_path))
+    experiment = tracker.ensure_experiment("demo", (tmp_path / "mlartifacts").as_uri())
+    parent = tracker.start_parent(experiment, "demo", {"study.n_trials": "3"}, "a: 1\n")
+    context = StudyContext(
+        name="demo",
+        tracking_uri=tracker.uri,
+        parent_run_id=parent,
+        roles=ROLES,
+        metric="val/accuracy",
+        mode="max",
+        cpus=1.0,
+        task_options=("T",),
+        trial_states=str(tmp_path / "trial_states"),
+    )
+    return tracker, context
+
+
+def trial_run(store: tuple[Tracker, StudyContext], trial_id: str, **changes: object):
+    tracker, context = store
+    return tracking.TrialRun(tracker, context, trial_id, config(**changes), {})
 
 
 def config(**changes: object) -> TrialConfig:
@@ -44,28 +67,49 @@ def test_store_layout(tmp_path: Path) -> None:
     assert tracking.artifact_dir(tmp_path) == tmp_path.absolute() / "mlartifacts"
 
 
-def test_parent_run_has_tags_and_spec_artifact(store: tuple[str, str], tmp_path: Path) -> None:
-    uri, parent_id = store
-    parent = tracking.find_parent(uri, "demo")
-    assert parent is not None and parent.info.run_id == parent_id
-    assert parent.info.run_name == "demo"
-    assert parent.data.tags["study.kind"] == "parent"
-    assert parent.data.tags["study.name"] == "demo"
-    client = MlflowClient(uri)
+def test_parent_run_has_tags_and_spec_artifact(store, tmp_path: Path) -> None:
+    tracker, context = store
+    parent_id = context.parent_run_id
+    parent = tracker.find_parent("demo")
+    assert parent is not None and parent.run_id == parent_id
+    assert parent.name == "demo" and parent.status == "RUNNING"
+    assert parent.tags["study.kind"] == "parent"
+    assert parent.tags["study.name"] == "demo"
+    client = MlflowClient(tracker.uri)
     assert [a.path for a in client.list_artifacts(parent_id)] == ["spec.yaml"]
     experiment = client.get_experiment_by_name("demo")
     assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()
     # Idempotent: the driver calls it again on resume.
-    assert tracking.ensure_experiment(uri, "demo", None) == experiment.experiment_id
+    assert tracker.ensure_experiment("demo", None) == experiment.experiment_id
+    assert tracker.experiment_id("demo") == experiment.experiment_id
+    assert tracker.experiment_id("missing") is None and tracker.find_parent("missing") is None
+    tracker.end(parent_id, "KILLED")
+    assert tracker.find_parent("demo").status == "KILLED"
+    tracker.reopen(parent_id)
+    assert tracker.find_parent("demo").status == "RUNNING"
 
 
-def test_trial_run_resumes_without_duplicates(store: tuple[str, str]) -> None:
-    uri, parent_id = store
-    run = tracking.TrialRun(uri, parent_id, "t0000", config(), ROLES, "demo")
+def test_one_tracker_per_store_and_a_context_that_travels(store) -> None:
+    tracker, context = store
+    assert tracking.open_store(tracker.uri) is tracker  # one client per store, not per call
+    # The context goes into Ray with every trial's config as plain values (and from Tune's
+    # JSON experiment state, its tuples come back as lists).
+    assert pickle.loads(pickle.dumps(context)) == context
+    plain = json.loads(json.dumps(context.to_dict()))
+    assert StudyContext.from_dict(plain) == context
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        context.name = "other"  # type: ignore[misc]
+
+
+def test_trial_run_resumes_without_duplicates(store) -> None:
+    tracker, context = store
+    uri, parent_id = tracker.uri, context.parent_run_id
+    run = trial_run(store, "t0000")
+    run.set_tags({"ray.node_id": "n1", "device.used": "cpu"})
     run.log(10, {"train/loss": 2.0, "val/accuracy": 0.1, "iteration": 10.0})
     run.log(20, {"train/loss": 1.5, "val/accuracy": 0.2})
     # The driver dies; the retried trial replays from an older checkpoint (step 10).
-    again = tracking.TrialRun(uri, parent_id, "t0000", config(), ROLES, "demo")
+    again = trial_run(store, "t0000")
     assert again.run_id == run.run_id and again.last_step == 20
     again.log(10, {"train/loss": 9.0})
     again.log(20, {"train/loss": 9.0})
@@ -82,17 +126,19 @@ def test_trial_run_resumes_without_duplicates(store: tuple[str, str]) -> None:
     assert (tags["task"], tags["method"], tags["seed"]) == ("copying", "h_detach", "0")
     assert tags["role.lr"] == "nuisance" and tags["role.seed"] == "replicate"
     assert tags["outcome"] == "completed"
+    assert (tags["ray.node_id"], tags["device.used"]) == ("n1", "cpu")
     assert finished.data.params["task_options.T"] == "5"
     history = client.get_metric_history(run.run_id, "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(10, 2.0), (20, 1.5), (30, 1.0)]
+    points = tracker.history(run.run_id, "train/loss")
+    assert sorted((p.step, p.value) for p in points) == [(10, 2.0), (20, 1.5), (30, 1.0)]
+    assert all(p.timestamp > 0 for p in points)
     assert "iteration" not in finished.data.metrics  # only the study's metric names are logged
 
 
-def test_a_diverged_point_is_logged_as_nan_with_the_values_in_a_tag(
-    store: tuple[str, str],
-) -> None:
-    uri, parent_id = store
-    run = tracking.TrialRun(uri, parent_id, "t0002", config(), ROLES, "demo")
+def test_a_diverged_point_is_logged_as_nan_with_the_values_in_a_tag(store) -> None:
+    uri = store[0].uri
+    run = trial_run(store, "t0002")
     run.log(10, {"train/loss": 2.0, "train/grad_norm": 1.0, "val/accuracy": 0.1})
     run.log(13, {"train/loss": math.inf, "train/grad_norm": math.nan})
     run.finish("diverged")
@@ -102,13 +148,14 @@ def test_a_diverged_point_is_logged_as_nan_with_the_values_in_a_tag(
     tags = client.get_run(run.run_id).data.tags
     assert tags["nonfinite"] == "iteration 13: train/loss=inf, train/grad_norm=nan"
     assert tags["outcome"] == "diverged"
-    again = tracking.TrialRun(uri, parent_id, "t0002", config(), ROLES, "demo")
+    again = trial_run(store, "t0002")
     assert again.last_step == 13  # the diverged point still marks the trial's last step
 
 
-def test_failed_trial_and_retry(store: tuple[str, str]) -> None:
-    uri, parent_id = store
-    run = tracking.TrialRun(uri, parent_id, "t0001", config(), ROLES, "demo")
+def test_failed_trial_and_retry(store) -> None:
+    tracker = store[0]
+    uri = tracker.uri
+    run = trial_run(store, "t0001")
     run.fail(ConfigError("task_options.data_dir: /nope lacks train-images\nmore detail"))
     client = MlflowClient(uri)
     failed = client.get_run(run.run_id)
@@ -116,63 +163,71 @@ def test_failed_trial_and_retry(store: tuple[str, str]) -> None:
     assert (
         failed.data.tags["error"] == "ConfigError: task_options.data_dir: /nope lacks train-images"
     )
-    retry = tracking.TrialRun(uri, parent_id, "t0001", config(), ROLES, "demo")
+    retry = trial_run(store, "t0001")
     assert retry.run_id == run.run_id
     reopened = client.get_run(run.run_id)
     assert reopened.info.status == "RUNNING" and "error" not in reopened.data.tags
     retry.finish("diverged")
-    assert tracking.summarize(uri, "demo").trials[0].state == "diverged"
+    assert tracker.summarize("demo").trials[0].state == "diverged"
 
 
-def test_record_failure_creates_or_marks_the_run(store: tuple[str, str]) -> None:
-    uri, parent_id = store
-    tracking.record_failure(
-        uri, parent_id, "t0002", "ActorDiedError: worker died", config(), ROLES, "demo"
-    )
-    run = tracking.find_trial_run(uri, parent_id, "t0002")
-    assert run.info.status == "FAILED" and run.data.tags["error"] == "ActorDiedError: worker died"
-    assert run.data.params["method"] == "h_detach"
+def test_record_failure_creates_or_marks_the_run(store) -> None:
+    tracker, context = store
+    parent_id = context.parent_run_id
+    tracker.record_failure(context, "t0002", "ActorDiedError: worker died", config(), {})
+    run = tracker.find_trial(parent_id, "t0002")
+    assert run.status == "FAILED" and run.tags["error"] == "ActorDiedError: worker died"
+    assert run.params["method"] == "h_detach"
     # A packed trial that diverged before its pack failed keeps its outcome; the others fail.
-    diverged = tracking.TrialRun(uri, parent_id, "t0003", config(), ROLES, "demo", PACK_TAGS)
+    diverged = tracking.TrialRun(tracker, context, "t0003", config(), PACK_TAGS)
     diverged.finish("diverged")
     for trial_id in ("t0003", "t0004"):
-        tracking.record_failure(
-            uri, parent_id, trial_id, "ActorDiedError: died", config(), ROLES, "demo", PACK_TAGS
-        )
-    kept = tracking.find_trial_run(uri, parent_id, "t0003")
-    assert kept.info.status == "FINISHED" and kept.data.tags["outcome"] == "diverged"
-    created = tracking.find_trial_run(uri, parent_id, "t0004")
-    assert created.info.status == "FAILED"
+        tracker.record_failure(context, trial_id, "ActorDiedError: died", config(), PACK_TAGS)
+    kept = tracker.find_trial(parent_id, "t0003")
+    assert kept.status == "FINISHED" and kept.tags["outcome"] == "diverged"
+    created = tracker.find_trial(parent_id, "t0004")
+    assert created.status == "FAILED"
     for run_ in (kept, created):
-        assert run_.data.tags["study.pack"] == "p0001"
-        assert run_.data.tags["study.pack_size"] == "2"
+        assert run_.tags["study.pack"] == "p0001"
+        assert run_.tags["study.pack_size"] == "2"
+    assert tracker.find_trial(parent_id, "t0009") is None
 
 
-def test_summary_and_list_count_pending(store: tuple[str, str]) -> None:
-    uri, parent_id = store
-    done = tracking.TrialRun(uri, parent_id, "t0000", config(), ROLES, "demo")
+def test_summary_and_list_count_pending(store) -> None:
+    tracker = store[0]
+    uri = tracker.uri
+    done = trial_run(store, "t0000")
     done.log(10, {"train/loss": 1.0, "best/val_accuracy": 0.75})
     done.finish("completed")
-    tracking.TrialRun(uri, parent_id, "t0001", config(seed=1), ROLES, "demo")  # interrupted
-    summary = tracking.summarize(uri, "demo")
+    trial_run(store, "t0001", seed=1)  # interrupted
+    summary = tracker.summarize("demo")
     assert summary is not None and summary.n_trials == 3
     assert [t.state for t in summary.trials] == ["completed", "running"]
     assert summary.trials[0].best_val_accuracy == 0.75
     assert (summary.count("completed"), summary.count("failed"), summary.pending) == (1, 0, 2)
     # An experiment without a parent run is not a study.
-    tracking.ensure_experiment(uri, "not-a-study", None)
+    tracker.ensure_experiment("not-a-study", None)
     assert [s.name for s in tracking.list_studies(uri)] == ["demo"]
-    assert tracking.summarize(uri, "missing") is None
+    assert tracker.summarize("missing") is None
+    parent = tracker.find_parent("demo")
+    records = sorted(tracker.trials(parent), key=lambda run: run.name)
+    assert [(run.name, run.status) for run in records] == [
+        ("t0000", "FINISHED"),
+        ("t0001", "RUNNING"),
+    ]
+    assert records[0].metrics["best/val_accuracy"] == 0.75
+    assert records[0].experiment_id == parent.experiment_id
 
 
 def test_one_line() -> None:
-    assert tracking.one_line(ValueError("first\nsecond")) == "ValueError: first"
-    assert tracking.one_line(RuntimeError()) == "RuntimeError"
-    assert tracking.one_line("  boom \n trace") == "boom"
+    # What the trial runs' error tags hold (study.errors.one_line).
+    assert one_line(ValueError("first\nsecond")) == "ValueError: first"
+    assert one_line(RuntimeError()) == "RuntimeError"
+    assert one_line("  boom \n trace") == "boom"
 
 
-def test_log_folder_logs_files_or_says_why_not(store: tuple[str, str], tmp_path: Path) -> None:
-    uri, parent = store
+def test_log_folder_logs_files_or_says_why_not(store, tmp_path: Path) -> None:
+    uri, parent = store[0].uri, store[1].parent_run_id
     folder = tmp_path / "report"
     folder.mkdir()
     (folder / "summary.md").write_text("# hi\n")
@@ -240,7 +295,7 @@ def test_a_store_mlflow_cannot_open_is_one_line(tmp_path: Path, uri: str, reason
 def test_checked_store_opens_what_exists_and_creates_nothing(tmp_path: Path) -> None:
     existing = tracking.store_uri(tmp_path / "kept")
     (tmp_path / "kept").mkdir()
-    tracking.client(existing).search_experiments()  # MLflow makes the database
+    MlflowClient(existing).search_experiments()  # MLflow makes the database
     assert tracking.checked_store(existing) == (existing, True)
     missing = f"sqlite:///{tmp_path}/absent/mlflow.db"
     assert tracking.checked_store(missing) == (missing, False)
@@ -253,56 +308,3 @@ def test_checked_store_opens_what_exists_and_creates_nothing(tmp_path: Path) -> 
 def test_listing_a_missing_sqlite_file_creates_nothing(tmp_path: Path) -> None:
     assert tracking.list_studies(f"sqlite:///{tmp_path}/absent/mlflow.db") == []
     assert not (tmp_path / "absent").exists()
-
-
-def test_ui_refuses_a_taken_port_in_one_line(tmp_path: Path) -> None:
-    tracking.ensure_experiment(tracking.store_uri(tmp_path), "demo", None)
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        with pytest.raises(ConfigError, match=rf"^--port {port}: 127.0.0.1:{port} is not free"):
-            tracking.serve_ui(tmp_path, port)
-
-
-def test_ui_stopped_by_sigterm_stops_its_server(tmp_path: Path) -> None:
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    tracking.ensure_experiment(tracking.store_uri(tmp_path), "demo", None)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    ui = subprocess.Popen(
-        [sys.executable, "-m", "study.cli", "ui", "--output", str(tmp_path), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                assert urllib.request.urlopen(url, timeout=5).status == 200
-                break
-            except OSError:
-                assert ui.poll() is None and time.monotonic() < deadline, "the UI never served"
-                time.sleep(1)
-        ui.send_signal(signal.SIGTERM)  # as `kill PID` or `docker stop` would
-        assert ui.wait(timeout=60) == 128 + signal.SIGTERM
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # the server and its workers are gone: port free
-            try:
-                urllib.request.urlopen(url, timeout=2)
-            except OSError:
-                break
-            time.sleep(1)
-        else:
-            pytest.fail(f"{url} still answers after the UI was stopped")
-    finally:
-        if ui.poll() is None:
-            os.kill(ui.pid, signal.SIGKILL)

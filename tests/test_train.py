@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from study import train as train_module
 from study.config import TrialConfig
-from study.models.classifier import SequenceClassifier
 from study.tasks.copying import Copying
-from study.train import COMPLETED, DIVERGED, RUNNING, Progress, evaluate, train
+from study.train import train
+from study.trial import Progress
+from study.vocabulary import COMPLETED, DIVERGED, RUNNING
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 SMALL = TrialConfig(
@@ -61,17 +61,17 @@ def test_resuming_from_a_checkpoint_reproduces_the_uninterrupted_curve() -> None
 
 
 def test_non_finite_loss_ends_the_trial_as_diverged(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = Copying.loss_and_metrics
+    real = Copying.loss
     calls = {"n": 0}
 
     def poisoned(self, logits, targets):
-        loss, correct, count = real(self, logits, targets)
+        loss = real(self, logits, targets)
         calls["n"] += 1
         if torch.is_grad_enabled() and calls["n"] >= 30:
             loss = loss * float("nan")
-        return loss, correct, count
+        return loss
 
-    monkeypatch.setattr(Copying, "loss_and_metrics", poisoned)
+    monkeypatch.setattr(Copying, "loss", poisoned)
     seen: list[Progress] = []
     result = train(SMALL, report=seen.append)
     assert result.status == DIVERGED
@@ -117,15 +117,3 @@ def test_real_pixel_fashion_mnist_trial_reports_test_accuracy_at_best_validation
         assert point["best/val_accuracy"] >= point["val/accuracy"] or math.isclose(
             point["best/val_accuracy"], point["val/accuracy"]
         )
-
-
-def test_evaluation_loss_is_over_the_whole_split_whatever_the_batching(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """7 validation sequences in batches of 3, 3 and 1: each sequence counts once."""
-    task = Copying(T=4, train_size=10, val_size=7)
-    model = SequenceClassifier(task.input_size, 8, task.num_classes)
-    whole_loss, whole_accuracy = evaluate(model, task, "val", torch.device("cpu"))
-    monkeypatch.setattr(train_module, "EVAL_BATCH_SIZE", 3)
-    loss, accuracy = evaluate(model, task, "val", torch.device("cpu"))
-    assert loss == pytest.approx(whole_loss, rel=1e-6) and accuracy == whole_accuracy

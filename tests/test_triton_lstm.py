@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from study.models import notices
-from study.models.device_lstm import DeviceMaskedLSTM, device_lstm
+from study.models.device_lstm import device_lstm
+from study.models.step_lstm import DeviceMaskedLSTM
 
 REPO = Path(__file__).resolve().parent.parent
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -313,7 +314,7 @@ def test_the_study_step_runs_triton_inside_its_cuda_graph(monkeypatch) -> None:
     from study.config import TrialConfig
     from study.models import triton_lstm
     from study.packed_train import _Pack, cuda_precision, train_packed
-    from study.train import _Trial
+    from study.trial import TrialState
 
     monkeypatch.setattr(notices, "_said", set())
     calls = []
@@ -342,7 +343,7 @@ def test_the_study_step_runs_triton_inside_its_cuda_graph(monkeypatch) -> None:
     device = torch.device("cuda")
     with warnings.catch_warnings(), cuda_precision("tf32", device):  # as train_packed sets it
         warnings.simplefilter("error", RuntimeWarning)  # a failed capture or kernel fails
-        pack = _Pack([_Trial(config, device) for config in configs], device)
+        pack = _Pack([TrialState(config, device) for config in configs], device)
         pack.step(0)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -468,11 +469,11 @@ class SplitFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, keep_h, keep_c, launch):
         from study.models import triton_split
-        from study.models.device_lstm import _input_gates
+        from study.models.step_lstm import input_projections
 
         steps, members, batch, _ = x.shape
         hidden = h0.shape[-1]
-        gates = _input_gates(x, w_ih, b_ih, b_hh)
+        gates = input_projections(x, w_ih, b_ih, b_hh)
         all_h = x.new_empty(steps + 1, members, batch, hidden)
         all_c = torch.empty_like(all_h)
         all_h[0], all_c[0] = h0, c0
@@ -486,7 +487,7 @@ class SplitFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n):
         from study.models import triton_split
-        from study.models.device_lstm import _parameter_grads
+        from study.models.step_lstm import parameter_grads
 
         x, w_ih, w_hh, all_h, all_c, gates, keep_h, keep_c = ctx.saved_tensors
         precision, units, sync, handoff = ctx.launch
@@ -506,7 +507,7 @@ class SplitFunction(torch.autograd.Function):
             handoff,
         )
         needs = ctx.needs_input_grad
-        grads = _parameter_grads(needs, grad_gates, x, w_ih, all_h, grad_h0, grad_c0)
+        grads = parameter_grads(needs, grad_gates, x, w_ih, all_h, grad_h0, grad_c0)
         return (*grads, None)
 
 

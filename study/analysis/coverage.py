@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from study.analysis.stats import (
+from study.analysis.intervals import (
     iqm_interval,
     p_better_interval,
     pooled_iqm,

@@ -13,7 +13,8 @@ import re
 import numpy as np
 from matplotlib.figure import Figure
 
-from study.analysis.stats import TUNED, Analysis, format_clip, format_float, variant_label
+from study.analysis.stats import TUNED, Analysis
+from study.analysis.text import format_clip, format_float, variant_label
 
 _DPI = 100
 _SEED_COLORS = [f"C{i}" for i in range(10)]

@@ -1,8 +1,8 @@
-"""Read one study (parent run, child runs, validation curves) from MLflow into plain records.
+"""Read one study (parent run, child runs, validation curves) into the analysis records.
 
-MLflow's reader, as tracking.py is its writer: the only two modules that import mlflow. The
-statistics and figures work on the records below and never touch MLflow, so they can be tested
-and reused without a tracking store.
+tracking.py reads the store (it alone imports mlflow) and hands back plain run records and
+metric points; this module builds the records below from them. The statistics and figures work
+on these records and never touch a store, so they can be tested and reused without one.
 """
 
 from __future__ import annotations
@@ -11,12 +11,25 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
-from study.config import ConfigError
+from study.claim_spec import Claim
+from study.errors import ConfigError
 from study.space import NUISANCE
-from study.tracking import checked_store, search_all_runs, sqlite_path, trial_state
+from study.tracking import (
+    MetricPoint,
+    RunRecord,
+    StoreError,
+    checked_store,
+    open_store,
+    sqlite_path,
+    trial_state,
+)
+from study.tracking.tags import (
+    base_iterations_from_tags,
+    claims_from_tags,
+    overrides_from_tags,
+)
+from study.vocabulary import COMPLETED, DIVERGED, parse_clip
 
 # Cell axes of the robustness grid (task x method x p x lr x clip); seeds are the replicates.
 CELL_PARAMS = ("task", "method", "p_detach", "lr", "clip_norm")
@@ -51,7 +64,7 @@ class Trial:
 
     @property
     def finished(self) -> bool:
-        return self.state in ("completed", "diverged")
+        return self.state in (COMPLETED, DIVERGED)
 
     @property
     def variant(self) -> tuple[str, float]:
@@ -79,6 +92,11 @@ class Study:
     # An Optuna study's nuisance params, tuned per scientific point and seed (role.X tags): the
     # analysis compares methods at each seed's best tuned trial (stats.best_tuned_trials).
     tuned: list[str] = field(default_factory=list)
+    # The space's claims (parent tag study.claims), its `--set` overrides, and the iterations of
+    # the file without them: the budget a claim's verdict is quoted against.
+    claims: tuple[Claim, ...] = ()
+    overrides: tuple[tuple[str, object], ...] = ()
+    base_iterations: int | None = None
 
     @property
     def n_pending(self) -> int:
@@ -89,20 +107,19 @@ def load_study(name: str, tracking_uri: str) -> Study:
     """Read study `name` from the store at `tracking_uri`; ConfigError when it is not there."""
     where = f"study {name!r} at tracking URI {tracking_uri}"
     tracking_uri = _check_store(tracking_uri, where)
-    client = MlflowClient(tracking_uri=tracking_uri)
+    tracker = open_store(tracking_uri)
     try:
-        experiment = client.get_experiment_by_name(name)
-    except MlflowException as error:
-        raise ConfigError(f"{where}: cannot read the store ({_one_line(error)})") from None
-    if experiment is None:
+        experiment_id = tracker.experiment_id(name)
+    except StoreError as error:
+        raise ConfigError(f"{where}: cannot read the store ({error})") from None
+    if experiment_id is None:
         raise ConfigError(f"{where}: no such experiment (run `study run` first?)")
 
-    parents = search_all_runs(client, experiment.experiment_id, "tags.`study.kind` = 'parent'")
-    if not parents:
-        raise ConfigError(f"{where}: the experiment has no parent run tagged study.kind=parent")
     # One parent per study by contract; if a study was restarted from scratch, the newest wins.
-    parent = max(parents, key=lambda run: run.info.start_time or 0)
-    tags = parent.data.tags
+    parent = tracker.newest_parent(experiment_id)
+    if parent is None:
+        raise ConfigError(f"{where}: the experiment has no parent run tagged study.kind=parent")
+    tags = parent.tags
     try:
         n_planned = int(tags["study.n_trials"])
         target = float(tags["study.target"])
@@ -111,27 +128,36 @@ def load_study(name: str, tracking_uri: str) -> Study:
             f"{where}: parent run lacks a valid study.n_trials or study.target tag"
         ) from None
 
-    children = search_all_runs(
-        client,
-        experiment.experiment_id,
-        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`study.kind` = 'trial'",
+    children = tracker.trials(parent)
+    trials = sorted(
+        (
+            _trial(
+                run,
+                tracker.history(run.run_id, "val/accuracy"),
+                tracker.history(run.run_id, "test/accuracy"),
+            )
+            for run in children
+        ),
+        key=lambda t: t.trial_id,
     )
-    trials = sorted((_trial(client, run) for run in children), key=lambda t: t.trial_id)
     tuned = set()
     if tags.get("study.searcher") == "optuna":
         for run in children:
-            for key, role in run.data.tags.items():
+            for key, role in run.tags.items():
                 if key.startswith("role.") and role == NUISANCE:
                     tuned.add(key.removeprefix("role."))
     return Study(
         name=name,
         tracking_uri=tracking_uri,
-        parent_run_id=parent.info.run_id,
+        parent_run_id=parent.run_id,
         n_planned=n_planned,
         target=target,
         trials=trials,
         pooled_params=[p for p in _pooled_params(trials) if p not in tuned],
         tuned=sorted(tuned),
+        claims=claims_from_tags(tags),
+        overrides=overrides_from_tags(tags),
+        base_iterations=base_iterations_from_tags(tags),
     )
 
 
@@ -143,26 +169,26 @@ def _check_store(tracking_uri: str, where: str) -> str:
     return tracking_uri
 
 
-def _trial(client: MlflowClient, run) -> Trial:
-    params, tags = run.data.params, run.data.tags
-    steps, val_acc = _history(client, run.info.run_id, "val/accuracy")
-    _, test_acc = _history(client, run.info.run_id, "test/accuracy")
+def _trial(run: RunRecord, val_acc: list[MetricPoint], test_acc: list[MetricPoint]) -> Trial:
+    params, tags = run.params, run.tags
+    steps, val_values = curve_of(val_acc)
+    _, test_values = curve_of(test_acc)
     clip = params.get("clip_norm", "none")
     return Trial(
-        trial_id=tags.get("study.trial_id", run.info.run_id),
-        run_id=run.info.run_id,
-        state=trial_state(run.info.status, tags),
+        trial_id=tags.get("study.trial_id", run.run_id),
+        run_id=run.run_id,
+        state=trial_state(run.status, tags),
         task=_task_label(params),
         method=params.get("method", tags.get("method", "none")),
         p_detach=float(params.get("p_detach", 0.0)),
         lr=float(params["lr"]),
-        clip_norm=None if clip.lower() in ("none", "null", "") else float(clip),
+        clip_norm=parse_clip(clip or None),
         seed=int(params.get("seed", tags.get("seed", 0))),
         budget=int(params["iterations"]),
         val_steps=steps,
-        val_acc=val_acc,
-        test_at_best=float(test_acc[-1]) if len(test_acc) else math.nan,
-        error=tags.get("error", "killed" if run.info.status == "KILLED" else ""),
+        val_acc=val_values,
+        test_at_best=float(test_values[-1]) if len(test_values) else math.nan,
+        error=tags.get("error", "killed" if run.status == "KILLED" else ""),
         params=dict(params),
     )
 
@@ -177,13 +203,13 @@ def _task_label(params: dict[str, str]) -> str:
     return " ".join([params.get("task", "?"), *(f"{key}={value}" for key, value in options)])
 
 
-def _history(client: MlflowClient, run_id: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+def curve_of(points: list[MetricPoint]) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) sorted by step; a step logged twice (retried trial) keeps the last value."""
     by_step: dict[int, tuple[int, float]] = {}
-    for metric in client.get_metric_history(run_id, key):
-        old = by_step.get(metric.step)
-        if old is None or metric.timestamp >= old[0]:
-            by_step[metric.step] = (metric.timestamp, metric.value)
+    for point in points:
+        old = by_step.get(point.step)
+        if old is None or point.timestamp >= old[0]:
+            by_step[point.step] = (point.timestamp, point.value)
     steps = np.array(sorted(by_step), dtype=np.int64)
     values = np.array([by_step[int(step)][1] for step in steps], dtype=np.float64)
     return steps, values
@@ -197,7 +223,3 @@ def _pooled_params(trials: list[Trial]) -> list[str]:
         if len({trial.params.get(key) for trial in trials}) > 1:
             varying.add(key)
     return sorted(varying)
-
-
-def _one_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

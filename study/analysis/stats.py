@@ -17,17 +17,22 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from study.analysis.intervals import (
+    expected_best_of_n,
+    iqm_interval,
+    newcombe_interval,
+    p_better_interval,
+    pooled_mean,
+    stratified_interval,
+    wilson_interval,
+)
 from study.analysis.load import Study, Trial
 
-CONFIDENCE = 0.95
 # A cell enters a cross-cell statistic only with this many finished seeds: one seed says nothing
 # about seed-to-seed spread, and two leave a standard error from two values per cell.
 MIN_SEEDS = 3
 # "Good" learning rates reach at least this fraction of the best lr's median best accuracy.
 GOOD_LR_FRACTION = 0.95
-# Fixed so that the same study always gives the same report.
-BOOTSTRAP_SEED = 0
-BOOTSTRAP_RESAMPLES = 4999
 VANILLA = ("none", 0.0)
 # An Optuna study's cell value of a param tuned per seed (lr, p_detach, clip_norm: never < 0).
 TUNED, TUNED_LABEL = -1.0, "tuned"
@@ -174,6 +179,9 @@ class Analysis:
     paired: list[PairedComparison] = field(default_factory=list)
     iqm: list[IQM] = field(default_factory=list)
     expected_best: list[ExpectedBest] = field(default_factory=list)
+    # The space's claims tested on these runs (claims.ClaimResult), filled by the report:
+    # claims.py builds on this module, so the type is named there, not here.
+    claims: list[Any] = field(default_factory=list)
 
     @property
     def tasks(self) -> list[str]:
@@ -264,33 +272,6 @@ def spread(values: Iterable[float]) -> Spread:
         return Spread(math.nan, math.nan, math.nan, math.nan)
     q25, median, q75 = np.percentile(values, [25, 50, 75])
     return Spread(float(median), float(q25), float(q75), float(values.min()))
-
-
-def wilson_interval(
-    successes: float, n: int, confidence: float = CONFIDENCE
-) -> tuple[float, float]:
-    """Wilson score interval for a proportion (closed form, as scipy's binomtest gives it for
-    whole counts; `successes` may be a sum of scores in [0, 1]); (NaN, NaN) when n = 0."""
-    if n == 0:
-        return (math.nan, math.nan)
-    z = stats.norm.ppf(0.5 + confidence / 2)
-    rate = successes / n
-    center = (rate + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
-    return (max(0.0, center - half), min(1.0, center + half))
-
-
-def newcombe_interval(
-    rate_a: float, n_a: int, rate_b: float, n_b: int, confidence: float = CONFIDENCE
-) -> tuple[float, float]:
-    """Interval of rate_a - rate_b from the two Wilson intervals (Newcombe 1998, method 10)."""
-    low_a, high_a = wilson_interval(rate_a * n_a, n_a, confidence)
-    low_b, high_b = wilson_interval(rate_b * n_b, n_b, confidence)
-    difference = rate_a - rate_b
-    return (
-        difference - math.hypot(rate_a - low_a, high_b - rate_b),
-        difference + math.hypot(high_a - rate_a, rate_b - low_b),
-    )
 
 
 def cell_stats(trials: list[Trial], runs: list[RunResult]) -> list[CellStats]:
@@ -496,18 +477,6 @@ def _pairing_key(trial: Trial) -> tuple:
     return (trial.lr, trial.clip_norm, trial.seed, tuple(others))
 
 
-def p_better_interval(scores: list[np.ndarray]) -> tuple[float, float]:
-    """Interval of P(better) from the pair scores of each cell: stratified_interval, unless
-    every cell's pairs all scored the same (all wins in one cell, all ties in another, ...),
-    which resampling seeds cannot put a width on: then the Wilson interval of the scores' sum
-    over the pairs (a win counts 1, a tie 1/2)."""
-    ci = stratified_interval(scores, pooled_mean)
-    if math.isnan(ci[0]) or ci[0] < ci[1]:
-        return ci
-    pooled = np.concatenate(scores)
-    return wilson_interval(float(pooled.sum()), len(pooled))
-
-
 def interquartile_means(runs: list[RunResult]) -> list[IQM]:
     """IQM (25% trimmed mean, scipy) of best val accuracy per task and method, over the runs of
     the lr x clip cells in which every method of the task has >= MIN_SEEDS finished seeds (the
@@ -552,22 +521,6 @@ def interquartile_means(runs: list[RunResult]) -> list[IQM]:
     return results
 
 
-def expected_best_of_n(values: Iterable[float], n_max: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact expected maximum (and its std) of n draws with replacement, n = 1..n_max.
-
-    Dodge et al. 2019, "Show your work": with the N observed values sorted, v_(1) <= ... <= v_(N),
-    P(max of n draws = v_(i)) = (i/N)^n - ((i-1)/N)^n, so E[max] = sum_i v_(i) * that weight.
-    """
-    v = np.sort(np.asarray(list(values), dtype=float))
-    i = np.arange(1, len(v) + 1)
-    n = np.arange(1, n_max + 1)[:, None]
-    weights = (i / len(v)) ** n - ((i - 1) / len(v)) ** n
-    mean = weights @ v
-    # Clip tiny negative round-off before the square root.
-    std = np.sqrt(np.maximum(weights @ v**2 - mean**2, 0.0))
-    return mean, std
-
-
 def expected_best_curves(runs: list[RunResult]) -> list[ExpectedBest]:
     """Per task and method: every finished run is one random trial of (lr, clip, seed)."""
     results = []
@@ -579,102 +532,11 @@ def expected_best_curves(runs: list[RunResult]) -> list[ExpectedBest]:
     return results
 
 
-def iqm_interval(strata: list[np.ndarray]) -> tuple[float, float]:
-    """Interval of the pooled IQM of the strata: stratified_interval, and none (NaN) where every
-    cell's runs scored alike (say, all 1.0): resampling seeds cannot put a width on that, and a
-    zero-width interval would claim certainty from a few seeds."""
-    ci = stratified_interval(strata, pooled_iqm)
-    return (math.nan, math.nan) if ci[0] == ci[1] else ci
-
-
-def stratified_interval(
-    strata: list[np.ndarray],
-    statistic: Callable[..., np.ndarray],
-    bounds: tuple[float, float] = (0.0, 1.0),
-    confidence: float = CONFIDENCE,
-) -> tuple[float, float]:
-    """Student-t interval around statistic(*strata), its standard error from a bootstrap that
-    resamples seeds within each stratum (cell), clipped to the statistic's `bounds`.
-
-    `statistic(*strata, axis=-1)` sees one resample of every stratum: scipy.stats.bootstrap
-    resamples each sample of a multi-sample call independently, which is stratified resampling.
-    Not the bootstrap's percentiles: those never leave the range of the resampled statistics,
-    which with one cell of 3 seeds is the range of the 3 values, an interval that holds the truth
-    3 times in 4 whatever its nominal level (`python -m study.analysis.coverage` compares them).
-    Here the half-width is t_{1 - alpha/2, N - cells} (N: all values) times the bootstrap
-    standard error scaled by sqrt(n / (n - 1)), n the smallest cell's size (a resample's spread
-    is (n - 1)/n of the sample's): at one cell that is the textbook t interval of a mean.
-
-    (NaN, NaN) when there is no stratum or one has fewer than 2 values; zero width when every
-    stratum's values are equal, which the callers replace (iqm_interval, p_better_interval).
-    """
-    if not strata or any(len(s) < 2 for s in strata):
-        return (math.nan, math.nan)
-    estimate = float(statistic(*strata))
-    if all(np.all(s == s[0]) for s in strata):
-        return (estimate, estimate)
-    result = stratified_bootstrap(strata, statistic, confidence)
-    n, runs = min(len(s) for s in strata), sum(len(s) for s in strata)
-    t = stats.t.ppf(0.5 + confidence / 2, runs - len(strata))
-    half = t * math.sqrt(n / (n - 1)) * float(result.standard_error)
-    return (max(bounds[0], estimate - half), min(bounds[1], estimate + half))
-
-
-def stratified_bootstrap(
-    strata: list[np.ndarray], statistic: Callable[..., np.ndarray], confidence: float = CONFIDENCE
-) -> Any:
-    """scipy.stats.bootstrap (its BootstrapResult) over seeds within each stratum (seeded: the
-    same study gives the same report): standard error, percentile interval at `confidence`."""
-    return stats.bootstrap(
-        tuple(strata),
-        statistic,
-        vectorized=True,
-        paired=False,
-        axis=-1,
-        confidence_level=confidence,
-        method="percentile",
-        n_resamples=BOOTSTRAP_RESAMPLES,
-        rng=BOOTSTRAP_SEED,
-    )
-
-
 # ---------------------------------------------------------------- helpers
-
-
-def variant_label(method: str, p_detach: float) -> str:
-    """Human name of a compared method: "vanilla", "h-detach p=0.25", "h-detach p=tuned"."""
-    if method == "none":
-        return "vanilla"
-    return f"{method.replace('_', '-')} p={format_float(p_detach)}"
-
-
-def format_float(value: float) -> str:
-    """A cell's lr or p_detach as the report shows it: "0.001", or "tuned" (Optuna)."""
-    return TUNED_LABEL if value == TUNED else f"{value:g}"
-
-
-def format_clip(clip: float | None) -> str:
-    """A clip norm as the report shows it: "1", "none" (no clipping) or "tuned"."""
-    return "none" if clip is None else format_float(clip)
-
-
-def json_value(value: float | None) -> float | str | None:
-    """A cell value for cells.csv and summary.json: the number, or "tuned"."""
-    return TUNED_LABEL if value == TUNED else value
-
-
-def pooled_mean(*samples: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Mean over the concatenation of samples: every run weighs the same."""
-    return np.mean(np.concatenate(samples, axis=axis), axis=axis)
 
 
 def _improvement(a: float, b: float) -> float:
     return 1.0 if a > b else 0.5 if a == b else 0.0
-
-
-def pooled_iqm(*samples: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Interquartile mean (25% trimmed each side) over the concatenation of samples."""
-    return stats.trim_mean(np.concatenate(samples, axis=axis), 0.25, axis=axis)
 
 
 def _successes(runs: list[RunResult]) -> np.ndarray:

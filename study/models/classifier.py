@@ -1,4 +1,4 @@
-"""SequenceClassifier: a DetachLSTM followed by a linear read-out on every h_t."""
+"""SequenceClassifier: a DetachLSTM followed by a linear read-out on the steps a task reads."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from study.models.detach_lstm import DetachLSTM
 
 
 class SequenceClassifier(nn.Module):
-    """LSTM + linear head (paper Sec. 5). Returns logits for every step, (T, B, classes).
+    """LSTM + linear head (paper Sec. 5): logits for the last `readout_steps` steps.
 
-    The task, not the model, decides which steps are read (all for copying, the last for MNIST).
+    The task, not the model, decides which steps are read (Task.readout_steps: all for copying,
+    the last for MNIST); the model computes the head on those only.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_classes: int) -> None:
@@ -32,11 +33,14 @@ class SequenceClassifier(nn.Module):
         x: torch.Tensor,
         detach_h: torch.Tensor | None = None,
         detach_c: torch.Tensor | None = None,
-        readout: str = "all",
+        readout_steps: int | None = None,
     ) -> torch.Tensor:
+        """x (T, B, input) -> logits (readout_steps, B, classes); None reads every step."""
         output, (h_n, _) = self.lstm(x, detach_h=detach_h, detach_c=detach_c)
-        if readout == "last":
+        if readout_steps == 1:
             # Only h_T reaches the loss: read h_n, so the backward gets no (T, B, H) gradient of
             # zeros to add at every step, and the head skips the other 783 steps of pixel MNIST.
             return self.head(h_n)
-        return self.head(output)
+        if readout_steps is None or readout_steps >= output.shape[0]:
+            return self.head(output)
+        return self.head(output[-readout_steps:])

@@ -106,7 +106,7 @@ class PackedClassifier(nn.Module):
     Row k is member k's parameters flattened in `MEMBER_NAMES` order, so the optimizer, the
     per-member gradient norms and the clipping each run as one batched op over all members.
     `forward` takes x (K, T, B, I) and per-member detach masks (K, T) and returns logits
-    (K, T', B, C), T' = T for readout "all" and 1 for "last".
+    (K, T', B, C) for the last T' = `readout_steps` steps (None: every step).
     """
 
     def __init__(self, members: int, input_size: int, hidden_size: int, num_classes: int) -> None:
@@ -173,11 +173,14 @@ class PackedClassifier(nn.Module):
         x: torch.Tensor,
         detach_h: torch.Tensor | None = None,
         detach_c: torch.Tensor | None = None,
-        readout: str = "all",
+        readout_steps: int | None = None,
     ) -> torch.Tensor:
         weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias = self.views()
+        members, steps, batch, _ = x.shape
+        # As in SequenceClassifier: one read-out step is h_n, so no gradient of zeros per step.
+        last_only = readout_steps == 1
+        first = 0 if readout_steps is None else max(steps - readout_steps, 0)  # first step read
         if x.is_cuda if self.device_path is None else self.device_path:
-            members, steps, batch, _ = x.shape
             state = x.new_zeros(members, batch, self.hidden_size)
             output, h_n, _ = device_lstm(
                 x.transpose(0, 1),
@@ -187,9 +190,11 @@ class PackedClassifier(nn.Module):
                 keep_factors(detach_h, steps, members, x),
                 keep_factors(detach_c, steps, members, x),
             )
-            if readout == "last":
+            if last_only:
                 logits = torch.baddbmm(head_bias.unsqueeze(1), h_n, head_weight.transpose(1, 2))
                 return logits.unsqueeze(1)
+            if first:
+                output = output[first:]
             logits = torch.matmul(output, head_weight.transpose(1, 2)) + head_bias.unsqueeze(1)
             return logits.transpose(0, 1)  # (T, K, B, C) -> (K, T, B, C)
         output, h_n, _ = _PackedCPUFunction.apply(
@@ -203,10 +208,10 @@ class PackedClassifier(nn.Module):
             self.workspace,
         )
         # The head per member, as nn.Linear runs it in the solo model (same GEMM, same bits).
-        if readout == "last":
+        if last_only:
             features = [h.unsqueeze(0) for h in h_n.unbind(0)]
         else:
-            features = list(output.unbind(0))
+            features = [member[first:] if first else member for member in output.unbind(0)]
         logits = [
             F.linear(feature, head_weight[k], head_bias[k]) for k, feature in enumerate(features)
         ]

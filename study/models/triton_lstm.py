@@ -7,8 +7,8 @@ import os
 import torch
 
 from study.models import triton_split
-from study.models.device_lstm import DeviceMaskedLSTM, _input_gates, _parameter_grads
 from study.models.notices import say_once
+from study.models.step_lstm import DeviceMaskedLSTM, input_projections, parameter_grads
 from study.switches import switch
 
 try:  # here and in triton_split.py only; CPU-only installs may not have triton
@@ -197,7 +197,7 @@ class TritonMaskedLSTM(torch.autograd.Function):
         x = x.contiguous()
         steps, members, batch, _ = x.shape
         hidden = h0.shape[-1]
-        gates = _input_gates(x, weight_ih, bias_ih, bias_hh)  # (T, K, B, 4H), becomes i|f|g|o
+        gates = input_projections(x, weight_ih, bias_ih, bias_hh)  # (T, K, B, 4H), becomes i|f|g|o
         all_h = x.new_empty(steps + 1, members, batch, hidden)  # all_h[t] = h_{t-1}
         all_c = x.new_empty(steps + 1, members, batch, hidden)
         # (K, H, 4H): the forward's weight tile rows are contiguous (coalesced loads).
@@ -313,7 +313,7 @@ class TritonMaskedLSTM(torch.autograd.Function):
                 workspaces,
                 (grad_output, grad_h_n, grad_c_n),
             )
-        return _parameter_grads(
+        return parameter_grads(
             ctx.needs_input_grad, grad_gates, x, weight_ih, all_h, grad_h0, grad_c0
         )
 

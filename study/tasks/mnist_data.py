@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torchvision import datasets
 
-from study.config import ConfigError
+from study.errors import ConfigError
 
 DATASETS = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
 IDX_FILES = (

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from study.config import ConfigError
+from study.errors import ConfigError
 from study.repro import make_generator
 from study.tasks.mnist_data import VAL_SIZE
 from study.tasks.pixel_mnist import PixelMNIST

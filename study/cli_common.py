@@ -1,0 +1,102 @@
+"""What every `study` subcommand shares: the one-line-error parser, argument types (study
+names, folders, ports) and the --output and --set flags."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (no usage block) and exit status 2.
+
+    A flag's help may be filled in only when help is shown (lazy_help): the task and method
+    registries import torch, which `study plan` or `study --help` need not wait for.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lazy_help: dict[argparse.Action, Callable[[], str]] = {}
+
+    def lazy_help(self, action: argparse.Action, help_text: Callable[[], str]) -> None:
+        self._lazy_help[action] = help_text
+
+    def format_help(self) -> str:
+        for action, help_text in self._lazy_help.items():
+            action.help = help_text()
+        return super().format_help()
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+DEFAULT_OUTPUT = Path("studies")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def port(text: str) -> int:
+    # 0 (any free port) is refused too: `study ui` prints its URL before mlflow binds.
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 1..65535, got {text!r}")
+    return value
+
+
+def study_folder(text: str) -> Path:
+    # In DIR/mlflow.db's sqlite:/// URI, SQLAlchemy reads them as query, fragment or escapes: the
+    # database would land elsewhere (".../run #1?x=1" -> the file ".../run #1").
+    if any(mark in text for mark in "?#%"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a study folder's path may not hold ?, # or %")
+    return Path(text)
+
+
+def study_name(text: str) -> str:
+    """A study's name, not its YAML file (a likely slip: `study run` takes the file)."""
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml") or "/" in text:
+        example = f" (here: {path.stem})" if path.suffix in (".yaml", ".yml") else ""
+        raise argparse.ArgumentTypeError(
+            f"expected a study name, the YAML file's stem{example}, got the path {text!r}"
+        )
+    return text
+
+
+def add_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--output",
+        type=study_folder,
+        default=DEFAULT_OUTPUT,
+        metavar="DIR",
+        help="study folder: DIR/mlflow.db, DIR/mlartifacts, DIR/ray (default: ./studies)",
+    )
+
+
+def add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one value of the space by its dotted key (repeatable), e.g. "
+        "fixed.iterations=20000; the study is then named FILE-set-HASH unless --name",
+    )
+    parser.add_argument("--name", type=study_name, help="the study's name (default: from SPACE)")
+
+
+def echo(line: str) -> None:
+    print(line, flush=True)

@@ -1,0 +1,81 @@
+"""`--set KEY=VALUE` overrides of a search space: dotted keys into its sections, values typed as
+YAML, applied in order; the resulting space is validated exactly like the file (spec.py)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from study.errors import ConfigError
+from study.spec_checks import UniqueKeyLoader
+
+
+def parse_overrides(texts: Sequence[str]) -> tuple[tuple[str, Any], ...]:
+    """`--set KEY=VALUE` texts as (dotted key, YAML-typed value) pairs; one-line errors."""
+    pairs = []
+    for text in texts:
+        key, sep, value_text = text.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part.strip() for part in key.split(".")):
+            raise ConfigError(
+                f"--set {text}: expected KEY=VALUE with a dotted key into the search space, "
+                "e.g. --set fixed.iterations=20000"
+            )
+        if key.split(".")[0] == "smoke":
+            raise ConfigError(
+                f"--set {text}: set the value itself (e.g. fixed.iterations); --set applies to "
+                "the variant being run, smoke included"
+            )
+        try:
+            value = yaml.load(value_text, Loader=UniqueKeyLoader) if value_text.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(
+                f"--set {text}: the value is not valid YAML; allowed: a number, true/false, null, "
+                "a list like [1, 2] or text"
+            ) from None
+        pairs.append((key, value))
+    return tuple(pairs)
+
+
+def overrides_hash(pairs: Sequence[tuple[str, Any]]) -> str:
+    """Six hex digits naming a set of overrides (order kept: a later pair wins)."""
+    text = json.dumps([list(pair) for pair in pairs], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:6]
+
+
+def overrides_text(pairs: Sequence[tuple[str, Any]]) -> str:
+    """The overrides as the user would type them: `fixed.iterations=20000 replicates.seeds=5`."""
+    return " ".join(f"{key}={_text(value)}" for key, value in pairs)
+
+
+def _text(value: Any) -> str:
+    """A value as YAML would read it back: text as typed, anything else as JSON (null, [1, 2])."""
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def apply_overrides(
+    raw: dict[str, Any], pairs: Sequence[tuple[str, Any]], where: str
+) -> dict[str, Any]:
+    """raw with each dotted key set (intermediate mappings created); a key that runs into a
+    value that is no mapping is one line naming it."""
+    result = copy.deepcopy(raw)
+    for key, value in pairs:
+        node = result
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                inner = ".".join(parts[: depth + 1])
+                raise ConfigError(
+                    f"{where}: --set {key}: {inner} is a value, not a section ({child!r})"
+                )
+            node = child
+        node[parts[-1]] = copy.deepcopy(value)
+    return result

@@ -1,0 +1,468 @@
+"""Result files: one JSON file per trial trained outside Ray (`study trial --space`), with what
+`study import` needs to rebuild its MLflow run; written, read and checked here, every problem
+one line naming the file. Torch-, Ray- and MLflow-free."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from study import provenance
+from study.config import TrialConfig
+from study.errors import ConfigError, make_folder, one_line
+from study.vocabulary import COMPLETED, DIVERGED, FAILED, RUNNING
+
+if TYPE_CHECKING:
+    from study.space import Plan
+    from study.spec import StudySpec
+
+FORMAT = "hdetach-study trial result"
+# Bumped on any change a reader must know of; a reader refuses versions it does not know rather
+# than import a curve it may misread.
+FORMAT_VERSION = 1
+STATUSES = (COMPLETED, DIVERGED, FAILED, RUNNING)
+FINAL = (COMPLETED, DIVERGED)  # a trial that is done: trained again, it gives the same curve
+TRIAL_FILE = re.compile(r"t\d{4,}\.json")
+# JSON has no NaN or infinity (Python writes them, jq and browsers refuse them): a diverged
+# point's values are written as these strings.
+NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+class ResultError(ConfigError):
+    """A result file that cannot be used; its message is one line naming the file."""
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """The study a trial belongs to, as its result file names it: enough to rebuild the plan."""
+
+    name: str
+    space_hash: str  # StudySpec.spec_hash(): the study's parent run's study.spec_hash tag
+    space_yaml: str  # StudySpec.to_yaml(): the resolved space, smoke and --set applied
+    source: str  # the YAML file it was loaded from
+    smoke: bool
+    overrides: tuple[tuple[str, Any], ...]  # the --set pairs, in order
+    base_iterations: int | None  # the file's full budget (StudySpec.base_iterations)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "space_hash": self.space_hash,
+            "space_yaml": self.space_yaml,
+            "source": self.source,
+            "smoke": self.smoke,
+            "overrides": [list(pair) for pair in self.overrides],
+            "base_iterations": self.base_iterations,
+        }
+
+
+@dataclass
+class TrialRecord:
+    """One trial's result file."""
+
+    study: StudyInfo
+    trial_id: str
+    pack_id: str
+    pack_size: int  # the pack's planned size, as the study.pack_size tag of a packed study
+    roles: dict[str, str]  # as the role.<param> tags
+    config: TrialConfig
+    status: str  # completed | diverged | failed | running (at its last evaluation)
+    curve: list[dict[str, float]]  # one point per evaluation: iteration and the metrics
+    device: str  # as the device.used tag: cpu, or cuda:0 (NVIDIA H200)
+    error: str = ""  # why it failed
+    timings: dict[str, Any] = field(default_factory=dict)
+    command: str = ""  # the `study trial --space` command that trained it (and continues it)
+    machine: dict[str, Any] = field(default_factory=dict)  # versions, CPU, GPU, threads
+    git_commit: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINAL
+
+    @property
+    def last_iteration(self) -> int:
+        return int(self.curve[-1]["iteration"]) if self.curve else 0
+
+    def budget(self) -> dict[str, Any]:
+        """The iterations planned, and their share of the space's full budget."""
+        base = self.study.base_iterations
+        fraction = self.config.iterations / base if base else None
+        return {"iterations": self.config.iterations, "base": base, "fraction": fraction}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "study": self.study.to_json(),
+            "trial_id": self.trial_id,
+            "pack_id": self.pack_id,
+            "pack_size": self.pack_size,
+            "status": self.status,
+            "error": self.error,
+            "config": self.config.to_dict(),
+            "roles": self.roles,
+            "device": self.device,
+            "precision": self.config.precision,
+            "budget": self.budget(),
+            "timings": self.timings,
+            "command": self.command,
+            "git_commit": self.git_commit,
+            "machine": self.machine,
+            "curve": [{k: _finite_or_text(v) for k, v in point.items()} for point in self.curve],
+        }
+
+
+def machine_info(device: Any) -> dict[str, Any]:
+    """Where a trial ran: versions, CPU model, torch threads and the GPU (on CUDA). A curve is
+    bit-identical on one machine type; CPU and GPU types, and library versions, shift it."""
+    import torch  # the caller trains with it already; this module stays torch-free otherwise
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "hdetach_study": provenance.version(),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+        "gpu": None,
+    }
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        info["gpu"] = torch.cuda.get_device_name(index)
+    return info
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what the platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def trial_path(folder: Path, trial_id: str) -> Path:
+    return folder / f"{trial_id}.json"
+
+
+def record_text(record: TrialRecord) -> str:
+    """The file's text: a line per field and per curve point, so a diff shows what changed."""
+    values = record.to_json()
+    curve = values.pop("curve")
+    lines = [f"  {json.dumps(key)}: {_compact(value)}," for key, value in values.items()]
+    points = [f"    {_compact(point)}" for point in curve]
+    lines.append('  "curve": [' + ("\n" + ",\n".join(points) + "\n  ]" if points else "]"))
+    return "{\n" + "\n".join(lines) + "\n}\n"
+
+
+def write_record(folder: Path, record: TrialRecord) -> Path:
+    """Write (or replace) the trial's file in one step: a killed writer never leaves half."""
+    path = trial_path(folder, record.trial_id)
+    partial = folder / f".{record.trial_id}.{os.getpid()}.partial"
+    partial.write_text(record_text(record))
+    os.replace(partial, path)
+    return path
+
+
+def read_record(path: Path) -> TrialRecord:
+    """A result file, checked; ResultError (one line naming the file) if it cannot be used."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ResultError(f"{path}: cannot read ({error.strerror or one_line(error)})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ResultError(f"{path}: damaged, not JSON ({one_line(error)})") from None
+    try:
+        return _parse(values, path)
+    except ResultError:
+        raise
+    except ConfigError as error:
+        raise ResultError(f"{path}: {error}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ResultError(f"{path}: damaged ({one_line(error)})") from None
+
+
+def result_files(folder: Path) -> list[Path]:
+    """The trial files of a folder (t0000.json ...), in trial order."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and TRIAL_FILE.fullmatch(p.name))
+
+
+def check_same_study(record: TrialRecord, name: str, space_hash: str, path: Path) -> None:
+    """ResultError unless the record is of study `name` with the space of hash `space_hash`."""
+    study = record.study
+    if study.name != name:
+        raise ResultError(f"{path}: belongs to study {study.name}, not {name}")
+    if study.space_hash != space_hash:
+        raise ResultError(
+            f"{path}: from another space (hash {study.space_hash}, this study's is "
+            f"{space_hash}): the study's YAML, --smoke or --set differ"
+        )
+
+
+def _parse(values: Any, path: Path) -> TrialRecord:
+    if not isinstance(values, dict) or values.get("format") != FORMAT:
+        raise ResultError(f"{path}: not a trial result file (no format {FORMAT!r})")
+    version = values.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ResultError(
+            f"{path}: result format version {version!r} is unknown here (this hdetach-study "
+            f"reads version {FORMAT_VERSION}); import it with the version that wrote it"
+        )
+    study = values["study"]
+    info = StudyInfo(
+        name=_text(study["name"], "study.name"),
+        space_hash=_text(study["space_hash"], "study.space_hash"),
+        space_yaml=_text(study["space_yaml"], "study.space_yaml"),
+        source=_text(study["source"], "study.source"),
+        smoke=bool(study["smoke"]),
+        overrides=tuple((str(k), v) for k, v in study["overrides"]),
+        base_iterations=None
+        if study["base_iterations"] is None
+        else int(study["base_iterations"]),
+    )
+    status = values["status"]
+    if status not in STATUSES:
+        raise ResultError(f"{path}: status {status!r} unknown; allowed: {', '.join(STATUSES)}")
+    trial_id = _text(values["trial_id"], "trial_id")
+    if path.name != f"{trial_id}.json":
+        raise ResultError(f"{path}: holds trial {trial_id}, so it must be named {trial_id}.json")
+    record = TrialRecord(
+        study=info,
+        trial_id=trial_id,
+        pack_id=_text(values["pack_id"], "pack_id"),
+        pack_size=int(values["pack_size"]),
+        roles={str(k): str(v) for k, v in values["roles"].items()},
+        config=_config(values["config"]),
+        status=status,
+        curve=[_point(point, n) for n, point in enumerate(values["curve"])],
+        device=_text(values["device"], "device"),
+        error=str(values.get("error", "")),
+        timings=dict(values.get("timings") or {}),
+        command=str(values.get("command", "")),
+        machine=dict(values.get("machine") or {}),
+        git_commit=values.get("git_commit"),
+    )
+    steps = [int(point["iteration"]) for point in record.curve]
+    if steps != sorted(set(steps)):
+        raise ResultError(f"{path}: curve: iterations must increase, got {steps}")
+    if record.finished and (not steps or steps[-1] > record.config.iterations):
+        raise ResultError(f"{path}: status {status} but the curve ends at {steps[-1:] or 'none'}")
+    return record
+
+
+def _config(values: Any) -> TrialConfig:
+    if not isinstance(values, dict):
+        raise ValueError(f"config: expected a mapping, got {values!r}")
+    try:
+        return TrialConfig.from_dict(values)
+    except ConfigError as error:
+        raise ConfigError(f"config: {error}") from None
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name}: expected text, got {value!r}")
+    return value
+
+
+def _point(point: Any, number: int) -> dict[str, float]:
+    if not isinstance(point, dict) or "iteration" not in point:
+        raise ValueError(f"curve point {number}: expected a mapping with an iteration")
+    parsed: dict[str, float] = {}
+    for key, value in point.items():
+        if isinstance(value, str) and value in NONFINITE:
+            value = NONFINITE[value]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"curve point {number}: {key} is not a number ({value!r})")
+        parsed[str(key)] = value
+    parsed["iteration"] = int(parsed["iteration"])
+    return parsed
+
+
+def _finite_or_text(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def _compact(value: Any) -> str:
+    # Python's float repr round-trips: the value read back is the value written, bit for bit.
+    return json.dumps(value, separators=(", ", ": "), allow_nan=False)
+
+
+# --- `study import`: result files into an MLflow store, as `study run` would have logged them ---
+
+
+def import_results(
+    folders: Sequence[Path],
+    output: Path,
+    tracking_uri: str | None = None,
+    name: str | None = None,
+    echo: Callable[[str], None] = print,
+) -> int:
+    """Create or complete the study of the result files in `folders` in the store of study
+    folder `output` (or at `tracking_uri`): its experiment, its parent run and one child run
+    per trial, exactly as `study run` makes them. Files the store holds already add nothing;
+    a damaged file, or one of another study or space, is refused with one line and changes
+    nothing, the others are imported. Exit status 0, or 1 when a file was refused."""
+    # MLflow: `study trial --space` writes these files without it.
+    from study import tracking
+    from study.space import make_plan
+    from study.tracking import imports
+    from study.tracking.tags import pack_tags, parent_status
+
+    found = _gather(folders)
+    refusals = [message for _, _, message in found if message]
+    records = [(path, record) for path, record, _ in found if record is not None]
+    if not records and not refusals:
+        shown = " ".join(str(folder) for folder in folders)
+        raise ConfigError(f"{shown}: no result files (t0000.json ...) to import")
+    output = output.absolute()
+    flag = "--tracking-uri" if tracking_uri else f"--output {output}"
+    uri, _ = tracking.checked_store(tracking_uri or tracking.store_uri(output), flag)
+    if tracking_uri is None:
+        make_folder(output, "--output")
+    tracker = tracking.open_store(uri)
+    accepted: dict[str, tuple[Path, TrialRecord]] = {}
+    plan: Plan | None = None
+    if records:
+        first = records[0][1].study
+        study_name = name or first.name
+        parent = tracker.find_parent(study_name)
+        space_hash = parent.tags.get("study.spec_hash", "") if parent else first.space_hash
+        for path, record in records:
+            try:
+                check_same_study(record, first.name, space_hash, path)
+                if plan is None:
+                    plan = make_plan(study_spec(record.study, study_name, path))
+                _check_planned(record, plan, path)
+            except ResultError as error:
+                refusals.append(str(error))
+                continue
+            _keep_furthest(accepted, path, record)
+    for message in refusals:
+        echo(f"refused: {message}")
+    if not accepted:
+        echo("nothing imported")
+        return 1
+    assert plan is not None
+    spec = plan.spec
+    chosen = [record for _, record in sorted(accepted.values(), key=lambda item: item[1].trial_id)]
+    provenance_of = chosen[0]
+    tags = imports.imported_parent_tags(
+        plan, provenance_of.git_commit, provenance_of.machine.get("hdetach_study", "unknown")
+    )
+    # As `study run`: a study folder's artifacts beside its store, a server's where it keeps them.
+    artifacts = None if tracking_uri else (tracking.artifact_dir(output) / spec.name).as_uri()
+    parent_run_id, created = imports.ensure_parent(
+        tracker, spec.name, artifacts, tags, spec.to_yaml()
+    )
+    context = tracking.StudyContext(
+        name=spec.name,
+        tracking_uri=uri,
+        parent_run_id=parent_run_id,
+        roles=plan.roles,
+        metric=spec.search.metric,
+        mode=spec.search.mode,
+        cpus=spec.resources.cpus,
+        task_options=spec.task_option_names,
+        trial_states="",  # no Ray state: nothing trains here
+    )
+    added = 0
+    for record in chosen:
+        extra = pack_tags(record.pack_id, record.pack_size) if plan.packed else {}
+        added += imports.import_trial(
+            tracker,
+            context,
+            record.trial_id,
+            record.config,
+            {**extra, "device.used": record.device},
+            record.curve,
+            record.status,
+            record.error,
+        )
+    summary = tracker.summarize(spec.name)
+    assert summary is not None
+    if added or created:
+        tracker.end(parent_run_id, parent_status(summary))
+    there = len(chosen) - added
+    echo(
+        f"imported {spec.name}: {added} trials added or completed, {there} there already; "
+        f"the study has {len(summary.trials)} of {summary.n_trials} trials "
+        f"({summary.count(COMPLETED)} completed, {summary.count(DIVERGED)} diverged, "
+        f"{summary.count(FAILED)} failed); MLflow {tracking.store_label(uri)}"
+    )
+    return 1 if refusals else 0
+
+
+def study_spec(info: StudyInfo, name: str, path: Path) -> StudySpec:
+    """The StudySpec the files were trained from, rebuilt from their resolved YAML (its hash
+    checked), named `name`."""
+    from study.spec import spec_from_mapping
+
+    try:
+        raw = yaml.safe_load(info.space_yaml)
+        spec = spec_from_mapping(
+            raw, name=name, where=info.source, base_iterations=info.base_iterations
+        )
+    except (yaml.YAMLError, ConfigError) as error:
+        raise ResultError(f"{path}: study.space_yaml: {one_line(error)}") from None
+    if spec.spec_hash() != info.space_hash:
+        raise ResultError(
+            f"{path}: damaged: its space_yaml hashes to {spec.spec_hash()}, not its "
+            f"space_hash {info.space_hash}"
+        )
+    return replace(spec, smoke=info.smoke, overrides=info.overrides)
+
+
+def _gather(folders: Sequence[Path]) -> list[tuple[Path, TrialRecord | None, str]]:
+    """Every result file of the folders (or a file named itself), read: (path, record or None,
+    the refusal)."""
+    found: list[tuple[Path, TrialRecord | None, str]] = []
+    for folder in folders:
+        if folder.is_file():
+            paths = [folder]
+        elif folder.is_dir():
+            paths = result_files(folder)
+        else:
+            raise ConfigError(f"{folder}: no such folder of result files")
+        for path in paths:
+            try:
+                found.append((path, read_record(path), ""))
+            except ResultError as error:
+                found.append((path, None, str(error)))
+    return found
+
+
+def _check_planned(record: TrialRecord, plan: Plan, path: Path) -> None:
+    """ResultError unless the trial is one of the plan's, with the plan's config."""
+    planned = {trial.trial_id: trial for trial in plan.trials}
+    trial = planned.get(record.trial_id)
+    if trial is None:
+        raise ResultError(f"{path}: trial {record.trial_id} is not in the study's plan")
+    if trial.config != record.config:
+        raise ResultError(f"{path}: its config is not the plan's for {record.trial_id}")
+
+
+def _keep_furthest(
+    accepted: dict[str, tuple[Path, TrialRecord]], path: Path, record: TrialRecord
+) -> None:
+    """Of two files of one trial (trained twice), the finished one, else the longer curve."""
+    held = accepted.get(record.trial_id)
+    if held is None or (record.finished, record.last_iteration) > (
+        held[1].finished,
+        held[1].last_iteration,
+    ):
+        accepted[record.trial_id] = (path, record)

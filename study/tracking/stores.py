@@ -1,0 +1,100 @@
+"""A store before its first use: a fresh SQLite file made (migrated) once, under a lock, a
+sqlite:/// file whose folder is missing refused, and a study folder's own store checked to be the
+folder given (MLflow keeps absolute paths, so a moved copy would write into the original)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from study.errors import ConfigError, one_line
+
+# Our own record of a study, next to Ray's state in DIR/ray/NAME (study.runner.state).
+STATE_FILE = "study.json"
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI; None for any other store."""
+    prefix = "sqlite:///"
+    return Path(tracking_uri[len(prefix) :]) if tracking_uri.startswith(prefix) else None
+
+
+def store_uri(output_dir: Path) -> str:
+    """The embedded store: a SQLite file in the output folder."""
+    return f"sqlite:///{output_dir.absolute()}/mlflow.db"
+
+
+def check_folder(tracking_uri: str, flag: str = "--tracking-uri") -> None:
+    """A sqlite:/// file can be made only in a folder that exists: MLflow would otherwise make
+    every missing folder of the path (at the filesystem's root, as root)."""
+    database = sqlite_path(tracking_uri)
+    if database is None or str(database) == ":memory:" or database.exists():
+        return
+    if not database.parent.is_dir():
+        raise ConfigError(
+            f"{flag} {tracking_uri}: no folder {database.parent} for the database file; "
+            "make it first, or name a file in an existing folder"
+        )
+
+
+def client(tracking_uri: str) -> MlflowClient:
+    """An MlflowClient of the store, its tables made: MLflow creates and migrates a fresh SQLite
+    file on first use, and two processes doing so at once (two studies into one new --output)
+    break each other's migration (`table ... already exists`). One at a time, under a lock on a
+    file next to the database; once made, the first query finds every table and migrates
+    nothing."""
+    database = sqlite_path(tracking_uri)
+    if database is None or str(database) == ":memory:":
+        return MlflowClient(tracking_uri=tracking_uri)
+    check_folder(tracking_uri, "tracking URI")
+    with _locked(database.with_name(database.name + ".lock")):
+        # The client opens its model-registry store (the same file) at once, the runs' store
+        # on the first query: both inside the lock.
+        mlflow = MlflowClient(tracking_uri=tracking_uri)
+        mlflow.search_experiments(max_results=1)
+    return mlflow
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    try:
+        handle = path.open("a")
+    except OSError:
+        # A folder we may not write to (a read-only copy of a study): nothing can migrate there.
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_own_store(output: Path, name: str, command: str) -> None:
+    """Refuse a study folder whose own store (DIR/mlflow.db) its study.json places in another
+    folder: moved or copied, its runs' artifact paths still name the original, where `command`
+    would read and write. A study of a --tracking-uri store, or without a record, passes."""
+    output = output.absolute()
+    path = output / "ray" / name / STATE_FILE
+    try:
+        record = json.loads(path.read_text())
+        recorded = record["tracking_uri"] if record.get("own_store") else None
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ConfigError(f"{path}: not a readable study record ({one_line(error)})") from None
+    if recorded is None or recorded == store_uri(output):
+        return
+    database = sqlite_path(recorded)
+    home = database.parent if database else recorded
+    raise ConfigError(
+        f"study {name}: its MLflow store {database} belongs to {home}, not {output} (MLflow "
+        f"keeps absolute paths); {command} it with --output {home}, moving the folder back "
+        "first if it was moved"
+    )

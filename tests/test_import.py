@@ -1,0 +1,256 @@
+"""`study import`: result files of `study trial --space` become the study `study run` makes (same
+runs, params, tags, metric histories and report), idempotently; refused files change nothing;
+the shipped results/ import on a fresh clone."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, tiny_copying, write_space
+from mlflow import MlflowClient
+
+from study import results, tracking
+from study.cli import main
+from study.pack_runner import run_space
+from study.space import make_plan
+from study.spec import load_spec
+
+QUICK = REPO / "search_spaces" / "quick.yaml"
+# Tags that name a run, a machine or a moment, not what the trial was: they may differ.
+ID_TAGS = {"mlflow.parentRunId", "ray.node_id"}
+
+
+def study_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "study.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
+
+
+def uri(folder: Path) -> str:
+    return tracking.store_uri(folder)
+
+
+def store_contents(store: str, name: str) -> dict[str, Any]:
+    """Everything of a study but ids and times: parent and trial runs' status, params, tags and
+    every metric's history (step, value), NaN compared as text."""
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    contents: dict[str, Any] = {}
+    for run in runs:
+        tags = {k: v for k, v in run.data.tags.items() if k not in ID_TAGS}
+        key = tags.get("study.trial_id", "parent")
+        assert key not in contents, f"two runs for {key}"
+        histories = {
+            metric: [
+                (m.step, m.value if math.isfinite(m.value) else str(m.value))
+                for m in sorted(
+                    client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step
+                )
+            ]
+            for metric in run.data.metrics
+        }
+        contents[key] = {
+            "status": run.info.status,
+            "name": run.info.run_name,
+            "params": run.data.params,
+            "tags": tags,
+            "metrics": histories,
+        }
+    return contents
+
+
+def counts(store: str, name: str) -> tuple[int, int]:
+    """(runs, metric points) of a study."""
+    contents = store_contents(store, name)
+    points = sum(len(h) for run in contents.values() for h in run["metrics"].values())
+    return len(contents), points
+
+
+@pytest.fixture
+def trained(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny packed space (4 trials, 2 packs) trained into result files."""
+    space = write_space(tmp_path, "tiny", tiny_copying(resources={"pack": 2}))
+    out = tmp_path / "trials"
+    assert run_space(load_spec(space), out, echo=lambda line: None) == 0
+    return space, out
+
+
+def test_import_twice_adds_nothing(trained: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    space, out = trained
+    store = tmp_path / "store"
+    assert main(["import", str(out), "--output", str(store)]) == 0
+    assert "imported tiny: 4 trials added or completed, 0 there already" in capsys.readouterr().out
+    first = store_contents(uri(store), "tiny")
+    assert counts(uri(store), "tiny") == (5, 4 * 2 * 5)  # parent + 4; 2 evaluations x 5 metrics
+    plan = make_plan(load_spec(space))
+    for trial in plan.trials:
+        run = first[trial.trial_id]
+        assert run["status"] == "FINISHED" and run["tags"]["outcome"] == "completed"
+        assert run["params"] == tracking.flatten(trial.config)
+        assert run["tags"]["study.pack_size"] == "2" and run["tags"]["device.used"] == "cpu"
+        curve = results.read_record(results.trial_path(out, trial.trial_id)).curve
+        assert run["metrics"]["val/accuracy"] == [
+            (p["iteration"], p["val/accuracy"]) for p in curve
+        ]
+    assert first["parent"]["status"] == "FINISHED"
+    assert first["parent"]["tags"]["study.n_trials"] == "4"
+
+    assert main(["import", str(out), "--output", str(store)]) == 0
+    assert "0 trials added or completed, 4 there already" in capsys.readouterr().out
+    assert store_contents(uri(store), "tiny") == first
+
+
+def test_a_partial_study_is_completed_by_a_later_import(
+    trained: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    space, out = trained
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "t0001.json").write_bytes((out / "t0001.json").read_bytes())
+    record = results.read_record(out / "t0002.json")
+    record.status, record.curve = "running", record.curve[:1]
+    results.write_record(partial, record)
+    store = tmp_path / "store"
+    assert main(["import", str(partial), "--output", str(store)]) == 0
+    held = store_contents(uri(store), "tiny")
+    assert held["t0002"]["status"] == "RUNNING" and held["parent"]["status"] == "KILLED"
+    assert [s for s, _ in held["t0002"]["metrics"]["val/accuracy"]] == [10]
+    main(["ls", "--output", str(store)])
+    assert "tiny" in capsys.readouterr().out
+
+    assert main(["import", str(out), "--output", str(store)]) == 0  # from another machine
+    assert "3 trials added or completed, 1 there already" in capsys.readouterr().out
+    whole = tmp_path / "whole"
+    main(["import", str(out), "--output", str(whole)])
+    assert store_contents(uri(store), "tiny") == store_contents(uri(whole), "tiny")
+
+
+def test_refused_files_change_nothing_and_the_others_import(
+    trained: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    space, out = trained
+    store = tmp_path / "store"
+    assert main(["import", str(out / "t0000.json"), "--output", str(store)]) == 0
+    before = store_contents(uri(store), "tiny")
+
+    other = tmp_path / "other"  # the same study name, another space (lr changed)
+    changed = load_spec(space, overrides=["fixed.lr=0.02"], name="tiny")
+    run_space(changed, other, packs=["p0000"], echo=lambda line: None)
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "t0001.json").write_text((out / "t0001.json").read_text()[:200])
+    newer = json.loads((out / "t0002.json").read_text())
+    newer["format_version"] = 99
+    (damaged / "t0002.json").write_text(json.dumps(newer))
+    capsys.readouterr()
+    code = main(["import", str(other), str(damaged), "--output", str(store)])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 1
+    refused = [line for line in lines if line.startswith("refused: ")]
+    assert len(refused) == 4, lines
+    assert any(f"{other / 't0000.json'}: from another space" in line for line in refused)
+    assert any(f"{damaged / 't0001.json'}: damaged, not JSON" in line for line in refused)
+    assert any("t0002.json: result format version 99 is unknown" in line for line in refused)
+    assert store_contents(uri(store), "tiny") == before
+
+    # A damaged file among good ones: the good ones still import.
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in ("t0002.json", "t0003.json"):
+        (mixed / name).write_bytes((out / name).read_bytes())
+    (mixed / "t0001.json").write_text("{")
+    assert main(["import", str(mixed), "--output", str(store)]) == 1
+    assert sorted(store_contents(uri(store), "tiny")) == ["parent", "t0000", "t0002", "t0003"]
+
+
+def test_another_study_is_refused_and_name_renames(
+    trained: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    space, out = trained
+    (tmp_path / "b").mkdir()
+    elsewhere = write_space(tmp_path / "b", "other", tiny_copying())
+    other = tmp_path / "other-trials"
+    run_space(load_spec(elsewhere), other, packs=["p0000"], echo=lambda line: None)
+    store = tmp_path / "store"
+    capsys.readouterr()
+    assert main(["import", str(out), str(other), "--output", str(store)]) == 1
+    text = capsys.readouterr().out
+    assert f"refused: {other / 't0000.json'}: belongs to study other, not tiny" in text
+    assert main(["import", str(out), "--output", str(store), "--name", "tiny-copy"]) == 0
+    copy = store_contents(uri(store), "tiny-copy")
+    assert copy["t0000"]["tags"]["study.name"] == "tiny-copy"
+    assert sorted(copy) == sorted(store_contents(uri(store), "tiny"))
+
+
+def test_nothing_to_import_is_one_line(tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(["import", str(tmp_path / "empty"), "--output", str(tmp_path / "s")]) == 2
+    error = capsys.readouterr().err
+    assert "no result files (t0000.json ...) to import" in error and error.count("\n") == 1
+    assert main(["import", str(tmp_path / "nowhere"), "--output", str(tmp_path / "s")]) == 2
+    assert "no such folder of result files" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_trials_trained_anywhere_make_the_study_study_run_makes(tmp_path: Path) -> None:
+    ran = study_cli("run", str(QUICK), "--smoke", "--output", str(tmp_path / "ray"))
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    trained = study_cli(
+        "trial", "--space", str(QUICK), "--smoke", "--out", str(tmp_path / "trials")
+    )
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    done = study_cli("import", str(tmp_path / "trials"), "--output", str(tmp_path / "local"))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    by_ray = store_contents(uri(tmp_path / "ray"), "quick")
+    by_import = store_contents(uri(tmp_path / "local"), "quick")
+    assert sorted(by_ray) == sorted(by_import) == ["parent", "t0000", "t0001"]
+    for key in by_ray:
+        assert by_import[key] == by_ray[key], key  # params, tags, histories, status
+    spec_texts = [
+        Path(
+            MlflowClient(uri(tmp_path / folder)).download_artifacts(
+                tracking.open_store(uri(tmp_path / folder)).find_parent("quick").run_id,
+                "spec.yaml",
+                str(tmp_path / f"{folder}-artifacts"),
+            )
+        ).read_text()
+        for folder in ("ray", "local")
+    ]
+    assert spec_texts[0] == spec_texts[1]
+
+    verdicts = []
+    for folder in ("ray", "local"):
+        reported = study_cli("report", "quick", "--output", str(tmp_path / folder))
+        assert reported.returncode == 0, reported.stdout + reported.stderr
+        summary = json.loads((tmp_path / folder / "reports/quick/summary.json").read_text())
+        verdicts.append((summary["verdicts"], summary["status"], summary["counts"]))
+    assert verdicts[0] == verdicts[1]
+
+
+@pytest.mark.slow
+def test_the_shipped_results_import_into_their_study(tmp_path: Path) -> None:
+    shipped = REPO / "results" / "quick"
+    done = study_cli("import", str(shipped), "--output", str(tmp_path / "store"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = results.read_record(results.result_files(shipped)[0])
+    spec = results.study_spec(record.study, record.study.name, shipped)
+    summary = tracking.open_store(uri(tmp_path / "store")).summarize("quick")
+    assert summary is not None
+    assert len(summary.trials) == summary.n_trials == make_plan(spec).n_trials
+    assert summary.count("completed") == summary.n_trials
+    assert record.budget()["fraction"] == 1.0 and not record.study.smoke
+    reported = study_cli("report", "quick", "--output", str(tmp_path / "store"))
+    assert reported.returncode == 0, reported.stdout + reported.stderr

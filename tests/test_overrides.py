@@ -1,0 +1,54 @@
+"""`--set KEY=VALUE` overrides: parsed, applied, validated like the file (overrides, spec)."""
+
+from __future__ import annotations
+
+import pytest
+
+from study.errors import ConfigError
+from study.overrides import apply_overrides, overrides_text, parse_overrides
+from study.spec import load_spec
+
+QUICK = "search_spaces/quick.yaml"
+
+
+def test_pairs_are_yaml_typed_and_applied_in_order():
+    pairs = parse_overrides(["fixed.iterations=20000", "fixed.clip_norm=null", "a.b=[1, 2]"])
+    assert pairs == (("fixed.iterations", 20000), ("fixed.clip_norm", None), ("a.b", [1, 2]))
+    raw = apply_overrides({"fixed": {"iterations": 5}}, pairs, "f.yaml")
+    assert raw == {"fixed": {"iterations": 20000, "clip_norm": None}, "a": {"b": [1, 2]}}
+    assert overrides_text(pairs) == "fixed.iterations=20000 fixed.clip_norm=null a.b=[1, 2]"
+
+
+def test_a_space_with_overrides_is_another_study_unless_named():
+    spec = load_spec(QUICK, overrides=["fixed.iterations=100", "replicates.seeds=5"])
+    assert spec.fixed["iterations"] == 100 and spec.seeds == (0, 1, 2, 3, 4)
+    assert spec.name.startswith("quick-set-") and spec.name != "quick"
+    assert spec.base_iterations == 3000  # the file's budget: the report's budget fraction
+    assert spec.overrides == (("fixed.iterations", 100), ("replicates.seeds", 5))
+    assert load_spec(QUICK, overrides=["fixed.iterations=100"], name="mine").name == "mine"
+    assert load_spec(QUICK).name == "quick" and load_spec(QUICK).overrides == ()
+
+
+def test_overrides_apply_to_the_smoke_variant_too():
+    spec = load_spec(QUICK, smoke=True, overrides=["fixed.iterations=60"])
+    assert spec.smoke and spec.fixed["iterations"] == 60 and spec.fixed["eval_every"] == 20
+
+
+@pytest.mark.parametrize(
+    ("pair", "message"),
+    [
+        ("fixed.iterations=abc", "--set fixed.iterations=abc: field fixed.iterations: must be"),
+        ("nosuch.x=1", "with --set nosuch.x=1: field nosuch: unknown key"),
+        ("fixed.colour=red", "with --set fixed.colour=red: field fixed.colour: unknown key"),
+        ("fixed.iterations.x=1", "fixed.iterations is a value, not a section"),
+        ("fixed", "--set fixed: expected KEY=VALUE"),
+        ("=3", "--set =3: expected KEY=VALUE"),
+        ("fixed..lr=3", "--set fixed..lr=3: expected KEY=VALUE"),
+        ("fixed.lr=[1", "--set fixed.lr=[1: the value is not valid YAML"),
+        ("smoke.fixed.iterations=3", "--set smoke.fixed.iterations=3: set the value itself"),
+    ],
+)
+def test_a_bad_override_is_one_line_naming_it(pair, message):
+    with pytest.raises(ConfigError) as error:
+        load_spec(QUICK, overrides=[pair])
+    assert message in str(error.value) and "\n" not in str(error.value), error.value

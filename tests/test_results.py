@@ -1,0 +1,160 @@
+"""Result files: written and read back exactly, strict JSON, and every unusable file one line
+naming it (damaged, unknown format version, misnamed, of another study or space)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from study import results
+from study.config import TrialConfig
+from study.results import ResultError, StudyInfo, TrialRecord
+from study.space import make_plan
+from study.spec import load_spec
+
+REPO = Path(__file__).resolve().parent.parent
+QUICK = REPO / "search_spaces" / "quick.yaml"
+
+
+def info(**changes: object) -> StudyInfo:
+    values = {
+        "name": "s",
+        "space_hash": "abc123abc123",
+        "space_yaml": "task:\n  name: copying\n",
+        "source": "s.yaml",
+        "smoke": False,
+        "overrides": (("fixed.lr", 0.01),),
+        "base_iterations": 40,
+    }
+    values.update(changes)
+    return StudyInfo(**values)  # type: ignore[arg-type]
+
+
+def record(**changes: object) -> TrialRecord:
+    values = {
+        "study": info(),
+        "trial_id": "t0001",
+        "pack_id": "p0000",
+        "pack_size": 2,
+        "roles": {"method": "scientific", "seed": "replicate"},
+        "config": TrialConfig(iterations=20, eval_every=10),
+        "status": "diverged",
+        "curve": [
+            {"iteration": 10, "train/loss": 0.1 + 0.2, "val/accuracy": 1 / 3},
+            {"iteration": 13, "train/loss": math.inf, "train/grad_norm": math.nan},
+        ],
+        "device": "cpu",
+        "timings": {"seconds": 1.5},
+        "command": "study trial --space s.yaml --out d",
+        "machine": {"torch": "x"},
+        "git_commit": "abc",
+    }
+    values.update(changes)
+    return TrialRecord(**values)  # type: ignore[arg-type]
+
+
+def test_a_record_reads_back_exactly_from_strict_json(tmp_path: Path) -> None:
+    written = record()
+    path = results.write_record(tmp_path, written)
+    assert path == tmp_path / "t0001.json" and list(tmp_path.iterdir()) == [path]
+    text = path.read_text()
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} in a result file")
+
+    json.loads(text, parse_constant=refuse)  # no NaN or Infinity: any JSON reader takes it
+    assert text.count("\n") < 30  # a line per field and per point, not per number
+    read = results.read_record(path)
+    assert read.curve[0] == written.curve[0]  # floats round-trip bit for bit
+    assert read.curve[1]["train/loss"] == math.inf and math.isnan(read.curve[1]["train/grad_norm"])
+    assert read.config == written.config and read.study == written.study
+    assert (read.status, read.device, read.pack_size) == ("diverged", "cpu", 2)
+    assert read.roles == written.roles
+    values = json.loads(text)
+    assert values["budget"] == {"iterations": 20, "base": 40, "fraction": 0.5}
+    assert values["precision"] == "fp32" and values["format_version"] == results.FORMAT_VERSION
+
+
+def edited(path: Path, **changes: object) -> None:
+    values = json.loads(path.read_text())
+    values.update(changes)
+    path.write_text(json.dumps(values))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"format_version": 2}, "result format version 2 is unknown here"),
+        ({"format": "other"}, "not a trial result file"),
+        ({"status": "done"}, "status 'done' unknown; allowed: completed, diverged"),
+        ({"trial_id": "t0002"}, "holds trial t0002, so it must be named t0002.json"),
+        ({"config": {"lr": -1}}, "config: lr: must be > 0"),
+        ({"curve": [{"iteration": 10}, {"iteration": 5}]}, "iterations must increase"),
+        ({"curve": [{"iteration": 10, "val/accuracy": "high"}]}, "is not a number"),
+        ({"study": {"name": "s"}}, "damaged (KeyError"),
+    ],
+)
+def test_an_unusable_file_is_one_line_naming_it(
+    tmp_path: Path, change: dict[str, object], message: str
+) -> None:
+    path = results.write_record(tmp_path, record())
+    edited(path, **change)
+    with pytest.raises(ResultError) as caught:
+        results.read_record(path)
+    text = str(caught.value)
+    assert text.startswith(f"{path}: ") and message in text and "\n" not in text
+
+
+def test_a_truncated_file_is_damaged(tmp_path: Path) -> None:
+    path = results.write_record(tmp_path, record())
+    path.write_text(path.read_text()[:100])
+    with pytest.raises(ResultError, match=r"t0001.json: damaged, not JSON"):
+        results.read_record(path)
+
+
+def test_another_study_or_space_is_refused(tmp_path: Path) -> None:
+    path = results.write_record(tmp_path, record())
+    held = results.read_record(path)
+    results.check_same_study(held, "s", "abc123abc123", path)
+    with pytest.raises(ResultError, match="belongs to study s, not quick"):
+        results.check_same_study(held, "quick", "abc123abc123", path)
+    with pytest.raises(ResultError, match=r"from another space \(hash abc123abc123, this"):
+        results.check_same_study(held, "s", "ffffff000000", path)
+
+
+def test_only_trial_files_are_result_files(tmp_path: Path) -> None:
+    for name in ("t0002.json", "t0000.json", "notes.json", ".t0001.123.partial"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / ".state").mkdir()
+    assert [p.name for p in results.result_files(tmp_path)] == ["t0000.json", "t0002.json"]
+
+
+def test_the_space_rebuilds_from_its_resolved_text_with_its_hash(tmp_path: Path) -> None:
+    spec = load_spec(QUICK, smoke=True, overrides=["fixed.lr=0.02"])
+    study = StudyInfo(
+        name=spec.name,
+        space_hash=spec.spec_hash(),
+        space_yaml=spec.to_yaml(),
+        source=spec.source,
+        smoke=spec.smoke,
+        overrides=spec.overrides,
+        base_iterations=spec.base_iterations,
+    )
+    rebuilt = results.study_spec(study, "renamed", tmp_path / "t0000.json")
+    assert rebuilt.spec_hash() == spec.spec_hash() and rebuilt.name == "renamed"
+    assert rebuilt.smoke and rebuilt.base_iterations == 3000
+    assert rebuilt.overrides == (("fixed.lr", 0.02),)
+    assert make_plan(rebuilt).trials == make_plan(spec).trials
+    tampered = StudyInfo(**{**study.__dict__, "space_yaml": study.space_yaml.replace("40", "41")})
+    with pytest.raises(ResultError, match="damaged: its space_yaml hashes to"):
+        results.study_spec(tampered, "quick", tmp_path / "t0000.json")
+
+
+def test_machine_info_names_the_cpu_and_versions() -> None:
+    import torch
+
+    machine = results.machine_info(torch.device("cpu"))
+    assert machine["cpu"] and machine["torch"] == torch.__version__ and machine["gpu"] is None
