@@ -198,3 +198,16 @@ def test_real_fashion_mnist_from_the_debian_package() -> None:
     task = PixelMNIST(dataset="fashion_mnist", data_dir=str(FASHION))
     assert [len(task.splits[s][0]) for s in ("train", "val", "test")] == [50_000, 10_000, 10_000]
     assert set(task.splits["test"][1].tolist()) == set(range(10))
+
+
+def test_a_missing_debian_fashion_mnist_says_which_package_brings_it(monkeypatch) -> None:
+    from pathlib import Path
+
+    from study.tasks import mnist_data
+
+    monkeypatch.setattr(mnist_data, "DEBIAN_FASHION_MNIST", "/nonexistent/fashion-mnist")
+    with pytest.raises(ConfigError, match="apt-get install dataset-fashion-mnist"):
+        mnist_data.check_data_dir("fashion_mnist", "/nonexistent/fashion-mnist", download=False)
+    with pytest.raises(ConfigError) as other:
+        mnist_data.check_data_dir("mnist", str(Path("/nonexistent/other")), download=False)
+    assert "apt-get" not in str(other.value)

@@ -308,3 +308,10 @@ def test_checked_store_opens_what_exists_and_creates_nothing(tmp_path: Path) -> 
 def test_listing_a_missing_sqlite_file_creates_nothing(tmp_path: Path) -> None:
     assert tracking.list_studies(f"sqlite:///{tmp_path}/absent/mlflow.db") == []
     assert not (tmp_path / "absent").exists()
+
+
+def test_a_study_experiment_opens_on_its_runs_in_the_mlflow_ui(store) -> None:
+    # MLflow 3's UI shows an experiment of unknown kind in its GenAI (traces) view.
+    tracker, context = store
+    experiment = MlflowClient(tracking_uri=tracker.uri).get_experiment_by_name("demo")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"

@@ -14,6 +14,8 @@ from torchvision import datasets
 from study.errors import ConfigError
 
 DATASETS = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
+# Where Debian's dataset-fashion-mnist puts the IDX files (the smoke variants read them).
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 IDX_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -50,9 +52,16 @@ def _idx_files(data_dir: Path) -> dict[str, Path]:
     if len(found) < len(IDX_FILES):
         missing = [name for name in IDX_FILES if name not in found]
         if not data_dir.is_dir():
+            # The smoke variants read Debian's copy: say where it comes from.
+            debian = (
+                " (it comes with Debian's package: apt-get install dataset-fashion-mnist)"
+                if str(data_dir).rstrip("/") == DEBIAN_FASHION_MNIST
+                else ""
+            )
             raise ConfigError(
-                f"task_options.data_dir: {data_dir} is no folder; point data_dir at a folder "
-                f"holding {', '.join(IDX_FILES)} (raw or .gz), or set download=true to fetch them"
+                f"task_options.data_dir: {data_dir} is no folder{debian}; point data_dir at a "
+                f"folder holding {', '.join(IDX_FILES)} (raw or .gz), or set download=true to "
+                "fetch them"
             )
         raise ConfigError(
             f"task_options.data_dir: {data_dir} lacks {', '.join(missing)} (raw or .gz); "

@@ -216,7 +216,13 @@ class Tracker:
         try:
             experiment = self._mlflow.get_experiment_by_name(name)
             if experiment is None:
-                return self._mlflow.create_experiment(name, artifact_location=artifact_location)
+                # The MLflow 3 UI opens an experiment of unknown kind in its GenAI (traces)
+                # view; a study is model training, so say so: it lands on the runs.
+                return self._mlflow.create_experiment(
+                    name,
+                    artifact_location=artifact_location,
+                    tags={"mlflow.experimentKind": "custom_model_development"},
+                )
             if experiment.lifecycle_stage == "deleted":
                 raise ConfigError(
                     f"study {name}: its MLflow experiment is deleted; restore it in the UI or "
