@@ -20,12 +20,12 @@ def test_pairs_are_yaml_typed_and_applied_in_order():
 
 
 def test_a_space_with_overrides_is_another_study_unless_named():
-    spec = load_spec(QUICK, overrides=["fixed.iterations=100", "replicates.seeds=5"])
-    assert spec.fixed["iterations"] == 100 and spec.seeds == (0, 1, 2, 3, 4)
+    spec = load_spec(QUICK, overrides=["fixed.iterations=500", "replicates.seeds=5"])
+    assert spec.fixed["iterations"] == 500 and spec.seeds == (0, 1, 2, 3, 4)
     assert spec.name.startswith("quick-set-") and spec.name != "quick"
     assert spec.base_iterations == 3000  # the file's budget: the report's budget fraction
-    assert spec.overrides == (("fixed.iterations", 100), ("replicates.seeds", 5))
-    assert load_spec(QUICK, overrides=["fixed.iterations=100"], name="mine").name == "mine"
+    assert spec.overrides == (("fixed.iterations", 500), ("replicates.seeds", 5))
+    assert load_spec(QUICK, overrides=["fixed.iterations=500"], name="mine").name == "mine"
     assert load_spec(QUICK).name == "quick" and load_spec(QUICK).overrides == ()
 
 

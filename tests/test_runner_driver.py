@@ -322,6 +322,9 @@ def test_sigterm_stops_a_study_as_ctrl_c_does(tmp_path: Path) -> None:
     assert "SIGTERM" not in out and "Traceback" not in out
     assert f"unfinished; continue with: study resume termed --output {output}" in out
     assert tracking.open_store(uri).find_parent("termed").status == "KILLED"
+    # Each child run ends as its trial did: none is left RUNNING (issue #21, item 6).
+    statuses = {r.info.status for r in children(uri, "termed").values()}
+    assert statuses and statuses <= {"FINISHED", "KILLED"}, statuses
     resume_to_completion("termed", 4, output, env)
 
 

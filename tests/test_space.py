@@ -227,3 +227,29 @@ def test_optuna_cells_of_method_none_collapse_over_p_detach(tmp_path: Path) -> N
     ]  # fmt: skip
     assert plan.n_trials == 12
     assert "method=none p_detach=0 seed=0: 2 samples" in space.plan_text(plan)
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"scientific": {"method": ["none", "h_detach", "c_detach"], "p_detach": [0.1, 0.5]}},
+        {"scientific": {"method": ["none"], "p_detach": [0.1, 0.5]}},
+        {"scientific": {"p_detach": [0.1, 0.5]}, "fixed": {"method": "h_detach"}},
+        {
+            "scientific": {"method": ["none", "h_detach"], "p_detach": [0.25, 0.5]},
+            "nuisance": {"lr": {"min": 1.0e-3, "max": 1.0e-2, "scaling": "log"}},
+            "search": {"searcher": "random", "samples_per_cell": 3},
+        },
+        {
+            "scientific": {"method": ["none", "h_detach"], "p_detach": [0.25, 0.5]},
+            "nuisance": {"lr": {"min": 1.0e-3, "max": 1.0e-2, "scaling": "log"}},
+            "search": {"searcher": "optuna", "samples_per_cell": 2},
+        },
+    ],
+    ids=["grid", "none_only", "fixed_method", "random", "optuna"],
+)
+def test_the_count_from_axis_lengths_is_the_plans(tmp_path: Path, sections: dict) -> None:
+    spec = load_spec(write_space(tmp_path, "counted", tiny_copying(**sections)))
+    count, factors = space.count_trials(spec)
+    assert count == space.make_plan(spec).n_trials, factors
+    assert factors.endswith("seeds 2")

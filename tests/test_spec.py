@@ -112,7 +112,11 @@ def test_smoke_overrides_merge_section_by_section(tmp_path: Path) -> None:
         tmp_path,
         "merge",
         tiny_copying(
-            smoke={"fixed": {"iterations": 2}, "replicates": {"seeds": 1}, "target": 0.5}
+            smoke={
+                "fixed": {"iterations": 2, "eval_every": 2},
+                "replicates": {"seeds": 1},
+                "target": 0.5,
+            }
         ),
     )
     full, smoke = load_spec(path), load_spec(path, smoke=True)

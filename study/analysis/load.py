@@ -43,7 +43,8 @@ class Trial:
 
     trial_id: str
     run_id: str
-    # completed | diverged (both FINISHED), failed (FAILED or KILLED), running (RUNNING/SCHEDULED)
+    # completed | diverged (both FINISHED), failed (FAILED), running (RUNNING, SCHEDULED, or
+    # KILLED: interrupted, and rerun by `study resume`)
     state: str
     task: str  # task name plus its options, e.g. "copying T=300"
     method: str

@@ -18,11 +18,16 @@ from study.analysis.stats import Analysis, analyse
 from study.analysis.verdicts import claim_lines, status_lines, verdicts
 from study.errors import ConfigError, make_folder
 from study.tracking import log_folder, open_store, store_uri
+from study.tracking.stores import check_own_store
 from study.tracking.summaries import replace_cell_runs, trial_histories
 
 
 def write_report(study_name: str, output_dir: Path, tracking_uri: str | None) -> Path:
     """Write DIR/reports/NAME/ for the study, log it on the parent run, print the verdicts."""
+    if tracking_uri is None:
+        # A moved or copied folder's store names the old folder's paths (MLflow keeps them
+        # absolute): refuse as resume does, rather than write into the old folder.
+        check_own_store(output_dir, study_name, "report")
     uri = tracking_uri or store_uri(output_dir)
     study = load_study(study_name, uri)
     analysis = analyse(study)
