@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 
 import pytest
 from analysis_fixtures import CHROMIUM, grid, screenshot, write_study
@@ -41,7 +42,15 @@ def store(tmp_path_factory):
     write_study(tmp_path, "fig5_copying_c_detach", better, parent_tags=_claims_tag(worse))
     write_study(tmp_path, "quick", better)
     lines: list[str] = []
-    folder = write_store_scorecard(tmp_path, None, echo=lines.append)
+    # From another working folder: MLflow's default artifact root would be ./mlruns there.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    previous = os.getcwd()
+    os.chdir(elsewhere)
+    try:
+        folder = write_store_scorecard(tmp_path, None, echo=lines.append)
+    finally:
+        os.chdir(previous)
     return tmp_path, folder, lines
 
 
@@ -69,6 +78,9 @@ def test_scorecard_is_its_own_run_and_no_study(store):
     assert run.data.metrics["claims/supported"] == 1.0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "scorecard")}
     assert {"scorecard/index.html", "scorecard/scorecard.md"} <= artifacts
+    # Beside the store, as a study's artifacts are, never in the working folder.
+    assert list((tmp_path / "mlartifacts" / "study-scorecard").rglob("index.html"))
+    assert not (tmp_path / "elsewhere" / "mlruns").exists()
     names = [summary.name for summary in list_studies(uri)]
     assert names == ["fig5_copying_c_detach", "fig7_permuted_mnist", "quick"]
 

@@ -89,14 +89,18 @@ def cell_runs(tracker: Tracker, parent_run_id: str) -> list[tuple[str, dict[str,
     return sorted((run.info.run_name, dict(run.data.tags)) for run in runs)
 
 
-def log_scorecard(tracker: Tracker, folder: Path, counts: Mapping[str, int]) -> str:
+def log_scorecard(
+    tracker: Tracker, folder: Path, counts: Mapping[str, int], artifact_location: str | None
+) -> str:
     """The scorecard as its own run in its own experiment (never a study's: it has no parent
-    run, so `study ls` does not list it): its files as artifacts, the verdict counts as metrics."""
+    run, so `study ls` does not list it): its files as artifacts, the verdict counts as metrics.
+    `artifact_location`: where a new experiment keeps them (a folder's own store: beside it;
+    None: the server's default; MLflow's own default would be ./mlruns of the working folder)."""
     client = tracker._mlflow
     try:
         experiment = client.get_experiment_by_name(SCORECARD_EXPERIMENT)
         experiment_id = (
-            client.create_experiment(SCORECARD_EXPERIMENT)
+            client.create_experiment(SCORECARD_EXPERIMENT, artifact_location=artifact_location)
             if experiment is None
             else experiment.experiment_id
         )
