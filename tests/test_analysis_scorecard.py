@@ -9,6 +9,7 @@ import os
 
 import pytest
 from analysis_fixtures import CHROMIUM, grid, screenshot, write_study
+from conftest import REPO
 from mlflow import MlflowClient
 
 from study.analysis.scorecard import write_store_scorecard
@@ -98,3 +99,24 @@ def test_scorecard_renders_in_headless_chromium(store, tmp_path):
     with contextlib.redirect_stderr(io.StringIO()):
         screenshot(folder / "index.html", shot, width=1400, height=800)
     assert shot.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_a_paper_smoke_study_prints_claim_lines_in_report_and_scorecard(tmp_path, capsys):
+    """As a new user would: fig4 --smoke, then `study report` and `study scorecard`."""
+    space = REPO / "search_spaces" / "paper" / "fig4_pixel_mnist_no_clip.yaml"
+    out = str(tmp_path / "studies")
+    assert main(["run", str(space), "--smoke", "--output", out]) == 0
+    assert main(["report", "fig4_pixel_mnist_no_clip", "--output", out]) == 0
+    report = capsys.readouterr().out
+    assert "claim fig4-no-clip-divergence (Fig. 4): INCONCLUSIVE" in report
+    assert "budget 0.004% of the paper's iterations" in report
+    assert main(["scorecard", "--output", out]) == 0
+    scorecard = capsys.readouterr().out
+    assert "fig4-no-clip-accuracy" in scorecard and "2 claims of 1 studies" in scorecard
+    if CHROMIUM is not None:
+        pages = tmp_path / "studies" / "reports" / "fig4_pixel_mnist_no_clip" / "index.html"
+        for number, page in enumerate((pages, tmp_path / "studies" / "scorecard" / "index.html")):
+            shot = tmp_path / f"page{number}.png"
+            screenshot(page, shot, width=1280, height=1200)
+            assert shot.stat().st_size > 10_000
