@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import tempfile
 import time
 import urllib.parse
@@ -207,6 +208,8 @@ class Tracker:
         # MLflow announces creating and migrating a fresh SQLite store at INFO; the study's own
         # lines are the output, so only its warnings get through.
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+        # Nor MLflow's "View run ... at: URL" lines for each run ended through a server.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.uri = tracking_uri
         self._mlflow = stores.client(tracking_uri)  # a fresh SQLite file: made once, locked
 
