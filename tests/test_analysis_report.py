@@ -30,10 +30,8 @@ H_SLOW = [0.5, 0.9] + [1.0] * 8  # reaches at 300
 LRS = (1.0e-3, 1.0e-2)
 
 
-@pytest.fixture(scope="module")
-def dominating(tmp_path_factory):
-    """h-detach beats vanilla on every (lr, clip, seed); the report written once for all tests."""
-    tmp_path = tmp_path_factory.mktemp("dominating")
+def dominating_trials() -> list:
+    """h-detach beats vanilla on every (lr, clip, seed); vanilla diverges once per no-clip cell."""
     vanilla = {}
     for lr in LRS:
         vanilla[(lr, 1.0)] = [VANILLA_REACH, MISS, MISS]
@@ -43,6 +41,14 @@ def dominating(tmp_path_factory):
     for trial in trials:
         if trial.val_acc.tolist() == DIVERGED:
             trial.state = "diverged"
+    return trials
+
+
+@pytest.fixture(scope="module")
+def dominating(tmp_path_factory):
+    """h-detach beats vanilla on every (lr, clip, seed); the report written once for all tests."""
+    tmp_path = tmp_path_factory.mktemp("dominating")
+    trials = dominating_trials()
     uri, parent_id = write_study(tmp_path, "dominating", trials, target=0.99)
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
@@ -280,15 +286,7 @@ CLAIMS = [
 def claimed(tmp_path_factory):
     """The dominating study again, with claims on its parent run and a tenth of the budget."""
     tmp_path = tmp_path_factory.mktemp("claimed")
-    vanilla = {}
-    for lr in LRS:
-        vanilla[(lr, 1.0)] = [VANILLA_REACH, MISS, MISS]
-        vanilla[(lr, None)] = [MISS, MISS, DIVERGED]
-    h_detach = {key: [H_FAST, H_FAST, H_SLOW] for key in vanilla}
-    trials = grid({("none", 0.0): vanilla, ("h_detach", 0.5): h_detach})
-    for trial in trials:
-        if trial.val_acc.tolist() == DIVERGED:
-            trial.state = "diverged"
+    trials = dominating_trials()
     tags = {
         "study.claims": json.dumps([claim.to_dict() for claim in CLAIMS]),
         "study.base_iterations": "10000",  # the trials ran 1000: budget 10%

@@ -41,15 +41,7 @@ def replace_cell_runs(
     client = tracker._mlflow  # the package's own client (study.tracking owns every MLflow call)
     try:
         experiment_id = client.get_run(parent_run_id).info.experiment_id
-        old = client.search_runs(
-            [experiment_id],
-            filter_string=(
-                f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`study.kind` = '{CELL}'"
-            ),
-            run_view_type=ViewType.ACTIVE_ONLY,
-            max_results=5000,
-        )
-        for run in old:
+        for run in _cell_runs(tracker, experiment_id, parent_run_id):
             client.delete_run(run.info.run_id)
         now = int(time.time() * 1000)
         for name, params, metrics in cells:
@@ -76,9 +68,14 @@ def replace_cell_runs(
 
 def cell_runs(tracker: Tracker, parent_run_id: str) -> list[tuple[str, dict[str, str]]]:
     """(name, tags) of the cell runs under a parent, for tests and `study ui` users' checks."""
-    client = tracker._mlflow
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    runs = client.search_runs(
+    experiment_id = tracker._mlflow.get_run(parent_run_id).info.experiment_id
+    runs = _cell_runs(tracker, experiment_id, parent_run_id)
+    return sorted((run.info.run_name, dict(run.data.tags)) for run in runs)
+
+
+def _cell_runs(tracker: Tracker, experiment_id: str, parent_run_id: str) -> list:
+    """The active cell runs under a parent (a study has far fewer than 5,000 cells)."""
+    return tracker._mlflow.search_runs(
         [experiment_id],
         filter_string=(
             f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`study.kind` = '{CELL}'"
@@ -86,7 +83,6 @@ def cell_runs(tracker: Tracker, parent_run_id: str) -> list[tuple[str, dict[str,
         run_view_type=ViewType.ACTIVE_ONLY,
         max_results=5000,
     )
-    return sorted((run.info.run_name, dict(run.data.tags)) for run in runs)
 
 
 def log_scorecard(
