@@ -66,13 +66,6 @@ def replace_cell_runs(
     return len(cells)
 
 
-def cell_runs(tracker: Tracker, parent_run_id: str) -> list[tuple[str, dict[str, str]]]:
-    """(name, tags) of the cell runs under a parent, for tests and `study ui` users' checks."""
-    experiment_id = tracker._mlflow.get_run(parent_run_id).info.experiment_id
-    runs = _cell_runs(tracker, experiment_id, parent_run_id)
-    return sorted((run.info.run_name, dict(run.data.tags)) for run in runs)
-
-
 def _cell_runs(tracker: Tracker, experiment_id: str, parent_run_id: str) -> list:
     """The active cell runs under a parent (a study has far fewer than 5,000 cells)."""
     return tracker._mlflow.search_runs(
