@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import REPO, tiny_copying, write_space
+from runner_fixtures import solo_curve
 
 from study import pack_runner, results
 from study.config import TrialConfig
@@ -29,16 +30,6 @@ from study.train import train
 from study.vocabulary import COMPLETED, DIVERGED, FAILED, RUNNING
 
 STUDY_CLI = [sys.executable, "-m", "study.cli"]
-
-
-def solo_curve(config: TrialConfig) -> list[dict[str, float]]:
-    """The trial's curve from train() alone, on one thread as `study trial --space` runs it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train(config).curve
-    finally:
-        torch.set_num_threads(threads)
 
 
 def curves(folder: Path) -> dict[str, list[dict[str, float]]]:
