@@ -9,8 +9,10 @@ from pathlib import Path
 
 from study.cli_common import (
     Parser,
+    add_gpu,
     add_output,
     add_overrides,
+    chosen_gpu,
     echo,
     port,
     positive_int,
@@ -55,6 +57,13 @@ def _add_study_parsers(commands: argparse._SubParsersAction) -> None:
     plan.add_argument(
         "--out", type=Path, metavar="DIR", help="with --commands: their --out (results/NAME)"
     )
+    add_gpu(plan)
+    plan.add_argument(
+        "--estimate",
+        action="store_true",
+        help="also print the study's GPU time on --gpu NAME, from its cost table "
+        "(benchmarks/results/NAME.json)",
+    )
     plan.set_defaults(handler=_plan)
 
     run = commands.add_parser("run", help="run a search space as a Ray Tune study")
@@ -65,6 +74,7 @@ def _add_study_parsers(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--address", help="attach to this Ray cluster instead of a local Ray")
     run.add_argument("--tracking-uri", help="log to this MLflow server instead of DIR/mlflow.db")
     run.add_argument("--max-concurrent", type=positive_int, metavar="N", help="trials at once")
+    add_gpu(run)
     run.set_defaults(handler=_run)
 
     resume = commands.add_parser("resume", help="continue an interrupted study")
@@ -91,14 +101,29 @@ def _plan(args: argparse.Namespace) -> int:
     from study.spec import load_spec
 
     spec = load_spec(args.space, smoke=args.smoke, overrides=args.overrides, name=args.name)
+    gpu = chosen_gpu(args.gpu)
     if args.commands:
+        if args.estimate:
+            raise ConfigError("--estimate: not with --commands (it follows the plan's text)")
         from study.pack_runner import pack_commands
 
-        print("\n".join(pack_commands(spec, args.out or Path("results") / spec.name)))
+        print("\n".join(pack_commands(spec, args.out or Path("results") / spec.name, gpu)))
         return 0
     if args.out is not None:
         raise ConfigError("--out: only with --commands (the folder their trials write to)")
-    print(plan_text(make_plan(spec)))
+    if args.estimate and gpu is None:
+        raise ConfigError(
+            "--estimate: no CUDA device here to estimate for; name a GPU with --gpu NAME"
+        )
+    plan = make_plan(spec, gpu)
+    estimate = None
+    if args.estimate:  # before the plan's text: a GPU without a cost table is one line alone
+        from study import costs  # the cost tables: read only for an estimate
+
+        estimate = costs.estimate_text(plan, gpu.key)
+    print(plan_text(plan))
+    if estimate is not None:
+        print(estimate)
     return 0
 
 
@@ -116,6 +141,7 @@ def _run(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         max_concurrent=args.max_concurrent,
         echo=echo,
+        gpu=chosen_gpu(args.gpu),
     )
 
 

@@ -1,5 +1,5 @@
 """What every `study` subcommand shares: the one-line-error parser, argument types (study
-names, folders, ports) and the --output and --set flags."""
+names, folders, ports) and the --output, --set and --gpu flags."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
+
+from study.errors import ConfigError
+from study.pack_layout import KNOWN_GPUS, GpuModel  # no torch there
 
 
 class Parser(argparse.ArgumentParser):
@@ -100,3 +103,50 @@ def add_overrides(parser: argparse.ArgumentParser) -> None:
 
 def echo(line: str) -> None:
     print(line, flush=True)
+
+
+LOCAL_GPU = "local"  # --gpu: this machine's CUDA device
+
+
+def gpu_name(text: str) -> str:
+    """A --gpu value: a GPU pack_layout knows by name, or `local`."""
+    allowed = [*KNOWN_GPUS, LOCAL_GPU]
+    if text not in allowed:
+        raise argparse.ArgumentTypeError(f"unknown GPU {text!r}; allowed: {', '.join(allowed)}")
+    return text
+
+
+def add_gpu(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gpu",
+        type=gpu_name,
+        metavar="NAME",
+        help=f"the GPU that sizes `resources.pack: auto`: {', '.join(KNOWN_GPUS)}, or local "
+        "(this machine's; the default where there is a CUDA device, else auto plans packs of 1)",
+    )
+
+
+def chosen_gpu(name: str | None) -> GpuModel | None:
+    """The pack_layout.GpuModel that --gpu NAME names: a known GPU, this machine's CUDA device
+    (`local`, the default where there is one), or None (no --gpu and no GPU here)."""
+    if name is not None and name != LOCAL_GPU:
+        return KNOWN_GPUS[name]
+    import torch  # torch only to look for a local GPU; the spec's checks import it anyway
+
+    if not torch.cuda.is_available():
+        if name == LOCAL_GPU:
+            known = ", ".join(KNOWN_GPUS)
+            raise ConfigError(f"--gpu local: torch sees no CUDA device here; name one: {known}")
+        return None
+    properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+    # Its name's key where the SM count is the known GPU's (an H100 PCIe has 114, not 132).
+    key = next(
+        (
+            known.key
+            for known in KNOWN_GPUS.values()
+            if known.key in properties.name.lower()
+            and known.sms == properties.multi_processor_count
+        ),
+        LOCAL_GPU,
+    )
+    return GpuModel(key, properties.name, properties.multi_processor_count)

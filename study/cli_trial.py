@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from study.cli_common import add_overrides, echo
-from study.config import TrialConfig, check_schedule
+from study.cli_common import add_gpu, add_overrides, chosen_gpu, echo
+from study.config import TrialConfig, check_schedule, resolve_precision
 from study.errors import ConfigError, make_folder
 from study.vocabulary import RUNNING, parse_clip
 
@@ -100,7 +100,9 @@ def add_trial_parser(commands: argparse._SubParsersAction) -> None:
     )
     trial.add_argument("--device", default=defaults.device, help="cpu | cuda | auto")
     trial.add_argument(
-        "--precision", default=defaults.precision, help="fp32 | tf32 (TF32 matmuls on CUDA)"
+        "--precision",
+        default=defaults.precision,
+        help="fp32 | tf32 (TF32 matmuls on CUDA) | auto (tf32 on CUDA, fp32 on a CPU)",
     )
     # The one-trial flags' defaults: with --space, any flag set otherwise is refused.
     one_trial = {a.dest: a.default for a in trial._actions if a.dest != "help"}
@@ -113,6 +115,7 @@ def add_trial_parser(commands: argparse._SubParsersAction) -> None:
     )
     trial.add_argument("--smoke", action="store_true", help="with --space: its smoke variant")
     add_overrides(trial)
+    add_gpu(trial)
     chosen = trial.add_mutually_exclusive_group()
     chosen.add_argument("--pack", nargs="+", metavar="ID", help="with --space: only these packs")
     chosen.add_argument("--trials", nargs="+", metavar="ID", help="with --space: only these")
@@ -244,6 +247,7 @@ def _run_trial(args: argparse.Namespace) -> int:
         "--smoke": args.smoke,
         "--set": args.overrides,
         "--name": args.name,
+        "--gpu": args.gpu,
         "--pack": args.pack,
         "--trials": args.trials,
     }
@@ -295,8 +299,12 @@ def _run_trial(args: argparse.Namespace) -> int:
     )
     if "test/accuracy" in final:
         summary += f", test/accuracy at best val {final['test/accuracy']:.4f}"
-    print(f"{summary} | {seconds:.1f} s")
-    if args.out is not None and not _write_out(args.out, result.to_json()):
+    device = resolve_device(config.device)
+    # What it computed in (`auto` resolved on the device); the config keeps the value asked for.
+    precision = resolve_precision(config.precision, device.type)
+    print(f"{summary} | {device.type} {precision}, {seconds:.1f} s")
+    output = {**result.to_json(), "precision": precision}
+    if args.out is not None and not _write_out(args.out, output):
         return 1
     return 0
 
@@ -315,4 +323,5 @@ def _run_trial_space(args: argparse.Namespace) -> int:
     from study.spec import load_spec
 
     spec = load_spec(args.space, smoke=args.smoke, overrides=args.overrides, name=args.name)
-    return run_space(spec, args.out, packs=args.pack or (), trials=args.trials or (), echo=echo)
+    packs, trials = args.pack or (), args.trials or ()
+    return run_space(spec, args.out, packs, trials, echo=echo, gpu=chosen_gpu(args.gpu))

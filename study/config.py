@@ -37,9 +37,11 @@ class TrialConfig:
     iterations: int = 1000
     eval_every: int = 100
     device: str = "cpu"
-    # fp32, or tf32: on CUDA, matmuls (and the Triton LSTM kernels) may use TF32 tensor cores, as
-    # cuDNN's nn.LSTM does by default in PyTorch. CPUs always compute in fp32.
-    precision: str = "fp32"
+    # fp32; tf32: on CUDA, matmuls (and the Triton LSTM kernels) may use TF32 tensor cores, as
+    # cuDNN's nn.LSTM does by default in PyTorch; auto: tf32 on CUDA, fp32 elsewhere, resolved
+    # where the device is known (resolve_precision). CPUs always compute in fp32, so on a CPU
+    # every value gives the same curve, bit for bit.
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         validate_trial_config(self)
@@ -69,6 +71,7 @@ FLOAT_FIELDS = ("p_detach", "anneal_fraction", "lr", "clip_norm")
 INT_FIELDS = ("anneal_last", "hidden_size", "batch_size", "seed", "iterations", "eval_every")
 # null means off: no clipping, no annealing
 NULLABLE_FIELDS = ("clip_norm", "anneal_last", "anneal_fraction")
+PRECISIONS = ("fp32", "tf32", "auto")
 # Adam's first step is lr / (1 - 0.9) per unit, passed to torch as a float32 scalar (max 3.4e38).
 MAX_LR = 1e36
 
@@ -101,6 +104,16 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             raise ConfigError(f"{_prefix(where)}task_options: must be a mapping, got {value!r}")
         return dict(value)
     return value
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """The precision a trial computes in on `device` (a torch device type or name, or a
+    device.used label such as "cuda:0 (NVIDIA H200)"): `auto` is tf32 on CUDA, the default of
+    cuDNN's LSTM in PyTorch (issue 18: the paper spaces' fp32 single pixel-MNIST trial was
+    3.4x a cuDNN step), and a CPU computes in fp32 whatever the value (it has no TF32)."""
+    if not device.startswith("cuda"):
+        return "fp32"
+    return "tf32" if precision == "auto" else precision
 
 
 def check_schedule(config: TrialConfig) -> TrialConfig:
@@ -157,7 +170,8 @@ def validate_trial_config(config: TrialConfig) -> None:
                 f"anneal_fraction: must be in [0, 1) or null (no annealing), "
                 f"got {config.anneal_fraction}"
             )
-    if config.precision not in ("fp32", "tf32"):
-        raise ConfigError(f"precision: must be fp32 or tf32, got {config.precision!r}")
+    if config.precision not in PRECISIONS:
+        allowed = ", ".join(PRECISIONS[:-1]) + f" or {PRECISIONS[-1]}"
+        raise ConfigError(f"precision: must be {allowed}, got {config.precision!r}")
     if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", config.device):
         raise ConfigError(f"device: must be cpu, cuda, cuda:N or auto, got {config.device!r}")

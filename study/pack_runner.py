@@ -21,10 +21,11 @@ from study import provenance, results
 from study.config import TrialConfig
 from study.errors import ConfigError, make_folder, one_line
 from study.overrides import overrides_hash, overrides_text
+from study.pack_layout import GpuModel
 from study.packed_train import train_packed
 from study.results import StudyInfo, TrialRecord
 from study.space import Pack, Plan, make_plan
-from study.spec import StudySpec
+from study.spec import AUTO_PACK, StudySpec
 from study.train import train
 from study.trial import Progress, Reporter, resolve_device
 from study.vocabulary import DIVERGED, FAILED, RUNNING
@@ -169,9 +170,11 @@ def study_info(spec: StudySpec) -> StudyInfo:
     )
 
 
-def trial_command(spec: StudySpec, out: Path, packs: Sequence[str] = ()) -> str:
+def trial_command(
+    spec: StudySpec, out: Path, packs: Sequence[str] = (), gpu: GpuModel | None = None
+) -> str:
     """The `study trial --space` command that trains `packs` (all, if none) of the space into
-    `out`, and continues them when run again."""
+    `out`, and continues them when run again (with `--gpu`, the plan's packs on any machine)."""
     words = ["study", "trial", "--space", spec.source]
     if spec.smoke:
         words.append("--smoke")
@@ -181,14 +184,16 @@ def trial_command(spec: StudySpec, out: Path, packs: Sequence[str] = ()) -> str:
     default = f"{stem}-set-{overrides_hash(spec.overrides)}" if spec.overrides else stem
     if spec.name != default:
         words += ["--name", spec.name]
+    if gpu is not None and spec.resources.pack == AUTO_PACK:
+        words += ["--gpu", gpu.key]
     if packs:
         words += ["--pack", *packs]
     return shlex.join([*words, "--out", str(out)])
 
 
-def pack_commands(spec: StudySpec, out: Path) -> list[str]:
+def pack_commands(spec: StudySpec, out: Path, gpu: GpuModel | None = None) -> list[str]:
     """One command per pack (`study plan --commands`), e.g. for the tasks of a job array."""
-    return [trial_command(spec, out, [pack.pack_id]) for pack in _plan(spec).packs]
+    return [trial_command(spec, out, [pack.pack_id], gpu) for pack in _plan(spec, gpu).packs]
 
 
 def run_space(
@@ -197,11 +202,12 @@ def run_space(
     packs: Sequence[str] = (),
     trials: Sequence[str] = (),
     echo: Echo = print,
+    gpu: GpuModel | None = None,
 ) -> int:
     """Train the chosen packs (or the chosen trials, or all) of the space into `out`; a trial
     whose file there is finished is kept. Exit status: 0 when every chosen trial finished, 1
     when one failed; Ctrl-C and SIGTERM raise KeyboardInterrupt, the state saved stays."""
-    plan = _plan(spec)
+    plan = _plan(spec, gpu)
     chosen = _choose(plan, packs, trials)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: a file; with --space, --out names a folder")
@@ -276,9 +282,10 @@ class LocalMember(Member):
             status=RUNNING,
             curve=[],
             device=device_label(config.device),
-            command=trial_command(plan.spec, out, [pack.pack_id]),
+            command=trial_command(plan.spec, out, [pack.pack_id], plan.gpu),
             machine=results.machine_info(resolve_device(config.device)),
             git_commit=provenance.git_commit(),
+            plan_gpu=plan.gpu,
         )
         if done is not None:
             self.status, self.curve, self.finished = done.status, done.curve, True
@@ -371,8 +378,8 @@ def _train_pack(pack: Pack, members: list[LocalMember], plan: Plan, out: Path, e
     return 0
 
 
-def _plan(spec: StudySpec) -> Plan:
-    plan = make_plan(spec)
+def _plan(spec: StudySpec, gpu: GpuModel | None) -> Plan:
+    plan = make_plan(spec, gpu)
     if plan.optuna:
         raise ConfigError(
             f"{spec.source}: search.searcher optuna suggests each trial from the ones before, "

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from study.config import TrialConfig
+from study.config import TrialConfig, resolve_precision
 from study.errors import ConfigError
 from study.models.cuda_graph import GraphedStep
 from study.models.packed import PackedClassifier
@@ -349,13 +349,15 @@ def _shared_tasks(configs: Sequence[TrialConfig]) -> list[Task]:
 
 @contextlib.contextmanager
 def cuda_precision(precision: str, device: torch.device) -> Iterator[None]:
-    """On CUDA, TF32 for matmuls, cuDNN and the Triton LSTM kernels exactly when `precision` is
-    "tf32" (torch's own defaults differ: cuDNN allows TF32, matmuls do not); restored after."""
+    """On CUDA, TF32 for matmuls, cuDNN and the Triton LSTM kernels exactly when `precision`
+    resolves to "tf32" there (tf32, or auto: config.resolve_precision; torch's own defaults
+    differ: cuDNN allows TF32, matmuls do not); restored after. Elsewhere nothing is touched,
+    so on a CPU auto, fp32 and tf32 run the same ops."""
     if device.type != "cuda":
         yield
         return
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    allow = precision == "tf32"
+    allow = resolve_precision(precision, device.type) == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
     try:
         yield

@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from study import provenance
-from study.config import TrialConfig
+from study.config import TrialConfig, resolve_precision
 from study.errors import ConfigError, make_folder, one_line
+from study.pack_layout import GpuModel
+from study.space import gpu_from_record, gpu_record
 from study.vocabulary import COMPLETED, DIVERGED, FAILED, RUNNING
 
 if TYPE_CHECKING:
@@ -83,6 +85,9 @@ class TrialRecord:
     command: str = ""  # the `study trial --space` command that trained it (and continues it)
     machine: dict[str, Any] = field(default_factory=dict)  # versions, CPU, GPU, threads
     git_commit: str | None = None
+    # The GPU `resources.pack: auto` sized the study's packs for (None: none): an import plans
+    # the same packs from it.
+    plan_gpu: GpuModel | None = None
 
     @property
     def finished(self) -> bool:
@@ -91,6 +96,12 @@ class TrialRecord:
     @property
     def last_iteration(self) -> int:
         return int(self.curve[-1]["iteration"]) if self.curve else 0
+
+    @property
+    def precision_used(self) -> str:
+        """What the trial computed in (config.precision resolved on its device: `auto` is
+        tf32 on CUDA, every value fp32 on a CPU), as the precision.used tag."""
+        return resolve_precision(self.config.precision, self.device)
 
     def budget(self) -> dict[str, Any]:
         """The iterations planned, and their share of the space's full budget."""
@@ -111,12 +122,13 @@ class TrialRecord:
             "config": self.config.to_dict(),
             "roles": self.roles,
             "device": self.device,
-            "precision": self.config.precision,
+            "precision": self.precision_used,  # the config keeps the value asked for
             "budget": self.budget(),
             "timings": self.timings,
             "command": self.command,
             "git_commit": self.git_commit,
             "machine": self.machine,
+            "plan_gpu": gpu_record(self.plan_gpu),
             "curve": [{k: _finite_or_text(v) for k, v in point.items()} for point in self.curve],
         }
 
@@ -253,6 +265,7 @@ def _parse(values: Any, path: Path) -> TrialRecord:
         command=str(values.get("command", "")),
         machine=dict(values.get("machine") or {}),
         git_commit=values.get("git_commit"),
+        plan_gpu=gpu_from_record(values.get("plan_gpu")),  # absent from files before issue 18
     )
     steps = [int(point["iteration"]) for point in record.curve]
     if steps != sorted(set(steps)):
@@ -346,7 +359,7 @@ def import_results(
             try:
                 check_same_study(record, first.name, space_hash, path)
                 if plan is None:
-                    plan = make_plan(study_spec(record.study, study_name, path))
+                    plan = make_plan(study_spec(record.study, study_name, path), record.plan_gpu)
                 _check_planned(record, plan, path)
             except ResultError as error:
                 refusals.append(str(error))
@@ -388,7 +401,7 @@ def import_results(
             context,
             record.trial_id,
             record.config,
-            {**extra, "device.used": record.device},
+            {**extra, "device.used": record.device, "precision.used": record.precision_used},
             record.curve,
             record.status,
             record.error,
@@ -448,12 +461,29 @@ def _gather(folders: Sequence[Path]) -> list[tuple[Path, TrialRecord | None, str
 
 def _check_planned(record: TrialRecord, plan: Plan, path: Path) -> None:
     """ResultError unless the trial is one of the plan's, with the plan's config."""
+    if record.plan_gpu != plan.gpu:
+        sized = f"for {record.plan_gpu.name}" if record.plan_gpu else "without a GPU"
+        others = f"for {plan.gpu.name}" if plan.gpu else "without a GPU"
+        raise ResultError(
+            f"{path}: its packs (resources.pack: auto) were planned {sized}, the study's "
+            f"first file's {others}: train them with one --gpu"
+        )
     planned = {trial.trial_id: trial for trial in plan.trials}
     trial = planned.get(record.trial_id)
     if trial is None:
         raise ResultError(f"{path}: trial {record.trial_id} is not in the study's plan")
-    if trial.config != record.config:
+    if not _same_trial(trial.config, record):
         raise ResultError(f"{path}: its config is not the plan's for {record.trial_id}")
+
+
+def _same_trial(planned: TrialConfig, record: TrialRecord) -> bool:
+    """The plan's config, or one that differs only in a precision that computed the same on
+    the record's device: files written before `precision: auto` became the default say fp32,
+    which auto is on a CPU (results/quick is such a study)."""
+    if planned == record.config:
+        return True
+    alike = resolve_precision(planned.precision, record.device) == record.precision_used
+    return alike and planned.replace(precision=record.config.precision) == record.config
 
 
 def _keep_furthest(

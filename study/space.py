@@ -11,11 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from study import vocabulary
+from study import pack_layout, vocabulary
 from study.config import INT_FIELDS, TrialConfig
 from study.errors import ConfigError
 from study.overrides import overrides_text
-from study.spec import PARAMS, Range, StudySpec, trial_config
+from study.pack_layout import KNOWN_GPUS, GpuModel
+from study.spec import AUTO_PACK, PARAMS, Range, StudySpec, trial_config
 
 SCIENTIFIC, NUISANCE, FIXED, REPLICATE = "scientific", "nuisance", "fixed", "replicate"
 
@@ -60,10 +61,15 @@ class Plan:
 
     spec: StudySpec
     trials: tuple[PlannedTrial, ...]  # grid or random, in order; none for Optuna
-    # The trials in packs of <= resources.pack members (with pack 1, a pack per trial).
+    # The trials in packs of <= pack_size members (with pack 1, a pack per trial).
     packs: tuple[Pack, ...]
     cells: tuple[Cell, ...]  # Optuna's; none for grid or random
     roles: dict[str, str]  # every parameter's role, as the `role.<param>` tags of each trial
+    # The GPU that `resources.pack: auto` sized the packs for (`--gpu`); None: no GPU, and auto
+    # plans packs of 1, as CPU studies always ran.
+    gpu: GpuModel | None = None
+    # The most members a pack may have: resources.pack, or the largest size auto resolved to.
+    pack_size: int = 1
 
     @property
     def optuna(self) -> bool:
@@ -77,17 +83,57 @@ class Plan:
 
     @property
     def packed(self) -> bool:
-        """Whether trials train together (resources.pack > 1), a Ray trial per pack."""
-        return self.spec.resources.pack > 1
+        """Whether trials train together (a pack size > 1), a Ray trial per pack."""
+        return self.pack_size > 1
 
 
-def make_plan(spec: StudySpec) -> Plan:
-    """The study's one plan: trials and packs (grid, random) or cells (Optuna), and roles."""
+def make_plan(spec: StudySpec, gpu: GpuModel | None = None) -> Plan:
+    """The study's one plan: trials and packs (grid, random) or cells (Optuna), and roles.
+
+    `gpu` sizes `resources.pack: auto`; a study's every plan (run, resume, import, each job of
+    `study plan --commands`) must be made for the same one, so that its packs are the same.
+    """
     check_size(spec)
-    if spec.search.searcher == "optuna":
-        return Plan(spec, (), (), tuple(_plan_cells(spec)), _roles(spec))
+    if spec.search.searcher == "optuna":  # one trial at a time: auto is 1, an integer > 1 refused
+        return Plan(spec, (), (), tuple(_plan_cells(spec)), _roles(spec), gpu)
     trials = tuple(plan_trials(spec))
-    return Plan(spec, trials, _plan_packs(trials, spec.resources.pack), (), _roles(spec))
+    pack = spec.resources.pack
+    if pack == AUTO_PACK:
+        sizes = [auto_pack_size(trial.config, gpu) for trial in trials]
+        pack = max(sizes, default=1)
+    else:
+        sizes = [int(pack)] * len(trials)
+    return Plan(spec, trials, _plan_packs(trials, sizes), (), _roles(spec), gpu, int(pack))
+
+
+def auto_pack_size(config: TrialConfig, gpu: GpuModel | None) -> int:
+    """`resources.pack: auto` for one trial: as many trials of its shape as `gpu` holds with
+    every kernel program resident at once (pack_layout.resident_pack; issue 18: a pack of
+    resident trials steps in about one trial's time). 1 without a GPU, and for a trial pinned
+    to the CPU (device: cpu), which no GPU's SM count sizes."""
+    if gpu is None or config.device == "cpu":
+        return 1
+    return pack_layout.resident_pack(config.batch_size, config.hidden_size, gpu.sms)
+
+
+def gpu_label(gpu: GpuModel) -> str:
+    """How `plan` names a GPU: its --gpu key, or this machine's device by name."""
+    return gpu.key if gpu.key in KNOWN_GPUS else gpu.name
+
+
+def gpu_record(gpu: GpuModel | None) -> dict[str, Any] | None:
+    """The GPU a plan was sized for, as JSON (a parent run's tag, a result file), so a resume
+    or an import plans the same packs on any machine."""
+    return None if gpu is None else {"key": gpu.key, "name": gpu.name, "sms": gpu.sms}
+
+
+def gpu_from_record(value: Any) -> GpuModel | None:
+    """gpu_record's value read back; ValueError if it is not one."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("sms"), int) or value["sms"] < 1:
+        raise ValueError(f"not a GPU record {{key, name, sms}}: {value!r}")
+    return GpuModel(str(value["key"]), str(value["name"]), value["sms"])
 
 
 def count_trials(spec: StudySpec) -> tuple[int, str]:
@@ -186,19 +232,20 @@ def plan_trials(spec: StudySpec) -> list[PlannedTrial]:
     return trials
 
 
-def _plan_packs(trials: Sequence[PlannedTrial], size: int) -> tuple[Pack, ...]:
-    """The trials grouped into packs of at most `size` members, in plan order.
+def _plan_packs(trials: Sequence[PlannedTrial], sizes: Sequence[int]) -> tuple[Pack, ...]:
+    """The trials grouped into packs, in plan order; `sizes[i]`: the most members the pack of
+    trial i may have (equal across a group: auto sizes by shape, which the group shares).
 
     A trial joins the newest unfilled pack of its group, else opens one; packs are numbered by
     their first trial. With size 1 every trial is a pack of one.
     """
-    if size == 1:  # what the grouping below gives, without importing torch for it
+    if max(sizes, default=1) == 1:  # what the grouping below gives, without importing torch
         return tuple(Pack(pack_id(number), (trial,)) for number, trial in enumerate(trials))
     from study.packed_train import pack_key  # torch-heavy, as the task checks already are
 
     packs: list[list[PlannedTrial]] = []
     open_packs: dict[str, list[PlannedTrial]] = {}
-    for trial in trials:
+    for trial, size in zip(trials, sizes, strict=True):
         # Task options join the key: members with other options (T, data) may differ in shape,
         # which only building the task would tell.
         options = sorted(trial.config.task_options.items())
@@ -309,6 +356,7 @@ def plan_text(plan: Plan) -> str:
     if spec.base_iterations and "iterations" in spec.fixed:
         fraction = spec.fixed["iterations"] / spec.base_iterations
         lines.append(f"  budget: {100 * fraction:.3g}% of the space's {spec.base_iterations} its")
+    lines.extend(_auto_pack_lines(plan))
     for claim in spec.claims:
         compared = claim.method + (f" vs {claim.baseline}" if claim.baseline else "")
         where = f" where {format_point(claim.where)}" if claim.where else ""
@@ -328,8 +376,9 @@ def plan_text(plan: Plan) -> str:
             point = format_point({**cell.point, "seed": cell.seed})
             lines.append(f"  {span}  {point}: {cell.n_samples} samples")
     elif plan.packed:
+        packs = f"{len(plan.packs)} pack{'s' if len(plan.packs) > 1 else ''}"
         lines.append(
-            f"  {plan.n_trials} trials in {len(plan.packs)} packs of <= {spec.resources.pack} "
+            f"  {plan.n_trials} trials in {packs} of <= {plan.pack_size} "
             "(one batched model and one Ray trial per pack):"
         )
         pack_of = {t.trial_id: p.pack_id for p in plan.packs for t in p.trials}
@@ -340,6 +389,38 @@ def plan_text(plan: Plan) -> str:
         for trial in plan.trials:
             lines.append(f"  {trial.trial_id}  {format_point(trial.point)}")
     return "\n".join(lines)
+
+
+def _auto_pack_lines(plan: Plan) -> list[str]:
+    """What `resources.pack: auto` resolved to, one line per trial shape, and why."""
+    if plan.spec.resources.pack != AUTO_PACK:
+        return []
+    if plan.optuna:
+        return ["  packs: auto -> 1 (the optuna searcher suggests one trial at a time)"]
+    gpu = plan.gpu
+    if gpu is None:
+        return ["  packs: auto -> 1 (no GPU here; --gpu NAME sizes packs for one)"]
+    lines: list[str] = []
+    shapes = dict.fromkeys(
+        (t.config.batch_size, t.config.hidden_size, t.config.device == "cpu") for t in plan.trials
+    )
+    for batch, hidden, on_cpu in shapes:
+        where = f"at batch {batch}, hidden {hidden}"
+        if on_cpu:
+            lines.append(f"  packs: auto -> 1 {where} (device cpu: no GPU to fill)")
+            continue
+        if hidden > pack_layout.MAX_HIDDEN:
+            why = f"hidden > {pack_layout.MAX_HIDDEN}: the row kernels, a trial at a time"
+            lines.append(f"  packs: auto -> 1 trial per pack on {gpu_label(gpu)} {where} ({why})")
+            continue
+        size = pack_layout.resident_pack(batch, hidden, gpu.sms)
+        trials = "trial" if size == 1 else "trials"
+        programs = pack_layout.layouts(batch)[-1].programs(batch, hidden)  # the widest layout
+        lines.append(
+            f"  packs: auto -> {size} {trials} per pack on {gpu_label(gpu)} ({gpu.sms} SMs; "
+            f"{programs} programs per trial {where})"
+        )
+    return lines
 
 
 def sample_config(

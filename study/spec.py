@@ -40,6 +40,7 @@ SEARCHERS = ("grid", "random", "optuna")
 METRICS = ("val/accuracy", "val/loss", "best/val_accuracy")
 DEFAULT_MAX_FAILURES = 2
 AUTO_GPUS = "auto"  # resources.gpus: one GPU per trial where the cluster has GPUs
+AUTO_PACK = "auto"  # resources.pack: the most trials whose kernels stay resident on the GPU
 # Past it `plan` and `run` refuse, naming the count, before expanding the grid (minutes).
 MAX_TRIALS = 100_000
 
@@ -61,7 +62,9 @@ class Resources:
     gpus: float | str = 0.0
     max_concurrent: int | None = None
     max_failures: int = DEFAULT_MAX_FAILURES
-    pack: int = 1  # trials trained together as one batched model (study.packed_train)
+    # Trials trained together as one batched model (study.packed_train), or "auto": per pack
+    # group, as many as the GPU the plan is sized for holds resident at once (space.make_plan).
+    pack: int | str = 1
     max_trials: int = MAX_TRIALS  # a larger study must say so (study.space.check_size)
 
 
@@ -117,6 +120,18 @@ def _gpus(check: Checker, value: Any) -> float | str:
     except ConfigError:
         message = f"must be a number >= 0 or {AUTO_GPUS}, got {value!r}"
         raise check.error("resources.gpus", message) from None
+
+
+def _pack(check: Checker, value: Any) -> int | str:
+    if value == AUTO_PACK:
+        return AUTO_PACK
+    try:
+        return check.integer("resources.pack", value, minimum=1)
+    except ConfigError:
+        if not isinstance(value, str):  # 0, 2.5, yes: the integer check's own words say it
+            raise
+        message = f"must be an integer >= 1 or {AUTO_PACK}, got {value!r}"
+        raise check.error("resources.pack", message) from None
 
 
 def task_option_names(task: str) -> tuple[str, ...]:
@@ -320,12 +335,13 @@ def _build(raw: dict[str, Any], name: str, where: str, smoke: bool) -> StudySpec
             resources_raw.get("max_failures", DEFAULT_MAX_FAILURES),
             minimum=0,
         ),
-        pack=check.integer("resources.pack", resources_raw.get("pack", 1), minimum=1),
+        pack=_pack(check, resources_raw.get("pack", 1)),
         max_trials=check.integer(
             "resources.max_trials", resources_raw.get("max_trials", MAX_TRIALS), minimum=1
         ),
     )
-    if resources.pack > 1 and search.searcher == "optuna":
+    # `auto` is allowed (it plans packs of 1 there): a paper space may switch searchers.
+    if resources.pack != AUTO_PACK and resources.pack > 1 and search.searcher == "optuna":
         raise check.error(
             "resources.pack",
             "the optuna searcher suggests one trial at a time, so pack must be 1; "

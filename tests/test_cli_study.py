@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO, free_port, stop_process_group, wait_for_http
 
-from study import tracking
+from study import costs, tracking
 from study.cli import main
+from study.pack_layout import KNOWN_GPUS
+from study.space import make_plan
+from study.spec import load_spec
 
 QUICK = REPO / "search_spaces" / "quick.yaml"
 STUDY = str(Path(sys.executable).parent / "study")
@@ -181,3 +184,86 @@ def test_plan_with_set_names_another_study_and_shows_the_overrides(capsys) -> No
     assert 'claim fig4-no-clip-divergence (Fig. 4): "without gradient clipping' in out
     assert main(["plan", space, "--set", "fixed.iterations=1000", "--name", "mine"]) == 0
     assert capsys.readouterr().out.startswith("mine: 10 trials")
+
+
+PAPER = REPO / "search_spaces" / "paper"
+FIG4 = PAPER / "fig4_pixel_mnist_no_clip.yaml"
+
+
+def test_plan_sizes_auto_packs_for_a_named_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", str(FIG4), "--gpu", "h200"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        "  packs: auto -> 18 trials per pack on h200 (132 SMs; 7 programs per trial at batch "
+        "100, hidden 100)"
+    ) in lines
+    assert "  t0009  p0000  method=h_detach p_detach=0.25 seed=4" in lines  # all 10 in one
+    assert main(["plan", str(PAPER / "fig2_copying.yaml"), "--gpu", "h100"]) == 0
+    assert "auto -> 16 trials per pack on h100 (132 SMs; 8 programs per trial at batch 100, " in (
+        capsys.readouterr().out
+    )
+    # Each job of an array plans the same packs: the commands carry the GPU.
+    assert main(["plan", str(FIG4), "--gpu", "h200", "--commands"]) == 0
+    assert capsys.readouterr().out == (
+        f"study trial --space {FIG4} --gpu h200 --pack p0000 --out results/{FIG4.stem}\n"
+    )
+
+
+@pytest.mark.parametrize("command", ["plan", "run", "trial --space"])
+def test_a_bad_gpu_name_is_one_line_listing_the_known(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([*command.split(), str(FIG4), "--gpu", "h300"])
+    assert exited.value.code == 2
+    name = command.split()[0]
+    assert capsys.readouterr().err == (
+        f"study {name}: error: argument --gpu: unknown GPU 'h300'; "
+        "allowed: h100, h200, a100, local\n"
+    )
+
+
+def test_without_a_gpu_auto_is_one_and_estimate_asks_for_gpu() -> None:
+    # CUDA hidden from torch, so that on a GPU machine too this is the machine without one.
+    script = (
+        "import sys\n"
+        "from study.cli import main\n"
+        "for args in ([], ['--estimate'], ['--gpu', 'local']):\n"
+        f"    print('status', main(['plan', {str(FIG4)!r}, *args]))\n"
+        "    sys.stdout.flush(); sys.stderr.flush()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "CUDA_VISIBLE_DEVICES": ""},
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "  packs: auto -> 1 (no GPU here; --gpu NAME sizes packs for one)" in done.stdout
+    assert "  t0009  method=h_detach p_detach=0.25 seed=4" in done.stdout  # no pack column
+    assert done.stdout.count("status 2") == 2
+    assert done.stderr.splitlines() == [
+        "study plan: error: --estimate: no CUDA device here to estimate for; name a GPU with "
+        "--gpu NAME",
+        "study plan: error: --gpu local: torch sees no CUDA device here; name one: h100, h200, "
+        "a100",
+    ]
+
+
+def test_plan_estimate_prints_the_cost_after_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    tabled = sorted(path.stem for path in costs.RESULTS.glob("*.json"))
+    assert "h100" in tabled  # the shipped table
+    assert main(["plan", str(FIG4), "--gpu", "h100", "--estimate"]) == 0
+    out = capsys.readouterr().out
+    plan = make_plan(load_spec(FIG4), KNOWN_GPUS["h100"])
+    assert out.startswith("fig4_pixel_mnist_no_clip: 10 trials")
+    assert out.endswith("\n" + costs.estimate_text(plan, "h100") + "\n")
+    untabled = [gpu for gpu in KNOWN_GPUS if gpu not in tabled]
+    if untabled:  # a GPU without a table: one line, and no plan printed before it
+        assert main(["plan", str(FIG4), "--gpu", untabled[0], "--estimate"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1
+        assert f"no cost table for GPU {untabled[0]}" in captured.err

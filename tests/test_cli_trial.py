@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_copying, write_space
 
 from study.cli import main
 
@@ -205,3 +206,36 @@ def test_a_model_too_large_for_memory_is_one_line(capsys: pytest.CaptureFixture)
     assert err.startswith("study trial: error: out of memory on cpu (") and err.count("\n") == 1
     assert err.rstrip().endswith("try a smaller --hidden-size, --batch-size or sequence length "
                                  "(--task-opt T=...)")  # fmt: skip
+
+
+def test_precision_auto_is_the_default_and_the_output_says_what_ran(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "r.json"
+    assert main(["trial", *SHORT, "--out", str(out)]) == 0
+    assert capsys.readouterr().out.rstrip().rpartition(" | ")[2].startswith("cpu fp32, ")
+    result = json.loads(out.read_text())
+    assert result["config"]["precision"] == "auto" and result["precision"] == "fp32"
+    assert main(["trial", *SHORT, "--precision", "fp16"]) == 2
+    assert capsys.readouterr().err == (
+        "study trial: error: --precision: must be fp32, tf32 or auto, got 'fp16'\n"
+    )
+
+
+def test_gpu_needs_a_space_and_sizes_its_packs(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["trial", *SHORT, "--gpu", "h200"]) == 2
+    assert capsys.readouterr().err == (
+        "study trial: error: --gpu: needs --space SPACE (it chooses from a space)\n"
+    )
+    body = tiny_copying(fixed={"device": "auto"}, resources={"pack": "auto"})
+    space = write_space(tmp_path, "tiny", body)
+    out = tmp_path / "trials"
+    # Sized for an H200 (132 // 1 program at hidden 8, batch 10): the 4 trials in one pack,
+    # trained here on the CPU as packs always can be.
+    assert main(["trial", "--space", str(space), "--gpu", "h200", "--out", str(out)]) == 0
+    capsys.readouterr()
+    record = json.loads((out / "t0003.json").read_text())
+    assert (record["pack_id"], record["pack_size"]) == ("p0000", 4)
+    assert record["plan_gpu"]["key"] == "h200" and "--gpu h200 --pack p0000" in record["command"]

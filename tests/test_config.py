@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from study.config import TrialConfig
+from study.config import TrialConfig, resolve_precision
 from study.errors import ConfigError, check_reachable
 
 
@@ -35,7 +35,7 @@ def test_yaml_strings_and_nulls_are_coerced() -> None:
         ({"task_options": {"T": 0}}, "task_options.T: must be >= 1"),
         ({"task_options": {"length": 5}}, "unknown option(s) length for task copying"),
         ({"method": "none", "p_detach": 0.5}, "method none never detaches"),
-        ({"precision": "fp16"}, "precision: must be fp32 or tf32, got 'fp16'"),
+        ({"precision": "fp16"}, "precision: must be fp32, tf32 or auto, got 'fp16'"),
         ({"anneal_fraction": 1.0}, "anneal_fraction: must be in [0, 1) or null (no annealing)"),
         ({"anneal_fraction": -0.1}, "anneal_fraction: must be in [0, 1) or null"),
         ({"anneal_fraction": "nan"}, "anneal_fraction: must be in [0, 1) or null"),
@@ -51,6 +51,25 @@ def test_bad_values_name_the_field(values: dict, message: str) -> None:
         TrialConfig.from_dict(values)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_precision_defaults_to_auto_tf32_on_cuda_and_fp32_elsewhere() -> None:
+    assert TrialConfig().precision == "auto"
+    assert TrialConfig.from_dict({"precision": "auto"}).precision == "auto"
+    resolved = {
+        (value, device): resolve_precision(value, device)
+        for value in ("auto", "fp32", "tf32")
+        for device in ("cuda", "cpu")
+    }
+    assert resolved == {
+        ("auto", "cuda"): "tf32",  # as cuDNN's LSTM in PyTorch
+        ("auto", "cpu"): "fp32",
+        ("fp32", "cuda"): "fp32",
+        ("fp32", "cpu"): "fp32",
+        ("tf32", "cuda"): "tf32",
+        ("tf32", "cpu"): "fp32",  # a CPU has no TF32
+    }
+    assert resolve_precision("auto", "cuda:0 (NVIDIA H200)") == "tf32"  # a device.used label
 
 
 def test_round_trip_through_dict() -> None:

@@ -119,14 +119,29 @@ def test_sgd_pack_equals_solo_runs() -> None:
 
 
 def test_tf32_precision_changes_nothing_on_a_cpu() -> None:
-    fp32 = TrialConfig(**BASE, eval_every=15, method="h_detach", p_detach=0.5)
+    fp32 = TrialConfig(**BASE, eval_every=15, method="h_detach", p_detach=0.5, precision="fp32")
     tf32 = fp32.replace(precision="tf32")
     with pytest.raises(ConfigError, match="precision must be equal across a pack"):
         check_packable([fp32, tf32])
     assert train_packed([tf32])[0].curve == train(fp32).curve
 
 
-@pytest.mark.parametrize("precision,allowed", [("fp32", False), ("tf32", True)])
+def test_auto_precision_is_fp32_on_a_cpu_bit_for_bit() -> None:
+    # The default since issue 18: a CPU study's curves are those it had under fp32.
+    short = {**BASE, "iterations": 10}
+    fp32 = [
+        TrialConfig(**short, eval_every=5, method="h_detach", p_detach=0.5, precision="fp32"),
+        TrialConfig(**short, eval_every=5, lr=5e-3, seed=3, precision="fp32"),
+    ]
+    auto = [config.replace(precision="auto") for config in fp32]
+    assert auto[0] == TrialConfig(**short, eval_every=5, method="h_detach", p_detach=0.5)
+    assert train(auto[0]).curve == train(fp32[0]).curve
+    packed_auto, packed_fp32 = train_packed(auto), train_packed(fp32)
+    for ours, theirs in zip(packed_auto, packed_fp32, strict=True):
+        assert ours.curve == theirs.curve and ours.config.precision == "auto"
+
+
+@pytest.mark.parametrize("precision,allowed", [("fp32", False), ("tf32", True), ("auto", True)])
 def test_cuda_precision_sets_tf32_for_the_run_and_restores_it(precision, allowed) -> None:
     # Only flags are set, so this runs without a GPU.
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

@@ -1,11 +1,13 @@
 """Every paper space against its figure's caption (../shared/PAPER.md's table): the task, the
-axes that vary, clipping, the methods compared, >= 5 seeds, the authors' annealing, and claims."""
+axes that vary, clipping, the methods compared, >= 5 seeds, the authors' annealing, packs sized
+for the GPU, and claims."""
 
 from __future__ import annotations
 
 import pytest
 from conftest import REPO
 
+from study.space import make_plan
 from study.spec import load_spec
 
 PAPER = REPO / "search_spaces" / "paper"
@@ -57,6 +59,9 @@ def test_space_matches_its_caption(stem):
     assert spec.fixed["anneal_fraction"] == pytest.approx(ANNEAL[task], abs=5e-4)
     if "lr" in varied:
         assert {1.0e-3, 5.0e-4, 1.0e-4} <= set(spec.nuisance["lr"])
+    # Packs sized for the GPU (issue 18); without one (CI's smoke runs) a pack per trial.
+    assert spec.resources.pack == "auto"
+    assert not make_plan(load_spec(PAPER / f"{stem}.yaml", smoke=True)).packed
 
 
 @pytest.mark.parametrize("stem", sorted(CAPTIONS))

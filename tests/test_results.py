@@ -1,5 +1,6 @@
 """Result files: written and read back exactly, strict JSON, and every unusable file one line
-naming it (damaged, unknown format version, misnamed, of another study or space)."""
+naming it (damaged, unknown format version, misnamed, of another study or space); the
+precision a trial used and the GPU its packs were sized for."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from study import results
 from study.config import TrialConfig
+from study.pack_layout import KNOWN_GPUS
 from study.results import ResultError, StudyInfo, TrialRecord
 from study.space import make_plan
 from study.spec import load_spec
@@ -158,3 +160,35 @@ def test_machine_info_names_the_cpu_and_versions() -> None:
 
     machine = results.machine_info(torch.device("cpu"))
     assert machine["cpu"] and machine["torch"] == torch.__version__ and machine["gpu"] is None
+
+
+def test_a_record_says_the_precision_used_and_the_gpu_its_packs_were_sized_for(
+    tmp_path: Path,
+) -> None:
+    h200 = KNOWN_GPUS["h200"]
+    on_gpu = record(device="cuda:0 (NVIDIA H200)", plan_gpu=h200)
+    values = json.loads(results.record_text(on_gpu))
+    assert values["config"]["precision"] == "auto" and values["precision"] == "tf32"
+    assert values["plan_gpu"] == {"key": "h200", "name": h200.name, "sms": 132}
+    read = results.read_record(results.write_record(tmp_path, on_gpu))
+    assert read.plan_gpu == h200 and read.precision_used == "tf32"
+    assert record(config=TrialConfig(precision="tf32")).precision_used == "fp32"  # on a CPU
+
+
+def test_a_file_from_before_precision_auto_still_belongs_to_its_plan(tmp_path: Path) -> None:
+    plan = make_plan(load_spec(QUICK, smoke=True))
+    planned = plan.trials[0]
+    assert planned.config.precision == "auto"
+    path = tmp_path / f"{planned.trial_id}.json"
+    older = record(trial_id=planned.trial_id, config=planned.config.replace(precision="fp32"))
+    results._check_planned(older, plan, path)  # fp32 is what auto computed in on the CPU
+    on_gpu = record(
+        trial_id=planned.trial_id,
+        config=planned.config.replace(precision="fp32"),
+        device="cuda:0 (NVIDIA H200)",
+    )
+    with pytest.raises(ResultError, match="its config is not the plan's for t0000"):
+        results._check_planned(on_gpu, plan, path)  # there auto is tf32: another trial
+    sized = record(trial_id=planned.trial_id, config=planned.config, plan_gpu=KNOWN_GPUS["h100"])
+    with pytest.raises(ResultError, match=r"planned for NVIDIA H100 .*first file's without a"):
+        results._check_planned(sized, plan, path)

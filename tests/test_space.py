@@ -9,6 +9,7 @@ import pytest
 from conftest import REPO, tiny_copying, write_space
 
 from study import space
+from study.pack_layout import KNOWN_GPUS
 from study.spec import Range, load_spec
 
 SEARCH_SPACES = sorted((REPO / "search_spaces").rglob("*.yaml"))
@@ -253,3 +254,79 @@ def test_the_count_from_axis_lengths_is_the_plans(tmp_path: Path, sections: dict
     count, factors = space.count_trials(spec)
     assert count == space.make_plan(spec).n_trials, factors
     assert factors.endswith("seeds 2")
+
+
+PAPER = REPO / "search_spaces" / "paper"
+H200 = KNOWN_GPUS["h200"]
+
+
+def test_pack_auto_fills_an_h200_with_pixel_mnist_trials() -> None:
+    spec = load_spec(PAPER / "fig4_pixel_mnist_no_clip.yaml")
+    plan = space.make_plan(spec, H200)
+    # Hidden 100 in 16-unit programs, the batch of 100 in one 128-row program: 7 programs a
+    # trial, 132 // 7 = 18 trials resident; the figure's 10 trials make one pack.
+    assert (plan.pack_size, plan.packed, plan.gpu) == (18, True, H200)
+    assert [len(p.trials) for p in plan.packs] == [10]
+    text = space.plan_text(plan).splitlines()
+    assert (
+        "  packs: auto -> 18 trials per pack on h200 (132 SMs; 7 programs per trial at batch "
+        "100, hidden 100)"
+    ) in text
+    assert "  10 trials in 1 pack of <= 18 (one batched model and one Ray trial per pack):" in text
+
+
+def test_pack_auto_at_copying_hidden_128_is_16_per_pack() -> None:
+    plan = space.make_plan(load_spec(PAPER / "fig5_copying_c_detach.yaml"), H200)
+    assert plan.pack_size == 16 and [len(p.trials) for p in plan.packs] == [15]
+    assert "8 programs per trial at batch 100, hidden 128" in space.plan_text(plan)
+
+
+def test_pack_auto_without_a_gpu_plans_as_before() -> None:
+    for smoke in (False, True):
+        spec = load_spec(PAPER / "fig4_pixel_mnist_no_clip.yaml", smoke=smoke)
+        plan = space.make_plan(spec)
+        assert (plan.pack_size, plan.packed, plan.gpu) == (1, False, None)
+        assert all(len(pack.trials) == 1 for pack in plan.packs)
+        assert "  packs: auto -> 1 (no GPU here; --gpu NAME sizes packs for one)" in (
+            space.plan_text(plan).splitlines()
+        )
+
+
+def test_pack_auto_sizes_each_shape_and_keeps_cpu_trials_alone(tmp_path: Path) -> None:
+    body = tiny_copying(
+        nuisance={"hidden_size": [100, 200]},
+        fixed={"batch_size": 100, "device": "auto"},
+        resources={"pack": "auto"},
+    )
+    del body["model"]
+    plan = space.make_plan(load_spec(write_space(tmp_path, "shapes", body)), H200)
+    sizes = sorted((p.trials[0].config.hidden_size, len(p.trials)) for p in plan.packs)
+    assert sizes == [(100, 4), (200, 1), (200, 1), (200, 1), (200, 1)]  # 200: the row kernels
+    text = space.plan_text(plan)
+    assert "packs: auto -> 18 trials per pack on h200" in text
+    assert "packs: auto -> 1 trial per pack on h200 at batch 100, hidden 200 (hidden > 128" in text
+    body["fixed"]["device"] = "cpu"
+    plan = space.make_plan(load_spec(write_space(tmp_path, "cpu", body)), H200)
+    assert not plan.packed and "auto -> 1 at batch 100, hidden 100 (device cpu" in (
+        space.plan_text(plan)
+    )
+
+
+def test_pack_auto_with_optuna_is_one(tmp_path: Path) -> None:
+    body = tiny_copying(
+        nuisance={"lr": {"min": 1.0e-3, "max": 1.0e-2}},
+        search={"searcher": "optuna", "samples_per_cell": 2},
+        resources={"pack": "auto"},
+    )
+    plan = space.make_plan(load_spec(write_space(tmp_path, "optuna", body)), H200)
+    assert plan.pack_size == 1 and not plan.packed and plan.packs == ()
+    assert "packs: auto -> 1 (the optuna searcher suggests one trial at a time)" in (
+        space.plan_text(plan)
+    )
+
+
+def test_a_gpu_record_reads_back_and_a_bad_one_is_refused() -> None:
+    assert space.gpu_from_record(space.gpu_record(H200)) == H200
+    assert space.gpu_record(None) is None and space.gpu_from_record(None) is None
+    with pytest.raises(ValueError, match="not a GPU record"):
+        space.gpu_from_record({"key": "h200", "name": "NVIDIA H200", "sms": 0})

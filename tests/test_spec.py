@@ -144,6 +144,21 @@ def test_pack_defaults_to_one_and_works_with_grid_and_random(tmp_path: Path) -> 
     assert load_spec(write_space(tmp_path, "random", body)).resources.pack == 4
 
 
+def test_pack_auto_is_allowed_with_optuna_a_word_is_not(tmp_path: Path) -> None:
+    body = tiny_copying(
+        nuisance={"lr": {"min": 1.0e-3, "max": 1.0e-2}},
+        search={"searcher": "optuna", "samples_per_cell": 2},
+        resources={"pack": "auto"},
+    )
+    assert load_spec(write_space(tmp_path, "optuna", body)).resources.pack == "auto"
+    path = write_space(tmp_path, "many", tiny_copying(resources={"pack": "many"}))
+    with pytest.raises(ConfigError) as error:
+        load_spec(path)
+    assert str(error.value) == (
+        f"{path}: field resources.pack: must be an integer >= 1 or auto, got 'many'"
+    )
+
+
 @pytest.mark.parametrize(
     "data",
     [b"task: {name: copying}\n# caf\xff\n", "task: {name: copying}\n".encode("utf-16")],

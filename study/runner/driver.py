@@ -11,6 +11,7 @@ from typing import Any
 
 from study import console, space, tracking
 from study.errors import ConfigError, make_folder, one_line
+from study.pack_layout import GpuModel
 from study.runner import orphans
 from study.runner.preflight import check_data_here, check_gpus, refuse_existing
 from study.runner.progress import ConsoleProgress
@@ -21,7 +22,7 @@ from study.runner.tuner import Tuners, cell_name
 from study.space import Plan
 from study.spec import StudySpec
 from study.tracking import StudyContext, Tracker, stops, stores
-from study.tracking.tags import parent_status, parent_tags
+from study.tracking.tags import pack_gpu_from_tags, parent_status, parent_tags
 from study.vocabulary import COMPLETED, DIVERGED, FAILED, RUNNING
 
 Echo = Callable[[str], None]
@@ -35,9 +36,11 @@ def run_study(
     tracking_uri: str | None = None,
     max_concurrent: int | None = None,
     echo: Echo = print,
+    gpu: GpuModel | None = None,
 ) -> int:
     """Run a new study; returns the exit status: 0 when every trial finished (completed or
-    diverged), 1 when some trial failed, 130 when interrupted with trials left."""
+    diverged), 1 when some trial failed, 130 when interrupted with trials left. `gpu` sizes
+    `resources.pack: auto` (its parent run's tags keep it for `study resume`)."""
     output = output.absolute()
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {output}: not a folder")
@@ -47,7 +50,7 @@ def run_study(
     if tracking_uri is not None:
         stores.check_folder(uri)  # DIR/mlflow.db's folder is --output, made below
     refuse_existing(spec, output, uri, exists)
-    plan = space.make_plan(spec)
+    plan = space.make_plan(spec, gpu)
     if address is None and not os.environ.get("RAY_ADDRESS"):
         check_data_here(plan)  # the local trials read this machine's files
     # Ray first: a wrong --address or a GPU request Ray cannot meet leaves no study behind.
@@ -75,12 +78,14 @@ def resume_study(
     orphans.end_orphans(state.ray_dir, echo)  # the Ray of the session that was killed
     tracking.checked_store(state.tracking_uri, f"study {name}'s tracking URI")
     tracker = tracking.open_store(state.tracking_uri)
-    if tracker.find_parent(name) is None:
+    parent = tracker.find_parent(name)
+    if parent is None:
         raise ConfigError(
             f"study {name}: no parent run in {tracking.store_label(state.tracking_uri)}; "
             "was it deleted?"
         )
-    plan = space.make_plan(state.spec)
+    # Packs sized for the GPU the study was planned for, whatever this machine has.
+    plan = space.make_plan(state.spec, pack_gpu_from_tags(parent.tags))
     # Ray first, as run_study: a refused start leaves the parent run as it was, not RUNNING.
     with ray_session(address, state.spec.resources.cpus) as session_dir:
         check_gpus(state.spec, address, echo)
@@ -107,7 +112,7 @@ def _execute(
     finished = {t.trial_id for t in trials if t.state != RUNNING}
     done = {t.trial_id for t in trials if t.state in (COMPLETED, DIVERGED)}
     verb = "resuming" if resuming else "running"
-    packs = f", {len(plan.packs)} packs of <= {spec.resources.pack}" if plan.packed else ""
+    packs = f", {len(plan.packs)} packs of <= {plan.pack_size}" if plan.packed else ""
     echo(
         f"{verb} {spec.name}{' (smoke)' if spec.smoke else ''}: {plan.n_trials} trials "
         f"({len(finished)} finished), {spec.search.searcher} search{packs}; "

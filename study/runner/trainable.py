@@ -12,7 +12,7 @@ import torch
 from ray import tune
 
 from study import pack_runner, space, tracking
-from study.config import TrialConfig
+from study.config import TrialConfig, resolve_precision
 from study.tracking import StudyContext, Tags
 from study.tracking.tags import pack_tags
 from study.trial import Progress
@@ -90,8 +90,11 @@ class Member(pack_runner.Member):
         self.run = tracking.TrialRun(tracker, context, trial_id, config, tags)
         # Which Ray node ran the trial (the last attempt's, after a retry): shows a study's spread.
         self.run.set_tags({"ray.node_id": node})
-        # What it trains on: `device: auto` is resolved on the node, and a curve depends on it.
-        self.run.set_tags({"device.used": pack_runner.device_label(config.device)})
+        # What it trains on: `device: auto` is resolved on the node, and a curve depends on it;
+        # so does the precision, `auto` with it (as a result file's "precision").
+        device = pack_runner.device_label(config.device)
+        precision = resolve_precision(config.precision, device)
+        self.run.set_tags({"device.used": device, "precision.used": precision})
 
     def record(self, progress: Progress) -> None:
         super().record(progress)

@@ -7,7 +7,9 @@ import json
 
 from study import provenance
 from study.claim_spec import Claim
-from study.space import Plan
+from study.pack_layout import GpuModel
+from study.space import Plan, gpu_from_record, gpu_record
+from study.spec import AUTO_PACK
 from study.tasks import TASKS
 from study.tracking import StudySummary, Tags
 from study.vocabulary import FAILED
@@ -34,6 +36,11 @@ def parent_tags(plan: Plan) -> dict[str, str]:
         tags["study.base_iterations"] = str(spec.base_iterations)
     if spec.overrides:
         tags["study.overrides"] = json.dumps([list(pair) for pair in spec.overrides])
+    if spec.resources.pack == AUTO_PACK:
+        # What auto resolved to, and for which GPU: `study resume` plans the same packs.
+        tags["study.pack_auto"] = str(plan.pack_size)
+        if plan.gpu is not None:
+            tags["study.pack_gpu"] = json.dumps(gpu_record(plan.gpu))
     commit = provenance.git_commit()
     if commit:
         tags["study.git_commit"] = commit
@@ -54,6 +61,12 @@ def overrides_from_tags(tags: dict[str, str]) -> tuple[tuple[str, object], ...]:
 def base_iterations_from_tags(tags: dict[str, str]) -> int | None:
     text = tags.get("study.base_iterations")
     return int(text) if text else None
+
+
+def pack_gpu_from_tags(tags: dict[str, str]) -> GpuModel | None:
+    """The GPU a study's packs were sized for (parent_tags), None where none was."""
+    text = tags.get("study.pack_gpu")
+    return gpu_from_record(json.loads(text)) if text else None
 
 
 def pack_tags(pack_id: str, size: int) -> Tags:

@@ -1,0 +1,475 @@
+"""What a planned study costs on a named GPU, from a measured cost table
+(benchmarks/results/<gpu>.json, written by benchmarks/pack_sweep.py): `study plan --estimate`.
+
+No torch at import: `study plan` stays fast. The table holds the median ms of one whole training
+step of one pack (host batch, copy, forward, loss, backward, clip, Adam) per shape, pack size
+(members) and precision; a pack's GPU time is its iterations x that step. Nothing here measures:
+every number printed comes from the table, by the rules of step_cost().
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from study.config import resolve_precision
+from study.errors import ConfigError
+
+if TYPE_CHECKING:
+    from study.space import Pack, Plan
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+PRECISIONS = ("fp32", "tf32")  # what a GPU computes in; the table is a GPU's
+TABLE_FIELDS = ("gpu", "device_name", "sms", "measured_on", "torch", "commit", "command", "source")
+ENTRY_INTS = ("steps", "hidden", "batch", "members")
+# Optional per entry (absent or null): not every run measures evaluation or cuDNN.
+ENTRY_OPTIONAL = ("ms_per_trial_step", "cudnn_step_ms", "eval_ms_per_pack_batch")
+
+
+@dataclass(frozen=True)
+class CostEntry:
+    """One measured row: a pack of `members` trials of one shape at one precision."""
+
+    shape: str  # a label (copying, pixel_mnist); lookups go by steps, hidden and batch
+    steps: int  # the LSTM's sequence length (copying T=100: 120; pixel MNIST: 784)
+    hidden: int
+    batch: int
+    members: int
+    precision: str  # fp32 | tf32
+    kernel: str  # the kernels the run chose, as it printed them
+    ms_per_pack_step: float
+    ms_per_trial_step: float | None
+    cudnn_step_ms: float | None  # nn.LSTM + clip + Adam, eager, at this shape
+    # One evaluation batch (study.trial.EVAL_BATCH_SIZE sequences) for every member of the pack.
+    eval_ms_per_pack_batch: float | None
+
+
+@dataclass(frozen=True)
+class CostTable:
+    path: Path
+    gpu: str
+    device_name: str
+    sms: int
+    measured_on: str
+    torch: str
+    commit: str
+    command: str
+    source: str
+    entries: tuple[CostEntry, ...]
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """A pack's step read from the table, and how: measured, interpolated or scaled."""
+
+    ms_per_pack_step: float
+    eval_ms_per_pack_batch: float | None
+    cudnn_step_ms: float | None
+    between_members: tuple[int, int] | None  # interpolated between these measured pack sizes
+    scaled_from_steps: int | None  # scaled linearly in T from this measured sequence length
+
+
+def table_path(gpu: str, folder: Path | None = None) -> Path:
+    return (RESULTS if folder is None else Path(folder)) / f"{gpu.lower()}.json"
+
+
+def load_table(gpu: str, folder: Path | None = None) -> CostTable:
+    """The cost table of `gpu` (h100, h200, ...); a one-line ConfigError names the file when it
+    is missing (with the tables there are) or damaged."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", gpu):
+        raise ConfigError(f"--gpu {gpu!r}: a GPU name such as h100 or h200 (letters, digits)")
+    path = table_path(gpu, folder)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        there = sorted(p.stem for p in path.parent.glob("*.json"))
+        listed = ", ".join(there) if there else "none"
+        raise ConfigError(
+            f"{path}: no cost table for GPU {gpu.lower()} (tables there: {listed}); "
+            "benchmarks/pack_sweep.py writes one on that GPU"
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read ({error.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid JSON ({error})") from None
+    return _parse_table(path, raw, gpu.lower())
+
+
+def _parse_table(path: Path, raw: Any, gpu: str) -> CostTable:
+    def damaged(what: str) -> ConfigError:
+        return ConfigError(f"{path}: damaged cost table: {what}")
+
+    if not isinstance(raw, dict):
+        raise damaged("expected a JSON object")
+    missing = [name for name in (*TABLE_FIELDS, "entries") if name not in raw]
+    if missing:
+        raise damaged(f"missing field(s) {', '.join(missing)}")
+    if raw["gpu"] != gpu:
+        raise damaged(f"gpu is {raw['gpu']!r}, the file name says {gpu!r}")
+    entries = raw["entries"]
+    if not isinstance(entries, list) or not entries:
+        raise damaged("entries must be a non-empty list")
+    parsed = tuple(_parse_entry(entry, n, damaged) for n, entry in enumerate(entries))
+    seen: set[tuple[Any, ...]] = set()
+    for entry in parsed:
+        key = (entry.steps, entry.hidden, entry.batch, entry.members, entry.precision)
+        if key in seen:
+            raise damaged(f"two entries for steps, hidden, batch, members, precision {key}")
+        seen.add(key)
+    values = {name: raw[name] for name in TABLE_FIELDS}
+    if type(values["sms"]) is not int:
+        raise damaged(f"sms must be an integer, got {values['sms']!r}")
+    for name in TABLE_FIELDS:
+        if name != "sms" and not isinstance(values[name], str):
+            raise damaged(f"{name} must be text, got {values[name]!r}")
+    return CostTable(path=path, entries=parsed, **values)
+
+
+def _parse_entry(raw: Any, n: int, damaged: Callable[[str], ConfigError]) -> CostEntry:
+    if not isinstance(raw, dict):
+        raise damaged(f"entries[{n}] must be an object")
+    required = ("shape", *ENTRY_INTS, "precision", "kernel", "ms_per_pack_step")
+    missing = [name for name in required if name not in raw]
+    if missing:
+        raise damaged(f"entries[{n}]: missing field(s) {', '.join(missing)}")
+    for name in ENTRY_INTS:
+        if type(raw[name]) is not int or raw[name] < 1:
+            raise damaged(f"entries[{n}].{name} must be a positive integer, got {raw[name]!r}")
+    if raw["precision"] not in PRECISIONS:
+        allowed = " or ".join(PRECISIONS)
+        raise damaged(f"entries[{n}].precision must be {allowed}, got {raw['precision']!r}")
+    for name in ("ms_per_pack_step", *ENTRY_OPTIONAL):
+        value = raw.get(name)
+        if value is None and name != "ms_per_pack_step":
+            continue
+        if type(value) not in (int, float) or not 0 < value < math.inf:
+            raise damaged(f"entries[{n}].{name} must be a positive number, got {value!r}")
+    return CostEntry(
+        shape=str(raw["shape"]),
+        precision=raw["precision"],
+        kernel=str(raw["kernel"]),
+        ms_per_pack_step=float(raw["ms_per_pack_step"]),
+        **{name: raw[name] for name in ENTRY_INTS},
+        **{name: _float(raw.get(name)) for name in ENTRY_OPTIONAL},
+    )
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def table_precision(precision: str) -> str:
+    """The table's precision for a trial's: `auto` is what a GPU resolves it to (tf32)."""
+    return resolve_precision(precision, "cuda")
+
+
+def step_cost(
+    table: CostTable, *, steps: int, hidden: int, batch: int, members: int, precision: str
+) -> StepCost:
+    """One pack step's cost from the entries of this hidden size, batch and precision.
+
+    Pack size: a measured one exactly, else linear between the two measured neighbours; never
+    beyond the measured sizes (a larger pack may need other kernels, or not stay resident).
+    Sequence length: the nearest measured one, scaled linearly, since the kernels run one time
+    step after another (the pixel-MNIST step, 784 steps, is 2-6x the copying one at 120).
+    """
+    wanted = table_precision(precision)
+    if wanted not in PRECISIONS:
+        raise ConfigError(f"precision: must be fp32, tf32 or auto, got {precision!r}")
+    same = [
+        e for e in table.entries if (e.hidden, e.batch, e.precision) == (hidden, batch, wanted)
+    ]
+    if not same:
+        measured = sorted({f"H={e.hidden} B={e.batch} {e.precision}" for e in table.entries})
+        raise ConfigError(
+            f"{table.path.name}: no entry for H={hidden} B={batch} {wanted}; "
+            f"measured: {', '.join(measured)}"
+        )
+    measured_steps = sorted({e.steps for e in same})
+    nearest = min(measured_steps, key=lambda s: (abs(s - steps), -s))
+    by_members = {e.members: e for e in same if e.steps == nearest}
+    sizes = sorted(by_members)
+    scale = steps / nearest
+    scaled = None if nearest == steps else nearest
+    if members in by_members:
+        entry = by_members[members]
+        return StepCost(
+            entry.ms_per_pack_step * scale,
+            _scaled(entry.eval_ms_per_pack_batch, scale),
+            _scaled(entry.cudnn_step_ms, scale),
+            None,
+            scaled,
+        )
+    if not sizes[0] < members < sizes[-1]:
+        raise ConfigError(
+            f"{table.path.name}: a pack of {members} at H={hidden} B={batch} {wanted} is outside "
+            f"the measured pack sizes {sizes[0]}..{sizes[-1]} ({', '.join(map(str, sizes))})"
+        )
+    below = max(s for s in sizes if s < members)
+    above = min(s for s in sizes if s > members)
+    low, high = by_members[below], by_members[above]
+    weight = (members - below) / (above - below)
+
+    def between(a: float, b: float) -> float:
+        return (a + weight * (b - a)) * scale
+
+    low_eval, high_eval = low.eval_ms_per_pack_batch, high.eval_ms_per_pack_batch
+    return StepCost(
+        between(low.ms_per_pack_step, high.ms_per_pack_step),
+        None if low_eval is None or high_eval is None else between(low_eval, high_eval),
+        _scaled(low.cudnn_step_ms or high.cudnn_step_ms, scale),
+        (below, above),
+        scaled,
+    )
+
+
+def _scaled(value: float | None, scale: float) -> float | None:
+    return None if value is None else value * scale
+
+
+def step_ms(
+    table: CostTable, *, steps: int, hidden: int, batch: int, members: int, precision: str
+) -> float:
+    """ms per pack step (interpolated in members, scaled in steps: step_cost)."""
+    cost = step_cost(
+        table, steps=steps, hidden=hidden, batch=batch, members=members, precision=precision
+    )
+    return cost.ms_per_pack_step
+
+
+# Tasks whose sequence length follows from their options; the others carry it as a class
+# attribute (pixel and permuted MNIST: 784). Copying: 10 symbols, T blanks, 10 read-out steps
+# (study.tasks.copying.layout).
+def _copying_length(options: dict[str, Any]) -> int:
+    from study.tasks.copying import SYMBOLS, Copying
+
+    return _option(Copying, options, "T") + 2 * SYMBOLS
+
+
+LENGTH_FROM_OPTIONS: dict[str, Callable[[dict[str, Any]], int]] = {"copying": _copying_length}
+
+
+def _option(task_class: type, options: dict[str, Any], name: str) -> Any:
+    """A task option as the task would take it: the given value, else its constructor default."""
+    if name in options:
+        return options[name]
+    parameter = inspect.signature(task_class.__init__).parameters.get(name)
+    return None if parameter is None else parameter.default
+
+
+def sequence_length(task: str, options: dict[str, Any]) -> int | None:
+    """The LSTM's sequence length for a task and its options, without building the task (which
+    loads or draws its data); None when the task cannot tell."""
+    from study.tasks import TASKS
+
+    if task in LENGTH_FROM_OPTIONS:
+        return LENGTH_FROM_OPTIONS[task](options)
+    length = getattr(TASKS.get(task), "seq_len", None)
+    return length if isinstance(length, int) else None
+
+
+def validation_size(task: str, options: dict[str, Any]) -> int | None:
+    """Sequences in the validation split, read at every evaluation: the task's `val_size`
+    option (capped by `subset`, as pixel MNIST takes it); None when the task has no such option.
+    The test split is read only at a new best validation accuracy, which no plan can know."""
+    from study.tasks import TASKS
+
+    task_class = TASKS.get(task)
+    size = None if task_class is None else _option(task_class, options, "val_size")
+    if not isinstance(size, int):
+        return None
+    subset = _option(task_class, options, "subset")
+    return min(size, subset) if isinstance(subset, int) else size
+
+
+@dataclass(frozen=True)
+class PackEstimate:
+    pack_id: str
+    members: int
+    task: str
+    steps: int
+    hidden: int
+    batch: int
+    precision: str  # as the trials set it (auto, fp32, tf32)
+    iterations: int
+    cost: StepCost
+    train_s: float
+    eval_s: float | None  # None: the table has no evaluation cost for this pack
+
+
+@dataclass(frozen=True)
+class Unestimated:
+    what: str  # a pack id, or the study
+    trials: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Estimate:
+    table: CostTable
+    study: str
+    n_trials: int
+    n_packs: int
+    packs: tuple[PackEstimate, ...]
+    unestimated: tuple[Unestimated, ...]
+
+    @property
+    def train_s(self) -> float:
+        return sum(p.train_s for p in self.packs)
+
+    @property
+    def eval_included(self) -> bool:
+        return bool(self.packs) and all(p.eval_s is not None for p in self.packs)
+
+    @property
+    def total_s(self) -> float:
+        return self.train_s + sum(p.eval_s or 0.0 for p in self.packs)
+
+
+def estimate(plan: Plan, gpu: str, folder: Path | None = None) -> Estimate:
+    """The study's GPU time on `gpu`: every pack's iterations x its step from the table, plus
+    its evaluations where the table measured them. Packs run one after another on one GPU (a
+    whole-GPU pack holds the device), so GPU-hours add up; N GPUs divide the wall time."""
+    table = load_table(gpu, folder)
+    name = plan.spec.name
+    if plan.optuna:
+        reason = (
+            "an Optuna study suggests its trials one at a time and plans no packs, "
+            "so there is nothing to look up"
+        )
+        return Estimate(
+            table, name, plan.n_trials, 0, (), (Unestimated(name, plan.n_trials, reason),)
+        )
+    estimated: list[PackEstimate] = []
+    skipped: list[Unestimated] = []
+    for pack in plan.packs:
+        try:
+            estimated.append(_pack_estimate(table, pack))
+        except ConfigError as error:
+            skipped.append(Unestimated(pack.pack_id, len(pack.trials), str(error)))
+    return Estimate(table, name, plan.n_trials, len(plan.packs), tuple(estimated), tuple(skipped))
+
+
+def _pack_estimate(table: CostTable, pack: Pack) -> PackEstimate:
+    config = pack.trials[0].config  # a pack's members share these fields (packed_train)
+    steps = sequence_length(config.task, config.task_options)
+    if steps is None:
+        raise ConfigError(
+            f"task {config.task}: its sequence length is not known without building it"
+        )
+    members = len(pack.trials)
+    cost = step_cost(
+        table,
+        steps=steps,
+        hidden=config.hidden_size,
+        batch=config.batch_size,
+        members=members,
+        precision=config.precision,
+    )
+    eval_s = None
+    rows = validation_size(config.task, config.task_options)
+    if cost.eval_ms_per_pack_batch is not None and rows is not None:
+        from study.trial import EVAL_BATCH_SIZE
+
+        # An evaluation every eval_every iterations and one at the end (train.py).
+        evaluations = math.ceil(config.iterations / config.eval_every)
+        batches = math.ceil(rows / EVAL_BATCH_SIZE)
+        eval_s = evaluations * batches * cost.eval_ms_per_pack_batch / 1000
+    return PackEstimate(
+        pack_id=pack.pack_id,
+        members=members,
+        task=config.task,
+        steps=steps,
+        hidden=config.hidden_size,
+        batch=config.batch_size,
+        precision=config.precision,
+        iterations=config.iterations,
+        cost=cost,
+        train_s=config.iterations * cost.ms_per_pack_step / 1000,
+        eval_s=eval_s,
+    )
+
+
+def format_duration(seconds: float) -> str:
+    """GPU time as people plan it: minutes under an hour, else hours to one decimal."""
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def estimate_text(plan: Plan, gpu: str, folder: Path | None = None) -> str:
+    """The lines `study plan --estimate --gpu NAME` prints."""
+    result = estimate(plan, gpu, folder)
+    table = result.table
+    lines = [
+        f"GPU {table.gpu}: {table.device_name}, cost table {table.path.name} measured "
+        f"{table.measured_on} at {table.commit} (torch {table.torch})",
+    ]
+    trials = sum(p.members for p in result.packs)
+    what = "training and evaluation" if result.eval_included else "training steps only"
+    if not result.packs:
+        lines.append(f"estimate: none of the {result.n_trials} trials could be estimated")
+    else:
+        lines.append(
+            f"estimate: {format_duration(result.total_s)} of GPU time ({what}) for {trials} of "
+            f"{result.n_trials} trials in {len(result.packs)} of {_plural(result.n_packs, 'pack')}"
+        )
+    groups: dict[tuple[Any, ...], list[PackEstimate]] = {}
+    for pack in result.packs:
+        key = (pack.task, pack.steps, pack.hidden, pack.batch, pack.members, pack.precision)
+        groups.setdefault(key, []).append(pack)
+    for (task, steps, hidden, batch, members, precision), packs in groups.items():
+        cost = packs[0].cost
+        shown = f"auto (as {table_precision(precision)})" if precision == "auto" else precision
+        per_trial = cost.ms_per_pack_step / members
+        ratio = f", {per_trial / cost.cudnn_step_ms:.2f}x cuDNN" if cost.cudnn_step_ms else ""
+        how = []
+        if cost.between_members:
+            how.append("interpolated between packs of {} and {}".format(*cost.between_members))
+        if cost.scaled_from_steps:
+            how.append(f"scaled from {cost.scaled_from_steps} steps")
+        note = f" [{'; '.join(how)}]" if how else ""
+        seconds = sum(p.train_s + (p.eval_s or 0.0) for p in packs)
+        iterations = sorted({p.iterations for p in packs})
+        its = "/".join(f"{n:,}" for n in iterations)
+        counted = _plural(len(packs), "pack")
+        lines.append(
+            f"  {task} {steps} steps H={hidden} B={batch} {shown}: {counted} of {members} x"
+            f" {its} its x {cost.ms_per_pack_step:.2f} ms "
+            f"({per_trial:.2f} ms per trial-step{ratio}) = {format_duration(seconds)}{note}"
+        )
+    without_eval = [p for p in result.packs if p.eval_s is None]
+    if len(without_eval) == len(result.packs) and result.packs:
+        lines.append("  evaluation not included: the table has no eval_ms_per_pack_batch")
+    elif without_eval:
+        lines.append(
+            f"  evaluation not included for {_plural(len(without_eval), 'pack')}: no "
+            "eval_ms_per_pack_batch at their shape, or no val_size option in their task"
+        )
+    for reason, items in _by_reason(result.unestimated).items():
+        names = ", ".join(u.what for u in items[:5]) + (", ..." if len(items) > 5 else "")
+        count = sum(u.trials for u in items)
+        lines.append(f"  not estimated: {count} trials ({names}): {reason}")
+    lines.append(
+        f"  GPU time = the packs one after another on one {table.gpu} (N GPUs: about 1/N the "
+        "wall time)"
+    )
+    lines.append(f"  table source: {table.source}")
+    return "\n".join(lines)
+
+
+def _by_reason(items: tuple[Unestimated, ...]) -> dict[str, list[Unestimated]]:
+    grouped: dict[str, list[Unestimated]] = {}
+    for item in items:
+        grouped.setdefault(item.reason, []).append(item)
+    return grouped

@@ -1,0 +1,140 @@
+"""benchmarks/pack_sweep.py: the cost-table sweep, run on a CPU at a tiny shape, its measuring
+child process (failures and hangs), and benchmarks/gpu_check.sh, which runs it on a GPU."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from study import costs
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO / "benchmarks"
+GPU_CHECK = BENCHMARKS / "gpu_check.sh"
+STAGE_LIMIT_TOTAL = 540  # 9 minutes: what one run on the GPU machine may take (gpu_check.sh)
+
+
+@pytest.fixture(scope="module")
+def pack_sweep():
+    """The script as a module (it imports lstm_step_cuda from its own folder)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("pack_sweep")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(scope="module")
+def cpu_sweep(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[subprocess.CompletedProcess, Path]:
+    """One run of the script as gpu_check.sh runs it, on a CPU: tiny shape, K 1 and 2, fp32,
+    a folder as --table, and the estimate check (shortened to 10 iterations)."""
+    folder = tmp_path_factory.mktemp("table")
+    command = [sys.executable, str(BENCHMARKS / "pack_sweep.py"), "--device", "cpu"]
+    command += ["--shapes", "tiny", "--members", "1", "2", "--precisions", "fp32"]
+    command += ["--rounds", "1", "--steps", "1", "--table", str(folder)]
+    command += ["--check-estimate", "--check-iterations", "10"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done, folder / "cpu.json"
+
+
+def test_the_table_follows_the_cost_table_contract(cpu_sweep) -> None:
+    _, path = cpu_sweep
+    raw = json.loads(path.read_text())
+    assert set(raw) == {*costs.TABLE_FIELDS, "entries"}
+    assert raw["gpu"] == "cpu" and raw["source"] == "benchmarks/pack_sweep.py"
+    assert "--shapes tiny" in raw["command"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d", raw["measured_on"])
+    assert [entry["members"] for entry in raw["entries"]] == [1, 2]
+    for entry in raw["entries"]:
+        assert (entry["shape"], entry["steps"], entry["hidden"], entry["batch"]) == (
+            "tiny",
+            5,
+            16,
+            8,
+        )
+        assert entry["precision"] == "fp32" and entry["kernel"]
+        assert entry["ms_per_pack_step"] > 0 and entry["cudnn_step_ms"] > 0
+        per_trial = entry["ms_per_pack_step"] / entry["members"]
+        assert entry["ms_per_trial_step"] == pytest.approx(per_trial, rel=1e-3)
+        assert entry["eval_ms_per_pack_batch"] > 0
+    # The reader of the contract takes it whole.
+    table = costs.load_table("cpu", path.parent)
+    assert costs.step_ms(table, steps=5, hidden=16, batch=8, members=2, precision="fp32") > 0
+
+
+def test_the_printed_table_has_a_row_per_pack_and_the_verdicts(cpu_sweep) -> None:
+    done, _ = cpu_sweep
+    out = done.stdout
+    assert "tiny (CPU check): T=5, B=8, H=16" in out
+    for members in (1, 2):
+        assert re.search(rf"^fp32\s+{members}\s+-\s+\S.*\d+\.\d\d\s", out, flags=re.M), out
+    assert "issue 18 target: best per-trial step <= 0.1 x cuDNN step at tiny:" in out
+    # No tf32 point ran, so that target has nothing to read.
+    assert "single trial tf32 <= 1.0 x cuDNN step at tiny: not measured" in out
+    assert re.search(r"^estimate check \(tiny, pack of 2, fp32, .* ratio \d", out, flags=re.M)
+
+
+def test_a_failed_point_is_reported_and_a_hung_one_is_cut_off(pack_sweep) -> None:
+    runner = pack_sweep.Runner("cpu")
+    try:
+        assert runner.start(timeout=120)["device_name"] == "CPU"
+        request = {"kind": "pack", "precision": "fp32", "members": 1, "rounds": 1, "steps": 1}
+        failed = runner.ask({**request, "shape": "no_such_shape"}, timeout=120)
+        assert failed["error"].startswith("KeyError")
+        # Minutes of CPU work: the answer cannot come within the time given.
+        hung = runner.ask({**request, "shape": "copying", "members": 16, "steps": 50}, timeout=2)
+        assert "no answer within" in hung["error"]
+        # The next point runs in a fresh child.
+        measured = runner.ask({**request, "shape": "tiny"}, timeout=120)
+        assert measured["ms"] > 0
+    finally:
+        runner.close()
+
+
+def test_gpu_keys_and_table_paths(pack_sweep, tmp_path: Path) -> None:
+    assert pack_sweep.gpu_key("NVIDIA H200") == "h200"
+    assert pack_sweep.gpu_key("NVIDIA H100 80GB HBM3") == "h100"
+    assert pack_sweep.gpu_key("NVIDIA GeForce RTX 4090") == "nvidiageforcertx4090"
+    file, folder = str(tmp_path / "x.json"), str(tmp_path / "out")
+    paths = pack_sweep.table_paths([file, folder], "h200", cuda=True)
+    assert paths == [tmp_path / "x.json", tmp_path / "out" / "h200.json"]
+    assert pack_sweep.table_paths(None, "h200", cuda=True)[0].parts[-3:] == (
+        "benchmarks",
+        "results",
+        "h200.json",
+    )
+    assert pack_sweep.table_paths(None, "cpu", cuda=False) == []
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--members", "0"], ["--members", "two"], ["--device", "cpu", "--members", "auto"]],
+)
+def test_bad_flags_are_one_line_errors(pack_sweep, flags: list[str], capsys) -> None:
+    with pytest.raises(SystemExit):
+        pack_sweep.parse_args(flags)
+    assert "--members" in capsys.readouterr().err
+
+
+def test_gpu_check_is_valid_bash() -> None:
+    subprocess.run(["bash", "-n", str(GPU_CHECK)], check=True)
+
+
+def test_gpu_check_stages_fit_in_nine_minutes() -> None:
+    stages = re.findall(r"^\s*stage (\w+) (\d+) ", GPU_CHECK.read_text(), flags=re.M)
+    names = [name for name, _ in stages]
+    assert {"device", "split_tests", "wide_tests", "tests", "pack_sweep", "lstm_step"} <= set(
+        names
+    )
+    assert sum(int(limit) for _, limit in stages) <= STAGE_LIMIT_TOTAL
