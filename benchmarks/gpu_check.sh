@@ -52,7 +52,7 @@ split_files=(tests/test_triton_lstm.py)
 [ -f tests/test_triton_split.py ] && split_files+=(tests/test_triton_split.py)
 stage split_tests 50 "${tests[@]}" "${split_files[@]}" \
     -k "split and not tagged and not partials and not wide"
-stage tagged_tests 30 "${tests[@]}" "${split_files[@]}" -k "split and tagged and not partials"
+stage tagged_tests 30 "${tests[@]}" "${split_files[@]}" -k "split and tagged and not partials and not wide"
 stage partials_tests 40 "${tests[@]}" "${split_files[@]}" -k "split and partials"
 flags=""
 # Without working split kernels, every later stage runs the row kernels (a trial would pick the

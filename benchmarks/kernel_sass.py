@@ -8,6 +8,11 @@ numbers and addresses aside). Needs torch, triton (with its ptxas and cuobjdump)
     python benchmarks/kernel_sass.py compare /tmp/before /tmp/after
     python benchmarks/kernel_sass.py stats /tmp/after --kernels 'split-100-16-tf32-hc*'
 
+Split kernels are named split-H-UNITS-PRECISION-MASKS[-tagged][-partials]; the wide layouts
+(more than 16 rows a program, study/pack_layout.py) add -rowsN, and their backward always takes
+the partial sums. `stats` also prints each kernel's registers and spilled bytes per thread and
+shared memory per program (what chose the wide layouts' warps: triton_split.WIDE_WARPS).
+
 Another Triton (e.g. the GPU image's 3.6.0, which torch 2.11 ships) needs no other torch:
     pip install --no-deps --target /tmp/triton36 triton==3.6.0
     PYTHONPATH=/tmp/triton36 python benchmarks/kernel_sass.py dump /tmp/before36
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import re
 import subprocess
 import sys
@@ -29,6 +35,7 @@ import pytest  # noqa: E402
 import test_triton_lstm as kernels_test  # noqa: E402 (its launch recorder and compiler)
 import triton.backends.nvidia  # noqa: E402
 
+from study import pack_layout  # noqa: E402
 from study.models import triton_lstm, triton_split  # noqa: E402
 
 CUOBJDUMP = Path(triton.backends.nvidia.__file__).parent / "bin" / "cuobjdump"
@@ -45,6 +52,14 @@ def _record(module, monkeypatch: pytest.MonkeyPatch) -> dict:
     return recorders
 
 
+def resources(cubin: Path, shared: int) -> dict[str, int]:
+    """Registers and stack (spilled registers) per thread from cuobjdump -res-usage, and the
+    shared memory per program that triton allots (`shared`: its metadata; not in the cubin)."""
+    usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin], capture_output=True, text=True)
+    found = dict(re.findall(r"(REG|STACK):(\d+)", usage.stdout))
+    return {"registers": int(found["REG"]), "spill_bytes": int(found["STACK"]), "shared": shared}
+
+
 def _write(folder: Path, tag: str, recorders: dict) -> None:
     for name, recorder in recorders.items():
         ((args, kwargs),) = recorder.calls
@@ -53,7 +68,26 @@ def _write(folder: Path, tag: str, recorders: dict) -> None:
         cubin.write_bytes(compiled.asm["cubin"])
         sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True)
         (folder / f"{tag}-{name}.sass").write_text(sass.stdout)
+        usage = resources(cubin, compiled.metadata.shared) | {"warps": kwargs["num_warps"]}
+        (folder / f"{tag}-{name}.json").write_text(json.dumps(usage))
         cubin.unlink()
+
+
+def _splits() -> list[tuple[int, int, str, str, int]]:
+    """The split launches dumped, as (hidden, units, sync, handoff, rows): the 16-row ones as
+    before the wide layouts, then every wide layout that compiles without spilling
+    (pack_layout.WIDEST_ROWS) at both sizes. (Precision is the caller's loop.)"""
+    splits = [(100, 16, "barrier"), (128, 16, "barrier"), (100, 32, "barrier")]
+    splits += [(100, 16, "tagged"), (128, 16, "tagged")]
+    narrow = [(*split, "gates", 16) for split in splits]
+    narrow += [(100, 16, "barrier", "partials", 16), (100, 16, "tagged", "partials", 16)]
+    wide = [
+        (hidden, 16, sync, "partials", rows)
+        for sync in ("barrier", "tagged")
+        for rows in pack_layout.ROW_CHOICES[1:]
+        for hidden in (100, 128)
+    ]
+    return narrow + wide
 
 
 def dump(folder: Path, only: str | None) -> None:
@@ -68,18 +102,21 @@ def dump(folder: Path, only: str | None) -> None:
                     inputs = kernels_test._inputs((*case[:3], hidden, *case[4:]))
                     kernels_test._run(triton_lstm.TritonMaskedLSTM.apply, inputs)
                     _write(folder, f"rows-{hidden}-{precision}-{masks}", recorders)
-            splits = [(100, 16, "barrier"), (128, 16, "barrier"), (100, 32, "barrier")]
-            splits += [(100, 16, "tagged"), (128, 16, "tagged")]
-            splits = [(*split, "gates") for split in splits]
-            splits += [(100, 16, "barrier", "partials"), (100, 16, "tagged", "partials")]
-            for hidden, units, sync, handoff in () if only == "rows" else splits:
+            for hidden, units, sync, handoff, rows in () if only == "rows" else _splits():
+                if rows > pack_layout.widest_rows(precision, sync):
+                    continue
                 with pytest.MonkeyPatch.context() as monkeypatch:
                     recorders = _record(triton_split, monkeypatch)
-                    inputs = kernels_test._inputs((*case[:3], hidden, *case[4:]))
-                    apply = kernels_test._split_apply(precision, units, sync, handoff)
+                    # Batch 100 for the wide layouts: one row block at 128 rows, two at 64.
+                    batch = case[2] if rows == triton_split.BLOCK_ROWS else 100
+                    inputs = kernels_test._inputs((*case[:2], batch, hidden, *case[4:]))
+                    apply = kernels_test._split_apply(precision, units, sync, handoff, rows)
                     kernels_test._run(apply, inputs)
-                    # Names as before the variants: the barrier and gates add no suffix.
+                    # Names as before the variants: the barrier, gates and 16 rows add no suffix.
                     suffix = "".join(f"-{v}" for v in (sync, handoff) if v not in DEFAULTS)
+                    if rows != triton_split.BLOCK_ROWS:
+                        suffix = "".join(f"-{v}" for v in (sync,) if v not in DEFAULTS)
+                        suffix += f"-rows{rows}"
                     name = f"split-{hidden}-{units}-{precision}-{masks}{suffix}"
                     _write(folder, name, recorders)
     print(f"{len(list(folder.glob('*.sass')))} kernels in {folder}")
@@ -125,23 +162,33 @@ def compare(before: Path, after: Path) -> None:
 
 
 # What `stats` counts in a time loop: CTA barriers (each a shared-memory layout change or a
-# barrier/exchange wait), tensor-core ops, global loads and stores, and fences.
+# barrier/exchange wait), tensor-core ops (HMMA: mma.sync; HGMMA: Hopper's warpgroup wgmma,
+# which tl.dot takes from 64 rows), global loads and stores, and fences.
 STATS = {
     "BAR.SYNC": "BAR.SYNC",
     "HMMA": "HMMA",
+    "HGMMA": "HGMMA",
     "LDG": "LDG",
     "STG": "STG",
     "MEMBAR": "MEMBAR",
 }
+# From the dump's .json beside each .sass: warps, registers and spilled bytes per thread, shared
+# memory per program ("-" for a dump without them).
+RESOURCES = {"warps": "warps", "regs": "registers", "spill": "spill_bytes", "shared": "shared"}
 
 
 def stats(folder: Path, pattern: str) -> None:
-    """Per kernel matching `pattern`: its loop's instruction count and STATS counts."""
-    print(f"{'kernel':<56}{'loop':>6}" + "".join(f"{name:>10}" for name in STATS))
+    """Per kernel matching `pattern`: its loop's instruction count, STATS counts and
+    RESOURCES."""
+    names = [*STATS, *RESOURCES]
+    print(f"{'kernel':<64}{'loop':>6}" + "".join(f"{name:>10}" for name in names))
     for path in sorted(folder.glob(f"{pattern}.sass")):
         loop, _ = _loop_ops(path)
         counts = [sum(op in text for text in loop) for op in STATS.values()]
-        print(f"{path.stem:<56}{len(loop):>6}" + "".join(f"{count:>10}" for count in counts))
+        usage_path = path.with_suffix(".json")
+        usage = json.loads(usage_path.read_text()) if usage_path.exists() else {}
+        counts += [usage.get(key, "-") for key in RESOURCES.values()]
+        print(f"{path.stem:<64}{len(loop):>6}" + "".join(f"{count:>10}" for count in counts))
 
 
 def main() -> None:

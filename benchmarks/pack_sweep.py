@@ -63,7 +63,7 @@ from study.config import TrialConfig
 from study.errors import ConfigError
 from study.models import SequenceClassifier, triton_lstm
 from study.models.cuda_graph import WARMUP_STEPS
-from study.pack_layout import KNOWN_GPUS, choose_layout, resident_pack
+from study.pack_layout import KNOWN_GPUS, choose_layout, resident_pack, widest_rows
 from study.packed_train import cuda_precision, train_packed
 from study.tasks import TASKS
 from study.trial import EVAL_BATCH_SIZE, evaluate
@@ -415,15 +415,18 @@ def parse_members(values: list[str]) -> list[str]:
     return values
 
 
-def sizes(sweep: Sweep, shape: str) -> list[tuple[int, bool]]:
-    """(K, is auto) for a shape, ascending, each K once (auto may equal a listed one)."""
+def sizes(sweep: Sweep, shape: str, precision: str) -> list[tuple[int, bool]]:
+    """(K, is auto) for a shape, ascending, each K once (auto may equal a listed one). auto is
+    `pack: auto` at this precision: full fp32 spills beyond 32 rows a program, so fewer fit."""
     _, _, batch, hidden, _, _ = SWEEP_SHAPES[shape]
-    auto = resident_pack(batch, hidden, sweep.sms) if "auto" in sweep.args.members else None
+    rows = widest_rows(precision)
+    wanted = "auto" in sweep.args.members
+    auto = resident_pack(batch, hidden, sweep.sms, rows) if wanted else None
     listed = {int(v) for v in sweep.args.members if v != "auto"}
     return sorted({(k, k == auto) for k in listed | ({auto} if auto else set())})
 
 
-def predicted_layout(sweep: Sweep, shape: str, members: int) -> str:
+def predicted_layout(sweep: Sweep, shape: str, members: int, precision: str) -> str:
     """The split layout pack_layout chooses for this pack (rows x units per program and the
     SMs its programs take), or where none fits: the row kernels (tf32) or per-step (fp32)."""
     if not sweep.cuda:
@@ -434,7 +437,7 @@ def predicted_layout(sweep: Sweep, shape: str, members: int) -> str:
     if os.environ.get(triton_lstm.ENV_KERNEL) == "rows":
         return "rows (forced)"
     _, _, batch, hidden, _, _ = SWEEP_SHAPES[shape]
-    layout = choose_layout(members, batch, hidden, sweep.sms)
+    layout = choose_layout(members, batch, hidden, sweep.sms, max_rows=widest_rows(precision))
     if layout is None:
         return "none fits"
     used = members * layout.programs(batch, hidden)
@@ -560,7 +563,7 @@ def warm_up(sweep: Sweep, points: list[Point]) -> None:
     args = sweep.args
     todo: dict[tuple[str, str, str], Point] = {}
     for point in points:
-        layout = predicted_layout(sweep, point.shape, point.members).split(" ")[0]
+        layout = predicted_layout(sweep, point.shape, point.members, point.precision).split(" ")[0]
         if layout == "none" and point.precision == "fp32":
             continue
         todo.setdefault((point.shape, point.precision, layout), point)
@@ -632,7 +635,7 @@ def run_packs(sweep: Sweep, runner: Runner, shape: str, precision: str) -> None:
     previous: tuple[int, float] | None = None  # (K, ms) of the last measured pack here
     capped = ""
     steps_per_point = args.rounds * args.steps + 1 + WARMUP_STEPS + 1
-    for members, auto in sizes(sweep, shape):
+    for members, auto in sizes(sweep, shape, precision):
         point = Point(shape, precision, members, auto)
         if capped:
             sweep.notes[point] = capped
@@ -687,10 +690,10 @@ def print_table(sweep: Sweep) -> None:
             f"{'ms/trial':>10}{'/ cuDNN':>9}{'eval ms':>10}  note"
         )
         for precision in sweep.args.precisions:
-            for members, auto in sizes(sweep, shape):
+            for members, auto in sizes(sweep, shape, precision):
                 point = Point(shape, precision, members, auto)
                 k = f"{members} auto" if auto else str(members)
-                layout = predicted_layout(sweep, shape, members)
+                layout = predicted_layout(sweep, shape, members, precision)
                 result = sweep.packs.get(point)
                 if result is None:
                     note = sweep.notes.get(point, "not measured")
@@ -887,7 +890,7 @@ def main() -> None:
         Point(shape, precision, members, auto)
         for precision in args.precisions
         for shape in args.shapes
-        for members, auto in sizes(sweep, shape)
+        for members, auto in sizes(sweep, shape, precision)
     ]
     checked = True
     try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from study import pack_layout, vocabulary
-from study.config import INT_FIELDS, TrialConfig
+from study.config import INT_FIELDS, TrialConfig, resolve_precision
 from study.errors import ConfigError
 from study.overrides import overrides_text
 from study.pack_layout import KNOWN_GPUS, GpuModel
@@ -113,7 +113,15 @@ def auto_pack_size(config: TrialConfig, gpu: GpuModel | None) -> int:
     to the CPU (device: cpu), which no GPU's SM count sizes."""
     if gpu is None or config.device == "cpu":
         return 1
-    return pack_layout.resident_pack(config.batch_size, config.hidden_size, gpu.sms)
+    rows = _widest_rows(config.precision)
+    return pack_layout.resident_pack(config.batch_size, config.hidden_size, gpu.sms, rows)
+
+
+def _widest_rows(precision: str) -> int:
+    """The most batch rows per split program for a trial's precision on a GPU: full fp32 spills
+    registers beyond 32 rows, tf32 (what auto is on a GPU) compiles to 128
+    (pack_layout.WIDEST_ROWS), so an fp32 pack holds fewer trials."""
+    return pack_layout.widest_rows(resolve_precision(precision, "cuda"))
 
 
 def gpu_label(gpu: GpuModel) -> str:
@@ -402,9 +410,10 @@ def _auto_pack_lines(plan: Plan) -> list[str]:
         return ["  packs: auto -> 1 (no GPU here; --gpu NAME sizes packs for one)"]
     lines: list[str] = []
     shapes = dict.fromkeys(
-        (t.config.batch_size, t.config.hidden_size, t.config.device == "cpu") for t in plan.trials
+        (c.batch_size, c.hidden_size, c.precision, c.device == "cpu")
+        for c in (t.config for t in plan.trials)
     )
-    for batch, hidden, on_cpu in shapes:
+    for batch, hidden, precision, on_cpu in shapes:
         where = f"at batch {batch}, hidden {hidden}"
         if on_cpu:
             lines.append(f"  packs: auto -> 1 {where} (device cpu: no GPU to fill)")
@@ -413,12 +422,15 @@ def _auto_pack_lines(plan: Plan) -> list[str]:
             why = f"hidden > {pack_layout.MAX_HIDDEN}: the row kernels, a trial at a time"
             lines.append(f"  packs: auto -> 1 trial per pack on {gpu_label(gpu)} {where} ({why})")
             continue
-        size = pack_layout.resident_pack(batch, hidden, gpu.sms)
+        rows = _widest_rows(precision)
+        size = pack_layout.resident_pack(batch, hidden, gpu.sms, rows)
         trials = "trial" if size == 1 else "trials"
-        programs = pack_layout.layouts(batch)[-1].programs(batch, hidden)  # the widest layout
+        widest = pack_layout.layouts(batch, max_rows=rows)[-1]
+        programs = widest.programs(batch, hidden)
         lines.append(
             f"  packs: auto -> {size} {trials} per pack on {gpu_label(gpu)} ({gpu.sms} SMs; "
-            f"{programs} programs per trial {where})"
+            f"{programs} programs of {widest.rows} rows per trial {where}, precision "
+            f"{resolve_precision(precision, 'cuda')})"
         )
     return lines
 

@@ -35,6 +35,7 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "HDETACH_TRITON_BLOCK_B": ("16", "32", "64"),
     "HDETACH_TRITON_WARPS": ("auto", "1", "2", "4", "8", "16"),
     "HDETACH_TRITON_SPLIT_UNITS": ("16", "32"),
+    "HDETACH_TRITON_SPLIT_ROWS": ("auto", "16", "32", "64", "128"),  # auto: choose_layout
     "HDETACH_TRITON_SPLIT_WARPS": ("auto", "1", "2", "4", "8"),
     "HDETACH_TRITON_IEEE_SLICE": ("16", "32"),
 }

@@ -194,12 +194,12 @@ def test_plan_sizes_auto_packs_for_a_named_gpu(capsys: pytest.CaptureFixture[str
     assert main(["plan", str(FIG4), "--gpu", "h200"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert (
-        "  packs: auto -> 18 trials per pack on h200 (132 SMs; 7 programs per trial at batch "
-        "100, hidden 100)"
+        "  packs: auto -> 18 trials per pack on h200 (132 SMs; 7 programs of 128 rows per trial "
+        "at batch 100, hidden 100, precision tf32)"
     ) in lines
     assert "  t0009  p0000  method=h_detach p_detach=0.25 seed=4" in lines  # all 10 in one
     assert main(["plan", str(PAPER / "fig2_copying.yaml"), "--gpu", "h100"]) == 0
-    assert "auto -> 16 trials per pack on h100 (132 SMs; 8 programs per trial at batch 100, " in (
+    assert "auto -> 16 trials per pack on h100 (132 SMs; 8 programs of 128 rows per trial at " in (
         capsys.readouterr().out
     )
     # Each job of an array plans the same packs: the commands carry the GPU.

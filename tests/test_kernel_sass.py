@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -72,8 +73,14 @@ def test_stats_count_the_loop_only(tmp_path: Path, capsys) -> None:
     barrier = "        /*0030*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;\n"
     sass = LOOP.format(a=3, b=5).replace("        /*0300*/", barrier + "        /*0300*/")
     folder = _dump(tmp_path / "a", k=sass, other=LOOP.format(a=3, b=5))
-    kernel_sass.stats(folder, "k")
-    header, row = capsys.readouterr().out.strip().splitlines()
-    assert header.split() == ["kernel", "loop", "BAR.SYNC", "HMMA", "LDG", "STG", "MEMBAR"]
+    usage = {"warps": 8, "registers": 124, "spill_bytes": 0, "shared": 49152}
+    (folder / "k.json").write_text(json.dumps(usage))  # as dump writes it beside the SASS
+    kernel_sass.stats(folder, "*")
+    header, row, other = capsys.readouterr().out.strip().splitlines()
+    assert header.split() == [
+        *("kernel", "loop", "BAR.SYNC", "HMMA", "HGMMA", "LDG", "STG", "MEMBAR"),
+        *("warps", "regs", "spill", "shared"),
+    ]
     # The loop: HMMA, BAR.SYNC, FMUL and its branch; the MOV before and the EXIT after are not.
-    assert row.split() == ["k", "4", "1", "1", "0", "0", "0"]
+    assert row.split() == ["k", "4", "1", "1", "0", "0", "0", "0", "8", "124", "0", "49152"]
+    assert other.split()[-4:] == ["-"] * 4  # no resources dumped

@@ -269,16 +269,27 @@ def test_pack_auto_fills_an_h200_with_pixel_mnist_trials() -> None:
     assert [len(p.trials) for p in plan.packs] == [10]
     text = space.plan_text(plan).splitlines()
     assert (
-        "  packs: auto -> 18 trials per pack on h200 (132 SMs; 7 programs per trial at batch "
-        "100, hidden 100)"
+        "  packs: auto -> 18 trials per pack on h200 (132 SMs; 7 programs of 128 rows per trial "
+        "at batch 100, hidden 100, precision tf32)"
     ) in text
     assert "  10 trials in 1 pack of <= 18 (one batched model and one Ray trial per pack):" in text
+
+
+def test_pack_auto_in_fp32_holds_fewer_trials() -> None:
+    # Full fp32 split kernels spill beyond 32 rows a program (pack_layout.WIDEST_ROWS): 28
+    # programs a trial, 132 // 28 = 4 trials; the 10 trials make packs of 4, 4 and 2.
+    spec = load_spec(PAPER / "fig4_pixel_mnist_no_clip.yaml", overrides=["fixed.precision=fp32"])
+    plan = space.make_plan(spec, H200)
+    assert plan.pack_size == 4 and [len(p.trials) for p in plan.packs] == [4, 4, 2]
+    assert "28 programs of 32 rows per trial at batch 100, hidden 100, precision fp32" in (
+        space.plan_text(plan)
+    )
 
 
 def test_pack_auto_at_copying_hidden_128_is_16_per_pack() -> None:
     plan = space.make_plan(load_spec(PAPER / "fig5_copying_c_detach.yaml"), H200)
     assert plan.pack_size == 16 and [len(p.trials) for p in plan.packs] == [15]
-    assert "8 programs per trial at batch 100, hidden 128" in space.plan_text(plan)
+    assert "8 programs of 128 rows per trial at batch 100, hidden 128" in space.plan_text(plan)
 
 
 def test_pack_auto_without_a_gpu_plans_as_before() -> None:

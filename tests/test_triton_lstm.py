@@ -196,7 +196,7 @@ def test_a_split_kernel_failure_leaves_the_row_kernels(monkeypatch) -> None:
     monkeypatch.setenv(triton_lstm.ENV_PRECISION, "tf32")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        triton_lstm._give_up(100, RuntimeError("no"), split=True)
+        triton_lstm._give_up(100, RuntimeError("no"), split=triton_lstm.triton_split.NARROW)
     assert triton_lstm._split_key(100) in triton_lstm._failed
     assert triton_lstm._key(100) not in triton_lstm._failed
     assert "then the row kernels" in str(caught[0].message)
@@ -455,9 +455,11 @@ def _programs_as_threads(timeout: float = 60.0) -> Iterator[None]:
         interpreter.GridExecutor.__call__ = original_call
 
 
-def _split_apply(precision: str, units: int = 16, sync: str = "barrier", handoff: str = "gates"):
+def _split_apply(
+    precision: str, units: int = 16, sync: str = "barrier", handoff: str = "gates", rows: int = 16
+):
     def apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, keep_h, keep_c):
-        launch = (precision, units, sync, handoff)
+        launch = (precision, units, sync, handoff, rows)
         return SplitFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, keep_h, keep_c, launch)
 
     return apply
@@ -477,9 +479,10 @@ class SplitFunction(torch.autograd.Function):
         all_h = x.new_empty(steps + 1, members, batch, hidden)
         all_c = torch.empty_like(all_h)
         all_h[0], all_c[0] = h0, c0
-        precision, units, sync, handoff = ctx.launch = launch
-        warps = triton_split.default_warps(precision, sync)
-        triton_split.forward(gates, w_hh.contiguous(), all_h, all_c, precision, warps, units, sync)
+        precision, units, sync, handoff, rows = ctx.launch = launch
+        warps = triton_split.default_warps(precision, sync, rows=rows)
+        layout, weights = triton_split.Layout(rows, units), w_hh.contiguous()
+        triton_split.forward(gates, weights, all_h, all_c, precision, warps, layout, sync)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, w_ih, w_hh, all_h, all_c, gates, keep_h, keep_c)
         return all_h[1:], all_h[steps], all_c[steps]
@@ -490,7 +493,7 @@ class SplitFunction(torch.autograd.Function):
         from study.models.step_lstm import parameter_grads
 
         x, w_ih, w_hh, all_h, all_c, gates, keep_h, keep_c = ctx.saved_tensors
-        precision, units, sync, handoff = ctx.launch
+        precision, units, sync, handoff, rows = ctx.launch
         grad_gates = torch.empty_like(gates)
         grad_h0, grad_c0 = torch.empty_like(all_h[0]), torch.empty_like(all_h[0])
         triton_split.backward(
@@ -501,8 +504,8 @@ class SplitFunction(torch.autograd.Function):
             (keep_h, keep_c),
             (grad_gates, grad_h0, grad_c0),
             precision,
-            triton_split.default_warps(precision, sync, handoff),
-            units,
+            triton_split.default_warps(precision, sync, handoff, rows),
+            triton_split.Layout(rows, units),
             sync,
             handoff,
         )

@@ -24,13 +24,17 @@ ENV_SWITCH, ENV_PRECISION = "HDETACH_TRITON", "HDETACH_TRITON_PRECISION"
 ENV_BLOCK_B, ENV_WARPS = "HDETACH_TRITON_BLOCK_B", "HDETACH_TRITON_WARPS"
 # Which kernels: the hidden-split ones (study/models/triton_split.py) split the time loop over
 # hidden units with a barrier per step and need every program resident at once, so they serve
-# one trial or a small pack: "auto" (or "split") takes them where they fit; "rows" gives each
-# program batch rows for the whole sequence. Measured on an H100 at pixel MNIST, tf32: split
+# one trial, or a pack at more batch rows a program (ENV_SPLIT_ROWS) up to one that fills the
+# GPU: "auto" (or "split") takes them where they fit; "rows" gives each program batch rows
+# for the whole sequence. Measured on an H100 at pixel MNIST, tf32: split
 # 5.1 ms per forward + backward, rows 14.2 (benchmarks/results/h100.txt).
 ENV_KERNEL, ENV_SPLIT_WARPS = "HDETACH_TRITON_KERNEL", "HDETACH_TRITON_SPLIT_WARPS"
 ENV_SPLIT_UNITS = "HDETACH_TRITON_SPLIT_UNITS"  # hidden units per split program
 ENV_SPLIT_SYNC = "HDETACH_TRITON_SPLIT_SYNC"  # barrier or tagged (triton_split.exchange)
 ENV_SPLIT_BACKWARD = "HDETACH_TRITON_SPLIT_BACKWARD"  # gates or partials (triton_split.backward)
+# Batch rows per split program: auto takes pack_layout.choose_layout's (16 rows where a trial's
+# programs fit beside the pack's others, else wider: a whole pack resident at once).
+ENV_SPLIT_ROWS = "HDETACH_TRITON_SPLIT_ROWS"
 # Reduction slice of the full-fp32 products (see _product_from_memory).
 ENV_IEEE_SLICE = "HDETACH_TRITON_IEEE_SLICE"
 # The kernels each forward ran ("split", "rows"), for benchmarks to label what they timed.
@@ -79,23 +83,42 @@ def precision() -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _split(x: torch.Tensor, members: int, batch: int, hidden: int) -> bool:
-    """Whether the hidden-split kernels run (see ENV_KERNEL); never in the interpreter, which
-    runs programs one after another, so a barrier across programs would never open; nor once
-    they failed in this configuration (the row kernels take over)."""
+def _split_layout(
+    x: torch.Tensor, members: int, batch: int, hidden: int
+) -> triton_split.Layout | None:
+    """The hidden-split kernels' layout where they run (see ENV_KERNEL, ENV_SPLIT_ROWS), else
+    None; never in the interpreter, which runs programs one after another, so a barrier across
+    programs would never open; nor once they failed in this configuration (the row kernels
+    take over)."""
     if switch(ENV_KERNEL) == "rows" or interpreting() or not x.is_cuda:
-        return False
-    if _failed and _split_key(hidden) in _failed:  # (nothing to look up on the usual path)
-        return False
-    return triton_split.fits(members, batch, hidden, x.device, _split_units())
+        return None
+    rows = switch(ENV_SPLIT_ROWS)
+    layout = triton_split.launch_layout(
+        members,
+        batch,
+        hidden,
+        triton_split.multiprocessors(x.device),
+        _split_units(),
+        None if rows == "auto" else int(rows),
+        precision(),
+        switch(ENV_SPLIT_SYNC),
+    )
+    if layout is None or (_failed and _split_key(hidden, layout.rows) in _failed):
+        return None
+    return layout
 
 
-def _split_warps(backward: bool) -> int:
+def _split_warps(backward: bool, rows: int = triton_split.BLOCK_ROWS) -> int:
     warps = switch(ENV_SPLIT_WARPS)
     if warps != "auto":
         return int(warps)
-    handoff = switch(ENV_SPLIT_BACKWARD) if backward else None
-    return triton_split.default_warps(precision(), switch(ENV_SPLIT_SYNC), handoff)
+    handoff = _split_handoff(rows) if backward else None
+    return triton_split.default_warps(precision(), switch(ENV_SPLIT_SYNC), handoff, rows)
+
+
+def _split_handoff(rows: int) -> str:
+    """The backward's handoff: the switch's at 16 rows, the partial sums wider."""
+    return triton_split.backward_handoff(rows, switch(ENV_SPLIT_BACKWARD))
 
 
 def _split_units() -> int:
@@ -107,15 +130,16 @@ def _key(hidden: int) -> tuple:
     return (_padded(hidden), *tuning(hidden), precision())
 
 
-def _split_key(hidden: int) -> tuple:
-    """The split kernels' configuration, as _failed remembers it (apart from the rows')."""
-    launch = (switch(ENV_SPLIT_SYNC), switch(ENV_SPLIT_BACKWARD), _split_units())
+def _split_key(hidden: int, rows: int = triton_split.BLOCK_ROWS) -> tuple:
+    """The split kernels' configuration, as _failed remembers it: a wide layout that failed
+    leaves the 16-row one (and the others) to be tried."""
+    launch = (switch(ENV_SPLIT_SYNC), _split_handoff(rows), _split_units(), rows)
     return (
         "split",
         _padded(hidden),
         *launch,
-        _split_warps(False),
-        _split_warps(True),
+        _split_warps(False, rows),
+        _split_warps(True, rows),
         precision(),
     )
 
@@ -140,8 +164,9 @@ def supports(
     if precision() == "ieee" and switch(ENV_PRECISION) != "ieee":
         # Full-fp32 tl.dot in the rows kernels spills registers: measured on an H100 they are
         # 2.5-3.4x slower than the per-step path, so fp32 runs Triton only where the split
-        # kernels fit (as fast as the per-step path or faster); packs take the per-step path.
-        return _split(x, x.shape[1], x.shape[2], hidden)
+        # kernels fit (as fast as the per-step path or faster; for a pack, at up to 32 rows a
+        # program: pack_layout.WIDEST_ROWS); larger packs take the per-step path.
+        return _split_layout(x, x.shape[1], x.shape[2], hidden) is not None
     return True
 
 
@@ -158,11 +183,12 @@ def _row_tiles(hidden: int, block_b: int) -> dict[str, int | bool]:
     }
 
 
-def _give_up(hidden: int, error: Exception, split: bool) -> None:
+def _give_up(hidden: int, error: Exception, split: triton_split.Layout | None) -> None:
     """Remember a failed configuration and say once that the eager path takes over (for this
-    call; after a split kernel's failure, later calls take the row kernels)."""
-    if split:
-        _failed.add(_split_key(hidden))
+    call; after a split kernel's failure in layout `split`, later calls take the row kernels
+    or another layout)."""
+    if split is not None:
+        _failed.add(_split_key(hidden, split.rows))
         path = "the eager CUDA path for this step, then the row kernels"
         message = f"Triton split LSTM kernel failed, using {path}: {error!r}"
     else:
@@ -204,10 +230,10 @@ class TritonMaskedLSTM(torch.autograd.Function):
         weight_hh_t = weight_hh.transpose(1, 2).contiguous()
         block_b, warps = tuning(hidden)
         prec = precision()
-        ctx.split = _split(x, members, batch, hidden)
-        used.add("split" if ctx.split else "rows")
+        ctx.split = _split_layout(x, members, batch, hidden)
+        used.add("rows" if ctx.split is None else "split")
         try:
-            if ctx.split:
+            if ctx.split is not None:
                 all_h[0].copy_(h0)
                 all_c[0].copy_(c0)
                 triton_split.forward(
@@ -216,8 +242,8 @@ class TritonMaskedLSTM(torch.autograd.Function):
                     all_h,
                     all_c,
                     prec,
-                    _split_warps(backward=False),
-                    _split_units(),
+                    _split_warps(False, ctx.split.rows),
+                    ctx.split,
                     switch(ENV_SPLIT_SYNC),
                 )
             else:
@@ -268,7 +294,7 @@ class TritonMaskedLSTM(torch.autograd.Function):
         grads = (grad_output, grad_h_n, grad_c_n)
         outputs = (grad_gates, grad_h0, grad_c0)
         try:
-            if ctx.split:
+            if ctx.split is not None:
                 triton_split.backward(
                     gates,
                     all_c,
@@ -277,10 +303,10 @@ class TritonMaskedLSTM(torch.autograd.Function):
                     (keep_h, keep_c),
                     outputs,
                     ctx.precision,
-                    _split_warps(backward=True),
-                    _split_units(),
+                    _split_warps(True, ctx.split.rows),
+                    ctx.split,
                     switch(ENV_SPLIT_SYNC),
-                    switch(ENV_SPLIT_BACKWARD),
+                    _split_handoff(ctx.split.rows),
                 )
             else:
                 _backward_kernel[(members, triton.cdiv(batch, block_b))](

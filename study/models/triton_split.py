@@ -1,8 +1,12 @@
-"""Persistent Triton LSTM kernels split over hidden units, exchanging each step (one trial)."""
+"""Persistent Triton LSTM kernels split over hidden units, exchanging each step (a trial's
+programs among themselves, so a pack's trials step side by side: study/pack_layout.py)."""
 
 from __future__ import annotations
 
 import torch
+
+from study import pack_layout
+from study.pack_layout import Layout, choose_layout, widest_rows
 
 try:  # triton_lstm.py decides whether these kernels run; this module only holds them
     import triton
@@ -11,14 +15,64 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None
     tl = None
 
-# Rows and hidden units per program. tl.dot needs 16 in every dimension. Fewer units per
-# program means more programs at each step's barrier, but a shorter product for each.
+# Rows and hidden units per program (study/pack_layout.py chooses the rows per launch). tl.dot
+# needs 16 in every dimension. Fewer units per program means more programs at each step's
+# barrier, but a shorter product for each.
 BLOCK_ROWS = 16
 BLOCK_UNITS = 16
-MAX_HIDDEN = 128  # the whole h row tile (16 x 128) is one tl.dot operand
+NARROW = Layout(BLOCK_ROWS, BLOCK_UNITS)  # one trial's layout: the most programs per trial
+MAX_HIDDEN = pack_layout.MAX_HIDDEN  # the whole h row tile (rows x 128) is one tl.dot operand
 
 
-def default_warps(precision: str, sync: str, handoff: str | None = None) -> int:
+# Warps per program at the wide layouts (rows > 16, 16 units; their backward always takes the
+# partial sums: see backward_handoff()), by (rows, tl.dot precision, exchange, kernel): the 16-row
+# choice (default_warps, measured fastest there) where it holds the program without spilling,
+# else the fewest warps that do. No GPU has timed these yet. Registers per thread / spilled
+# bytes per thread, compiled for an H100 (sm_90, Triton 3.8, ptxas and cuobjdump of its wheel:
+# benchmarks/kernel_sass.py stats), H = 100 and H = 128, at 4 | 8 | 16 warps:
+#   32 tf32 barrier forward     168/0 127/0  | 124/0 124/0 * | 60/0 56/0
+#   64 tf32 barrier forward     255/112 255/88 | 198/0 206/0 * | 107/0 113/0
+#  128 tf32 barrier forward     255/1176 255/1336 | 255/88 255/88 | 128/0 123/0 *
+#   32 tf32 tagged forward      142/0 194/0  | 164/0 176/0 * | 76/0 74/0
+#   64 tf32 tagged forward      255/32 255/488 | 253/0 253/0 * | 128/0 122/0
+#   32 ieee barrier forward     255/720 255/696 | 255/24 255/0 * | 128/208 128/168
+#   32 tf32 barrier backward    162/0 164/0 * | 120/0 120/0 | 64/0 64/0
+#   64 tf32 barrier backward    255/0 255/8  | 201/0 201/0 * | 108/0 108/0
+#  128 tf32 barrier backward    255/1632 255/1680 | 255/0 255/0 * | 128/48 128/48
+#   32 tf32 tagged backward     190/0 198/0 * | 151/0 155/0 | 80/0 82/0
+#   64 tf32 tagged backward     255/416 255/440 | 242/0 255/0 * | 122/0 115/0
+#   32 ieee barrier backward    255/560 255/336 | 32/3528 32/3528 | 64/0 64/0 *
+# tf32x3 (three TF32 products, a benchmark option) takes tf32's warps: 32 rows, barrier: the
+# forward 255/8, the backward 4 warps; 64 rows, tagged: 255/0 both (8 warps). Wider, and the
+# layouts missing here, spill at every warps (pack_layout.WIDEST_ROWS).
+WIDE_WARPS: dict[tuple[int, str, str, str], int] = {
+    (32, "tf32", "barrier", "forward"): 8,
+    (64, "tf32", "barrier", "forward"): 8,
+    (128, "tf32", "barrier", "forward"): 16,
+    (32, "tf32", "tagged", "forward"): 8,
+    (64, "tf32", "tagged", "forward"): 8,
+    (32, "ieee", "barrier", "forward"): 8,
+    (32, "tf32", "barrier", "backward"): 4,
+    (64, "tf32", "barrier", "backward"): 8,
+    (128, "tf32", "barrier", "backward"): 8,
+    (32, "tf32", "tagged", "backward"): 4,
+    (64, "tf32", "tagged", "backward"): 8,
+    (32, "ieee", "barrier", "backward"): 16,
+}
+
+
+def backward_handoff(rows: int, asked: str) -> str:
+    """The backward's handoff at a layout: the one asked for (HDETACH_TRITON_SPLIT_BACKWARD) at
+    16 rows; wider, the partial sums, whose gather grows with rows x 16 x blocks words, where
+    the gates' grows with 4 x rows x H: its (4, rows, HP) tl.dot operand takes 160 KiB of shared
+    memory at 64 rows (spilling 592 bytes a thread at the best warps) and 288 KiB at 128 (more
+    than an SM has), and with the tagged exchange it spills at 32 rows already (616 bytes)."""
+    return asked if rows <= BLOCK_ROWS else "partials"
+
+
+def default_warps(
+    precision: str, sync: str, handoff: str | None = None, rows: int = BLOCK_ROWS
+) -> int:
     """Warps per program of the forward (handoff None) or the backward, as measured on an H100
     (pixel MNIST, benchmarks/results/h100.txt: gpu_check.sh's sweep, whose forward is the same
     kernel whatever the backward's handoff). Forward: 8 (tf32, barrier: 1.86 ms, 1.99 at 4; a
@@ -28,7 +82,12 @@ def default_warps(precision: str, sync: str, handoff: str | None = None) -> int:
     gates: 3.29 ms, 3.78 at 8), except where 4 spill registers (compiled for an H100 by
     tests/test_triton_lstm.py under Triton 3.8 and 3.6, the GPU machine's): full fp32 with the
     tagged exchange or the partial sums, and the tf32 tagged backward with gates, whose reader
-    holds 4 x 16 x 128 int64 words while it polls (64 a thread at 4 warps; partial sums: 14)."""
+    holds 4 x 16 x 128 int64 words while it polls (64 a thread at 4 warps; partial sums: 14).
+    Wider rows: WIDE_WARPS (a layout missing there spills at any warps: 16, the most)."""
+    if rows > BLOCK_ROWS:
+        dot = "ieee" if precision == "ieee" else "tf32"
+        kernel = "forward" if handoff is None else "backward"
+        return WIDE_WARPS.get((rows, dot, sync, kernel), 16)
     if handoff is None:
         return 8 if sync == "tagged" or precision != "ieee" else 4
     if precision == "ieee":
@@ -36,22 +95,49 @@ def default_warps(precision: str, sync: str, handoff: str | None = None) -> int:
     return 8 if sync == "tagged" and handoff == "gates" else 4
 
 
-def grid(members: int, batch: int, hidden: int, units: int = BLOCK_UNITS) -> tuple[int, int, int]:
+def grid(members: int, batch: int, hidden: int, layout: Layout = NARROW) -> tuple[int, int, int]:
     """(unit blocks, row blocks, members): unit blocks vary fastest, so the programs that wait
     for each other at every step's barrier are launched together."""
-    return (triton.cdiv(hidden, units), triton.cdiv(batch, BLOCK_ROWS), members)
+    return (triton.cdiv(hidden, layout.units), triton.cdiv(batch, layout.rows), members)
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's SMs: each can hold one split program (the most any launch may have)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def launch_layout(
+    members: int,
+    batch: int,
+    hidden: int,
+    sms: int,
+    units: int = BLOCK_UNITS,
+    rows: int | None = None,
+    precision: str = "tf32",
+    sync: str = "barrier",
+) -> Layout | None:
+    """The layout these kernels launch with, or None where no layout keeps every program
+    resident at once (one per SM at the least): programs spin at a barrier on the others of
+    their row block, so none may wait to be scheduled. (That holds while this process has the
+    GPU to itself or time-sliced, not under CUDA MPS, where another process's kernels may hold
+    SMs: there HDETACH_TRITON_KERNEL=rows.) `rows`: rows per program forced (a benchmark
+    sweep: any that fits, spilling or not), else pack_layout.choose_layout's: the most programs
+    per trial that fit, up to the widest rows that compile without spilling for this precision
+    and exchange (16 rows for 32 units, whose wide layouts nobody has compiled yet). `sms`:
+    the GPU's multiprocessors (multiprocessors())."""
+    if rows is None:
+        max_rows = widest_rows(precision, sync) if units == BLOCK_UNITS else BLOCK_ROWS
+        return choose_layout(members, batch, hidden, sms, units, max_rows)
+    forced = Layout(rows, units)
+    fit = hidden <= MAX_HIDDEN and members * forced.programs(batch, hidden) <= sms
+    return forced if fit else None
 
 
 def fits(
     members: int, batch: int, hidden: int, device: torch.device, units: int = BLOCK_UNITS
 ) -> bool:
-    """Whether every program can be resident at once (one per SM at the least): programs spin
-    at a barrier on the others of their row block, so none may wait to be scheduled. (That
-    holds while this process has the GPU to itself or time-sliced, not under CUDA MPS, where
-    another process's kernels may hold SMs: there HDETACH_TRITON_KERNEL=rows.)"""
-    unit_blocks, rows, members = grid(members, batch, hidden, units)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return hidden <= MAX_HIDDEN and unit_blocks * rows * members <= sms
+    """Whether some layout keeps every program resident at once (see launch_layout())."""
+    return launch_layout(members, batch, hidden, multiprocessors(device), units) is not None
 
 
 def exchange(
@@ -87,14 +173,14 @@ def forward(
     all_c: torch.Tensor,
     precision: str,
     warps: int,
-    units: int = BLOCK_UNITS,
+    layout: Layout = NARROW,
     sync: str = "barrier",
 ) -> None:
     """Fill all_h[1:], all_c[1:] (all_h[0], all_c[0] hold h0, c0) and turn `gates` (T, K, B, 4H)
     from pre-activations (input part) into the activated i|f|g|o. `sync`: see exchange()."""
     steps, members, batch, four_h = gates.shape
     hidden = four_h // 4
-    launch = grid(members, batch, hidden, units)
+    launch = grid(members, batch, hidden, layout)
     ring_step = members * batch * hidden if sync == "tagged" else 0
     arrivals, ring = exchange(members, launch[1], ring_step, sync, gates.device)
     _forward_kernel[launch](
@@ -110,8 +196,8 @@ def forward(
         members * batch * four_h,
         H=hidden,
         HP=max(16, triton.next_power_of_2(hidden)),
-        BB=BLOCK_ROWS,
-        HB=units,
+        BB=layout.rows,
+        HB=layout.units,
         PRECISION=precision,
         ONE_PRODUCT=precision != "ieee",
         TAGGED=sync == "tagged",
@@ -165,7 +251,7 @@ def backward(
     outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     precision: str,
     warps: int,
-    units: int = BLOCK_UNITS,
+    layout: Layout = NARROW,
     sync: str = "barrier",
     handoff: str = "gates",
 ) -> None:
@@ -176,14 +262,19 @@ def backward(
     program gathers all of them (4 x 16 x H words a step) and multiplies by its columns of W_hh;
     "partials": each multiplies its own by its rows of W_hh, a partial sum over the whole h row,
     and gathers the other blocks' partials of its own columns (blocks x 16 x 16 words: 4.6x
-    fewer at H = 100, read after the exchange; the product moves before it)."""
+    fewer at H = 100, read after the exchange; the product moves before it). Wider than 16
+    rows, always the partial sums (backward_handoff), added one block's tile at a time."""
     grad_output, grad_h_n, grad_c_n = grads
     keep_h, keep_c = keeps
     steps, members, batch, four_h = gates.shape
     hidden = four_h // 4
-    launch = grid(members, batch, hidden, units)
-    partials = handoff == "partials"
-    if partials:  # (K, unit blocks, B, H) a step, in a ring in both exchanges
+    launch = grid(members, batch, hidden, layout)
+    partials = backward_handoff(layout.rows, handoff) == "partials"
+    padded = max(16, triton.next_power_of_2(hidden))
+    blockwise = layout.rows > BLOCK_ROWS
+    if blockwise:  # (K, unit blocks, row blocks x rows, HP): see the kernel
+        ring_step = members * launch[0] * launch[1] * layout.rows * padded
+    elif partials:  # (K, unit blocks, B, H) a step, in a ring in both exchanges
         ring_step = members * launch[0] * batch * hidden
     else:  # the tagged ring carries the gate gradients; the barrier's readers load the output
         ring_step = members * batch * four_h if sync == "tagged" else 0
@@ -199,9 +290,9 @@ def backward(
         members * batch * four_h,
         ring_step,
         H=hidden,
-        HP=max(16, triton.next_power_of_2(hidden)),
-        BB=BLOCK_ROWS,
-        HB=units,
+        HP=padded,
+        BB=layout.rows,
+        HB=layout.units,
         UBP=triton.next_power_of_2(launch[0]),
         HAS_GRAD_OUT=grad_output is not None,
         HAS_GRAD_H=grad_h_n is not None,
@@ -211,6 +302,7 @@ def backward(
         PRECISION=precision,
         TAGGED=sync == "tagged",
         PARTIALS=partials,
+        BLOCKWISE=blockwise,
         num_warps=warps,
         num_stages=1,
     )
@@ -454,6 +546,7 @@ if triton is not None:
         PRECISION: tl.constexpr,
         TAGGED: tl.constexpr,
         PARTIALS: tl.constexpr,
+        BLOCKWISE: tl.constexpr,
     ):
         units, k, rows, cols, own, own_ok, counter = _program_tile(arrivals_ptr, B, H, BB, HB)
         inner = tl.arange(0, HP)
@@ -468,13 +561,22 @@ if triton is not None:
             w = tl.load(w, mask=w_ok, other=0.0)
             # A ring step holds (K, unit blocks, B, H) partial sums: this program writes its
             # block's (rows, all m), then reads every block's (rows, own units) and sums them.
-            blocks = tl.arange(0, UBP)
             block_count = tl.num_programs(0)
-            mine = ((k * block_count + units) * B + rows[:, None]) * H + inner[None, :]
-            mine_ok = (rows < B)[:, None] & (inner < H)[None, :]
-            theirs = (k * block_count + blocks[:, None, None]) * B + rows[None, :, None]
-            theirs = theirs * H + cols[None, None, :]
-            theirs_ok = (blocks < block_count)[:, None, None] & own_ok[None, :, :]
+            if BLOCKWISE:
+                # Wide rows: (K, unit blocks, row blocks x BB, HP), padded, so that the (BB, HP)
+                # partial goes out unmasked: its mask, held across the loop, spilled (128 rows,
+                # 16 warps: 168 bytes a thread, 48 without). Only rows < B, cols < H are read.
+                padded = tl.num_programs(1) * BB
+                mine = ((k * block_count + units) * padded + rows[:, None]) * HP + inner[None, :]
+                mine_ok = None
+                block_zero = (k * block_count * padded + rows[:, None]) * HP + cols[None, :]
+            else:
+                mine = ((k * block_count + units) * B + rows[:, None]) * H + inner[None, :]
+                mine_ok = (rows < B)[:, None] & (inner < H)[None, :]
+                blocks = tl.arange(0, UBP)
+                theirs = (k * block_count + blocks[:, None, None]) * B + rows[None, :, None]
+                theirs = theirs * H + cols[None, None, :]
+                theirs_ok = (blocks < block_count)[:, None, None] & own_ok[None, :, :]
         else:
             gate_of = tl.arange(0, 4)[:, None, None]
             # dh_{t-1}[:, own] = sum over gates q of dgates_q (B, H) @ W_hh[q H : q H + H, own],
@@ -547,7 +649,19 @@ if triton is not None:
             # Every program of the row block's share of step s.
             if not TAGGED:
                 _wait(counter, tl.num_programs(0) * (s + 1))
-            if PARTIALS:
+            if PARTIALS and BLOCKWISE:
+                # One (BB, HB) tile of partials per unit block, added as it comes: block b's
+                # tile of this program's rows and units sits (k (blocks - 1) + b) B H words
+                # past `own`, so no (blocks, BB, HB) offsets, masks and values stay live.
+                dh = tl.zeros((BB, HB), dtype=tl.float32)
+                for block in tl.static_range((H + HB - 1) // HB):  # every block: one mask
+                    part = slot + block_zero + block * padded * HP
+                    if TAGGED:
+                        dh += _collect(part, own_ok, tag)
+                    else:
+                        dh += tl.load(part, mask=own_ok, other=0.0, cache_modifier=".cg")
+                dh = dh * keep_h
+            elif PARTIALS:
                 if TAGGED:
                     parts = _collect(slot + theirs, theirs_ok, tag)
                 else:
