@@ -334,7 +334,7 @@ def import_results(
     from study import tracking
     from study.space import make_plan
     from study.tracking import imports
-    from study.tracking.tags import pack_tags, parent_status
+    from study.tracking.tags import pack_gpu_from_tags, pack_tags, parent_status
 
     found = _gather(folders)
     refusals = [message for _, _, message in found if message]
@@ -358,8 +358,9 @@ def import_results(
         for path, record in records:
             try:
                 check_same_study(record, first.name, space_hash, path)
-                if plan is None:
-                    plan = make_plan(study_spec(record.study, study_name, path), record.plan_gpu)
+                if plan is None:  # sized as the study already is, else as its first file
+                    gpu = pack_gpu_from_tags(parent.tags) if parent else record.plan_gpu
+                    plan = make_plan(study_spec(record.study, study_name, path), gpu)
                 _check_planned(record, plan, path)
             except ResultError as error:
                 refusals.append(str(error))
@@ -466,7 +467,7 @@ def _check_planned(record: TrialRecord, plan: Plan, path: Path) -> None:
         others = f"for {plan.gpu.name}" if plan.gpu else "without a GPU"
         raise ResultError(
             f"{path}: its packs (resources.pack: auto) were planned {sized}, the study's "
-            f"first file's {others}: train them with one --gpu"
+            f"{others}: train them with one --gpu"
         )
     planned = {trial.trial_id: trial for trial in plan.trials}
     trial = planned.get(record.trial_id)

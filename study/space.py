@@ -94,6 +94,8 @@ def make_plan(spec: StudySpec, gpu: GpuModel | None = None) -> Plan:
     `study plan --commands`) must be made for the same one, so that its packs are the same.
     """
     check_size(spec)
+    if spec.resources.pack != AUTO_PACK:
+        gpu = None  # an integer pack is the same on every machine: nothing to record or compare
     if spec.search.searcher == "optuna":  # one trial at a time: auto is 1, an integer > 1 refused
         return Plan(spec, (), (), tuple(_plan_cells(spec)), _roles(spec), gpu)
     trials = tuple(plan_trials(spec))
@@ -429,7 +431,8 @@ def _auto_pack_lines(plan: Plan) -> list[str]:
         programs = widest.programs(batch, hidden)
         lines.append(
             f"  packs: auto -> {size} {trials} per pack on {gpu_label(gpu)} ({gpu.sms} SMs; "
-            f"{programs} programs of {widest.rows} rows per trial {where}, precision "
+            f"{programs} program{'s' if programs > 1 else ''} of {widest.rows} rows per trial "
+            f"{where}, precision "
             f"{resolve_precision(precision, 'cuda')})"
         )
     return lines

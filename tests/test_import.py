@@ -17,9 +17,11 @@ from mlflow import MlflowClient
 
 from study import results, tracking
 from study.cli import main
+from study.pack_layout import KNOWN_GPUS
 from study.pack_runner import run_space
 from study.space import make_plan
 from study.spec import load_spec
+from study.tracking.tags import pack_gpu_from_tags
 
 QUICK = REPO / "search_spaces" / "quick.yaml"
 # Tags that name a run, a machine or a moment, not what the trial was: they may differ.
@@ -254,3 +256,75 @@ def test_the_shipped_results_import_into_their_study(tmp_path: Path) -> None:
     assert record.budget()["fraction"] == 1.0 and not record.study.smoke
     reported = study_cli("report", "quick", "--output", str(tmp_path / "store"))
     assert reported.returncode == 0, reported.stdout + reported.stderr
+
+
+def trained_for(space: Path, gpu: str | None, out: Path, *more: str) -> Path:
+    """`study trial --space SPACE [--gpu GPU] --out OUT`, as a user trains a space's packs."""
+    sized = ["--gpu", gpu] if gpu else []
+    assert main(["trial", "--space", str(space), *sized, "--out", str(out), *more]) == 0
+    return out
+
+
+@pytest.fixture
+def auto_space(tmp_path: Path) -> Path:
+    """tiny_copying with `resources.pack: auto` on `device: auto`: for an H200 (or an A100),
+    its 4 trials of one program each make one pack; without a GPU, 4 packs of 1."""
+    body = tiny_copying(fixed={"device": "auto"}, resources={"pack": "auto"})
+    return write_space(tmp_path, "auto_tiny", body)
+
+
+def test_the_gpu_the_files_were_planned_for_is_the_studys(
+    auto_space: Path, tmp_path: Path, capsys
+) -> None:
+    h200 = trained_for(auto_space, "h200", tmp_path / "h200")
+    store = tmp_path / "store"
+    assert main(["import", str(h200), "--output", str(store)]) == 0
+    contents = store_contents(uri(store), "auto_tiny")
+    tags = contents["parent"]["tags"]
+    assert pack_gpu_from_tags(tags) == KNOWN_GPUS["h200"] and tags["study.pack_auto"] == "132"
+    # `study resume` and later imports plan from these tags: the packs the files were trained in.
+    plan = make_plan(load_spec(auto_space), pack_gpu_from_tags(tags))
+    assert [[t.trial_id for t in pack.trials] for pack in plan.packs] == [
+        ["t0000", "t0001", "t0002", "t0003"]
+    ]
+    for trial in plan.trials:
+        trial_tags = contents[trial.trial_id]["tags"]
+        assert (trial_tags["study.pack"], trial_tags["study.pack_size"]) == ("p0000", "4")
+
+    # Files of the same space planned for an A100, imported with them: refused, one line each,
+    # and the H200 files import as alone.
+    a100 = trained_for(auto_space, "a100", tmp_path / "a100")
+    capsys.readouterr()
+    both = tmp_path / "both"
+    assert main(["import", str(h200), str(a100), "--output", str(both)]) == 1
+    refused = [line for line in capsys.readouterr().out.splitlines() if "refused" in line]
+    assert refused == [
+        f"refused: {a100 / f't000{n}.json'}: its packs (resources.pack: auto) were planned for "
+        f"{KNOWN_GPUS['a100'].name}, the study's for {KNOWN_GPUS['h200'].name}: "
+        "train them with one --gpu"
+        for n in range(4)
+    ]
+    assert store_contents(uri(both), "auto_tiny") == contents
+
+
+def test_files_planned_for_another_gpu_are_refused_by_an_existing_study(
+    auto_space: Path, tmp_path: Path, capsys
+) -> None:
+    h200 = trained_for(auto_space, "h200", tmp_path / "h200", "--trials", "t0000")
+    store = tmp_path / "store"
+    assert main(["import", str(h200), "--output", str(store)]) == 0
+    before = store_contents(uri(store), "auto_tiny")
+    unsized = trained_for(auto_space, None, tmp_path / "unsized")  # 4 packs of 1
+    capsys.readouterr()
+    assert main(["import", str(unsized), "--output", str(store)]) == 1
+    refused = [line for line in capsys.readouterr().out.splitlines() if "refused" in line]
+    assert len(refused) == 4 and all("without a GPU" in line for line in refused), refused
+    assert store_contents(uri(store), "auto_tiny") == before
+
+
+def test_a_fixed_pack_size_imports_whatever_gpu_the_files_name(tmp_path: Path) -> None:
+    space = write_space(tmp_path, "fixed_packs", tiny_copying(resources={"pack": 2}))
+    sized = trained_for(space, "h200", tmp_path / "sized", "--pack", "p0000")
+    # `study trial --space` on a GPU machine is sized for its own GPU (--gpu local) by default.
+    unsized = trained_for(space, None, tmp_path / "unsized", "--pack", "p0001")
+    assert main(["import", str(sized), str(unsized), "--output", str(tmp_path / "store")]) == 0

@@ -190,5 +190,5 @@ def test_a_file_from_before_precision_auto_still_belongs_to_its_plan(tmp_path: P
     with pytest.raises(ResultError, match="its config is not the plan's for t0000"):
         results._check_planned(on_gpu, plan, path)  # there auto is tf32: another trial
     sized = record(trial_id=planned.trial_id, config=planned.config, plan_gpu=KNOWN_GPUS["h100"])
-    with pytest.raises(ResultError, match=r"planned for NVIDIA H100 .*first file's without a"):
+    with pytest.raises(ResultError, match=r"planned for NVIDIA H100 .*study's without a"):
         results._check_planned(sized, plan, path)

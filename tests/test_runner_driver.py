@@ -32,10 +32,13 @@ from runner_fixtures import (
 )
 
 from study import space, tracking
+from study.cli import main
 from study.errors import ConfigError
+from study.pack_layout import KNOWN_GPUS
 from study.runner import resume_study
 from study.runner.state import STATE_FILE, TRIAL_STATES, StudyState
 from study.spec import load_spec
+from study.tracking.tags import pack_gpu_from_tags
 
 
 @pytest.mark.slow
@@ -473,3 +476,80 @@ def test_failing_pack_fails_each_member_in_its_own_run(tmp_path: Path, ray_clust
     for trial_id in ("t0002", "t0003"):
         failed = rf"\[[1-4]/4\] {trial_id} .*: failed: ConfigError: task_options.data_dir: "
         assert any(re.match(failed, line) for line in lines), lines
+
+
+@pytest.mark.slow
+def test_resume_plans_the_packs_of_the_gpu_the_study_ran_for(
+    tmp_path: Path, ray_cluster, capsys: pytest.CaptureFixture
+) -> None:
+    # Two shapes (batch 10, 20), which never share a pack: sized for an H200, 2 packs of 2
+    # whose members interleave; planned on this GPU-less machine, 4 packs of 1. `device: auto`
+    # trains them here all the same (auto leaves `device: cpu` trials in packs of 1).
+    body = tiny_copying(
+        fixed={"device": "auto"},
+        scientific={"batch_size": [10, 20]},
+        replicates={"seeds": 1},
+        resources={"pack": "auto"},
+    )
+    path = write_space(tmp_path, "auto_resumed", body)
+    assert main(["plan", str(path), "--gpu", "h200"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    sized = [line for line in text if line.startswith("  packs: auto -> ")]
+    # Hidden 8 in one 16-unit program, a batch of 10 or 20 in one program: 132 // 1 a pack.
+    assert len(sized) == 2, text
+    assert all(
+        line.startswith("  packs: auto -> 132 trials per pack on h200 (132 SMs; ")
+        for line in sized
+    )
+    assert "at batch 10, hidden 8" in sized[0] and "at batch 20, hidden 8" in sized[1]
+    assert (
+        "  4 trials in 2 packs of <= 132 (one batched model and one Ray trial per pack):" in text
+    )
+    planned = {"t0000": "p0000", "t0001": "p0001", "t0002": "p0000", "t0003": "p0001"}
+    shown = [line.split()[:2] for line in text if re.match(r"  t\d{4}  p\d{4}  ", line)]
+    assert dict(shown) == planned
+
+    output = tmp_path / "out"
+    assert main(["run", str(path), "--output", str(output), "--gpu", "h200"]) == 0
+    ran = capsys.readouterr().out
+    assert "running auto_resumed: 4 trials (0 finished), grid search, 2 packs of <= 132;" in ran
+    uri = tracking.store_uri(output)
+    parent = tracking.open_store(uri).find_parent("auto_resumed")
+    assert parent.tags["study.pack_auto"] == "132"
+    assert pack_gpu_from_tags(parent.tags) == KNOWN_GPUS["h200"]
+    runs = children(uri, "auto_resumed")
+    packs = pack_tags_of(runs)
+    assert packs == {trial_id: (pack_id, "2") for trial_id, pack_id in planned.items()}
+    assert all(r.data.tags["device.used"] == "cpu" for r in runs.values())
+    experiment = output / "ray" / "auto_resumed"
+    ray_trials = {p.name for p in experiment.iterdir() if p.is_dir()} - {TRIAL_STATES}
+    assert sorted(ray_trials) == ["p0000", "p0001"]
+
+    # Interrupted as a driver killed before Tune's first snapshot, t0002 unfinished: resume
+    # trains p0000 again for t0002 alone, planned for the H200 its parent run names.
+    for snapshot in experiment.glob("experiment_state-*.json"):
+        snapshot.unlink()
+    tracking.open_store(uri).reopen(runs["t0002"].info.run_id)
+    assert main(["resume", "auto_resumed", "--output", str(output)]) == 0
+    resumed = capsys.readouterr().out
+    assert "resuming auto_resumed: 4 trials (3 finished), grid search, 2 packs of <= 132;" in (
+        resumed
+    )
+    assert re.search(r"^\[\d/4\] t0002 .*: completed", resumed, re.MULTILINE), resumed
+    # One Ray trial, p0000 (a plan without the GPU would have trained a Ray trial t0002).
+    assert {p.name for p in experiment.iterdir() if p.is_dir()} - {TRIAL_STATES} == ray_trials
+    # What Tune was given to run: the H200 plan's pack p0000 (2 members), t0002 left to train.
+    pack = json.loads((experiment / "p0000" / "params.json").read_text())["pack"]
+    members = [member["id"] for member in pack["members"]]
+    assert (pack["id"], pack["size"], members) == ("p0000", 2, ["t0002"])
+    again = children(uri, "auto_resumed")
+    assert list(again) == list(runs) and pack_tags_of(again) == packs
+    assert again["t0002"].info.status == "FINISHED"
+    assert steps(uri, again["t0002"].info.run_id, "val/accuracy") == [10, 20]
+
+
+def pack_tags_of(runs: dict[str, object]) -> dict[str, tuple[str, str]]:
+    """(study.pack, study.pack_size) of each trial's run, by trial id."""
+    return {
+        t: (r.data.tags["study.pack"], r.data.tags["study.pack_size"]) for t, r in runs.items()
+    }

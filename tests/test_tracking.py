@@ -12,12 +12,17 @@ import socket
 from pathlib import Path
 
 import pytest
+from conftest import tiny_copying, write_space
 from mlflow import MlflowClient
 
 from study import tracking
 from study.config import TrialConfig
 from study.errors import ConfigError, one_line
+from study.pack_layout import KNOWN_GPUS, GpuModel
+from study.space import make_plan
+from study.spec import load_spec
 from study.tracking import StudyContext, Tracker
+from study.tracking.tags import pack_gpu_from_tags, parent_tags
 
 ROLES = {"method": "scientific", "lr": "nuisance", "seed": "replicate", "task_options.T": "fixed"}
 PACK_TAGS = {"study.pack": "p0001", "study.pack_size": "2"}
@@ -315,3 +320,58 @@ def test_a_study_experiment_opens_on_its_runs_in_the_mlflow_ui(store) -> None:
     tracker, context = store
     experiment = MlflowClient(tracking_uri=tracker.uri).get_experiment_by_name("demo")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def auto_packed_spec(tmp_path: Path, pack: object = "auto"):
+    """tiny_copying's 4 trials with `resources.pack: PACK`, on `device: auto` (auto leaves a
+    trial pinned to the CPU in a pack of its own)."""
+    body = tiny_copying(fixed={"device": "auto"}, resources={"pack": pack})
+    return load_spec(write_space(tmp_path, "auto_packed", body))
+
+
+def test_the_gpu_that_sized_auto_packs_travels_in_the_parent_runs_tags(
+    tmp_path: Path,
+) -> None:
+    h200 = KNOWN_GPUS["h200"]
+    plan = make_plan(auto_packed_spec(tmp_path), h200)
+    tags = parent_tags(plan)
+    # Hidden 8, batch 10: one program a trial, so an H200's 132 SMs hold 132 of them.
+    assert tags["study.pack_auto"] == "132" == str(plan.pack_size)
+    assert json.loads(tags["study.pack_gpu"]) == {"key": "h200", "name": h200.name, "sms": 132}
+    # Through a real store, as `study resume` reads them back.
+    tracker = tracking.open_store(tracking.store_uri(tmp_path))
+    experiment = tracker.ensure_experiment("auto_packed", None)
+    tracker.start_parent(experiment, "auto_packed", tags, plan.spec.to_yaml())
+    stored = tracker.find_parent("auto_packed").tags
+    assert pack_gpu_from_tags(stored) == h200
+    assert make_plan(plan.spec, pack_gpu_from_tags(stored)).packs == plan.packs
+    # A local device that is no known GPU (an H100 PCIe's 114 SMs) comes back as it was.
+    local = GpuModel("local", "NVIDIA H100 PCIe", 114)
+    assert pack_gpu_from_tags(parent_tags(make_plan(plan.spec, local))) == local
+
+
+def test_no_pack_gpu_tag_without_auto_or_without_a_gpu(tmp_path: Path) -> None:
+    h200 = KNOWN_GPUS["h200"]
+    fixed = parent_tags(make_plan(auto_packed_spec(tmp_path, pack=2), h200))
+    assert "study.pack_gpu" not in fixed and "study.pack_auto" not in fixed
+    assert pack_gpu_from_tags(fixed) is None
+    # Auto without a GPU: packs of 1, recorded as such, and no GPU to plan for again.
+    no_gpu = parent_tags(make_plan(auto_packed_spec(tmp_path)))
+    assert no_gpu["study.pack_auto"] == "1" and "study.pack_gpu" not in no_gpu
+    assert pack_gpu_from_tags(no_gpu) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("not json", "Expecting value"),
+        ('{"key": "h200", "name": "NVIDIA H200", "sms": 0}', "not a GPU record"),
+        ('{"key": "h200", "name": "NVIDIA H200"}', "not a GPU record"),
+        ('["h200"]', "not a GPU record"),
+    ],
+)
+def test_a_damaged_pack_gpu_tag_is_a_one_line_error(text: str, message: str) -> None:
+    # A value that is no GPU record is refused (resume and import say so in one line), never
+    # read as another GPU, which would plan other packs than the study ran.
+    with pytest.raises(ConfigError, match=f"parent run tag study.pack_gpu: .*{message}"):
+        pack_gpu_from_tags({"study.pack_gpu": text})

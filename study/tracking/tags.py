@@ -7,6 +7,7 @@ import json
 
 from study import provenance
 from study.claim_spec import Claim
+from study.errors import ConfigError
 from study.pack_layout import GpuModel
 from study.space import Plan, gpu_from_record, gpu_record
 from study.spec import AUTO_PACK
@@ -66,7 +67,16 @@ def base_iterations_from_tags(tags: dict[str, str]) -> int | None:
 def pack_gpu_from_tags(tags: dict[str, str]) -> GpuModel | None:
     """The GPU a study's packs were sized for (parent_tags), None where none was."""
     text = tags.get("study.pack_gpu")
-    return gpu_from_record(json.loads(text)) if text else None
+    if not text:
+        return None
+    try:
+        return gpu_from_record(json.loads(text))
+    except ValueError as error:  # json's errors are ValueErrors too
+        raise ConfigError(
+            f"parent run tag study.pack_gpu: not a GPU record ({error}); set it to "
+            '{"key": ..., "name": ..., "sms": N} or delete it (then packs are planned without '
+            "a GPU)"
+        ) from error
 
 
 def pack_tags(pack_id: str, size: int) -> Tags:
