@@ -2,7 +2,7 @@
 # One short GPU check: at most 9 minutes by its stage limits (540 s in all), expected about 6.
 # Expected stage times (H100 times from benchmarks/results/h100.txt where the stage ran there):
 # device ~5 s; split_tests ~35 (33 on an H100), tagged_tests ~17 (16), partials_tests ~25 (23);
-# wide_tests not yet run on a GPU (limit 50); tests ~60 (58); pack_sweep ~150, at most its
+# wide_tests not yet run on a GPU (limit 60); tests ~60 (58); pack_sweep ~150, at most its
 # --budget-s 165 plus the last point (not yet run on a GPU); lstm_step ~45 (about 60 at 5 rounds).
 # Stages: the device; the CUDA tests (the hidden-split kernels, their variants and the wide
 # layouts first, then the rest); the pack sweep (benchmarks/pack_sweep.py: issue 18's cost
@@ -52,8 +52,8 @@ split_files=(tests/test_triton_lstm.py)
 [ -f tests/test_triton_split.py ] && split_files+=(tests/test_triton_split.py)
 stage split_tests 50 "${tests[@]}" "${split_files[@]}" \
     -k "split and not tagged and not partials and not wide"
-stage tagged_tests 30 "${tests[@]}" "${split_files[@]}" -k "split and tagged and not partials and not wide"
-stage partials_tests 40 "${tests[@]}" "${split_files[@]}" -k "split and partials"
+stage tagged_tests 25 "${tests[@]}" "${split_files[@]}" -k "split and tagged and not partials and not wide"
+stage partials_tests 35 "${tests[@]}" "${split_files[@]}" -k "split and partials"
 flags=""
 # Without working split kernels, every later stage runs the row kernels (a trial would pick the
 # split ones by itself: HDETACH_TRITON_KERNEL=auto).
@@ -61,7 +61,7 @@ case "$failed" in *split_tests*) flags="--no-split" && export HDETACH_TRITON_KER
 case "$failed" in *tagged_tests*) flags="$flags --no-tagged" ;; esac
 case "$failed" in *partials_tests*) flags="$flags --no-partials" ;; esac
 if [ -f tests/test_triton_split.py ]; then
-    stage wide_tests 50 "${tests[@]}" tests/test_triton_split.py -k "wide"
+    stage wide_tests 60 "${tests[@]}" tests/test_triton_split.py -k "wide"
     if [ "$code" -eq 5 ]; then # pytest: no test selected, so nothing failed
         failed="${failed% wide_tests}"
         echo "== wide_tests: none selected" | tee -a "$log"
