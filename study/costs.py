@@ -9,7 +9,6 @@ every number printed comes from the table, by the rules of step_cost().
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import re
@@ -243,35 +242,13 @@ def step_ms(
     return cost.ms_per_pack_step
 
 
-# Tasks whose sequence length follows from their options; the others carry it as a class
-# attribute (pixel and permuted MNIST: 784). Copying: 10 symbols, T blanks, 10 read-out steps
-# (study.tasks.copying.layout).
-def _copying_length(options: dict[str, Any]) -> int:
-    from study.tasks.copying import SYMBOLS, Copying
-
-    return _option(Copying, options, "T") + 2 * SYMBOLS
-
-
-LENGTH_FROM_OPTIONS: dict[str, Callable[[dict[str, Any]], int]] = {"copying": _copying_length}
-
-
-def _option(task_class: type, options: dict[str, Any], name: str) -> Any:
-    """A task option as the task would take it: the given value, else its constructor default."""
-    if name in options:
-        return options[name]
-    parameter = inspect.signature(task_class.__init__).parameters.get(name)
-    return None if parameter is None else parameter.default
-
-
 def sequence_length(task: str, options: dict[str, Any]) -> int | None:
     """The LSTM's sequence length for a task and its options, without building the task (which
     loads or draws its data); None when the task cannot tell."""
     from study.tasks import TASKS
 
-    if task in LENGTH_FROM_OPTIONS:
-        return LENGTH_FROM_OPTIONS[task](options)
-    length = getattr(TASKS.get(task), "seq_len", None)
-    return length if isinstance(length, int) else None
+    task_class = TASKS.get(task)
+    return None if task_class is None else task_class.sequence_length(options)
 
 
 def validation_size(task: str, options: dict[str, Any]) -> int | None:
@@ -281,10 +258,10 @@ def validation_size(task: str, options: dict[str, Any]) -> int | None:
     from study.tasks import TASKS
 
     task_class = TASKS.get(task)
-    size = None if task_class is None else _option(task_class, options, "val_size")
+    size = None if task_class is None else task_class.option(options, "val_size")
     if not isinstance(size, int):
         return None
-    subset = _option(task_class, options, "subset")
+    subset = task_class.option(options, "subset")
     return min(size, subset) if isinstance(subset, int) else size
 
 

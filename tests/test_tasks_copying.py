@@ -55,3 +55,9 @@ def test_dataset_is_fixed_by_data_seed_not_training_seed() -> None:
     assert not torch.equal(one.val_symbols, other.val_symbols)
     val = list(one.eval_batches("val", 3))
     assert [b[0].shape[1] for b in val] == [3, 3, 2]
+
+
+def test_sequence_length_follows_T_without_building_the_task() -> None:
+    # `study plan --estimate` prices a copying study by its length; a built task agrees.
+    assert Copying.sequence_length({"T": 300}) == 320
+    assert Copying.sequence_length({}) == Copying(train_size=1, val_size=1).seq_len == 120

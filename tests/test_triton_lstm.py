@@ -534,17 +534,24 @@ def _split_interpreter_report() -> dict:
     return errors
 
 
-def test_split_kernels_match_the_eager_path_in_the_interpreter() -> None:
+def _interpreter_errors(script: str, *args: str, timeout: int) -> tuple[dict, float]:
+    """Run a test module as Triton's interpreter child (TRITON_INTERPRET=1); its last line is
+    a JSON of max errors against the eager path by case, plus "wrong masks": the error with the
+    masks inverted, which shows the comparison can fail. Returns (errors, that error)."""
     result = subprocess.run(
-        [sys.executable, __file__, "split"],
+        [sys.executable, script, *args],
         env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     errors = json.loads(result.stdout.strip().splitlines()[-1])
-    wrong = errors.pop("wrong masks")
+    return errors, errors.pop("wrong masks")
+
+
+def test_split_kernels_match_the_eager_path_in_the_interpreter() -> None:
+    errors, wrong = _interpreter_errors(__file__, "split", timeout=300)
     assert max(errors.values()) < 1e-5, errors
     assert wrong > 1e-2  # the comparison can fail
 

@@ -8,8 +8,6 @@ tests/test_triton_lstm.py, whose helpers these reuse.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -24,6 +22,7 @@ from test_triton_lstm import (  # noqa: E402 (after the skip: they import triton
     REPO,
     _compile_for_hopper,
     _inputs,
+    _interpreter_errors,
     _local_memory_bytes,
     _max_error,
     _programs_as_threads,
@@ -228,16 +227,7 @@ def _wide_interpreter_report() -> dict:
 
 
 def test_wide_split_packs_match_the_eager_path_in_the_interpreter() -> None:
-    result = subprocess.run(
-        [sys.executable, __file__],
-        env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    errors = json.loads(result.stdout.strip().splitlines()[-1])
-    wrong = errors.pop("wrong masks")
+    errors, wrong = _interpreter_errors(__file__, timeout=600)
     assert len(errors) == 2 * 2 * len(WIDE_CASES)
     assert max(errors.values()) < 1e-5, errors
     assert wrong > 1e-2  # the comparison can fail

@@ -51,6 +51,23 @@ class Task:
             )
 
     @classmethod
+    def option(cls, options: dict[str, Any], name: str) -> Any:
+        """An option as the task would take it: the given value, else its constructor default
+        (None for no such option)."""
+        if name in options:
+            return options[name]
+        parameter = inspect.signature(cls.__init__).parameters.get(name)
+        return None if parameter is None else parameter.default
+
+    @classmethod
+    def sequence_length(cls, options: dict[str, Any]) -> int | None:
+        """The sequence length the task would have with these options, without building it
+        (which loads or draws its data): for `study plan --estimate`. A fixed `seq_len` class
+        attribute by default; tasks whose length follows from an option override this."""
+        length = getattr(cls, "seq_len", None)
+        return length if isinstance(length, int) else None
+
+    @classmethod
     def check_data(cls, options: dict[str, Any]) -> None:
         """Raise ConfigError for data the task would not find on this machine (checked options);
         tasks that read files override it. Cheap: nothing is loaded."""

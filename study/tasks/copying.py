@@ -68,6 +68,11 @@ class Copying(Task):
         self.val_symbols = draw_symbols(val_size, make_generator(data_seed, "copying/val"))
 
     @classmethod
+    def sequence_length(cls, options: dict[str, Any]) -> int:
+        """10 symbols, T blanks, 10 read-out steps (layout())."""
+        return cls.option(options, "T") + 2 * SYMBOLS
+
+    @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:
         super().check_options(options)
         for key in ("T", "train_size", "val_size", "data_seed"):
