@@ -131,8 +131,9 @@ def _key(hidden: int) -> tuple:
 
 
 def _split_key(hidden: int, rows: int = triton_split.BLOCK_ROWS) -> tuple:
-    """The split kernels' configuration, as _failed remembers it: a wide layout that failed
-    leaves the 16-row one (and the others) to be tried."""
+    """The split kernels' configuration, as _failed remembers it, rows included: a launch
+    whose chosen layout failed takes the row kernels (choose_layout picks the same layout
+    again); other shapes' layouts, and a forced HDETACH_TRITON_SPLIT_ROWS, are still tried."""
     launch = (switch(ENV_SPLIT_SYNC), _split_handoff(rows), _split_units(), rows)
     return (
         "split",
