@@ -28,6 +28,11 @@ MAX_HIDDEN = 128  # the split kernels hold a whole (rows x 128) h tile as one tl
 # the backward 280; tf32x3 (three products) at 64 with the barrier: the forward 608 (tagged,
 # oddly, none), tagged at 128: 416; full fp32 ("ieee", whose four FMA products hold W in
 # registers) at 64: the forward 720, the backward 560; tagged at 32: the forward 208.
+# This table is Triton 3.8's, the one CI compiles with. The GPU image's Triton 3.6 (torch 2.11;
+# benchmarks/kernel_sass.py with PYTHONPATH at a 3.6 install, 2026-12-02) compiles every layout
+# in it with at most 16 bytes spilled, but one: tf32x3 tagged at 64 rows, whose backward spills
+# 152 at 8 warps (slower, not wrong). It would also take full fp32 one row wider (64 rows at 16
+# warps, nothing spilled).
 WIDEST_ROWS = {
     ("tf32", "barrier"): 128,
     ("tf32", "tagged"): 64,

@@ -378,11 +378,7 @@ def import_results(
     tags = imports.imported_parent_tags(
         plan, provenance_of.git_commit, provenance_of.machine.get("hdetach_study", "unknown")
     )
-    # As `study run`: a study folder's artifacts beside its store, a server's where it keeps them.
-    artifacts = None if tracking_uri else (tracking.artifact_dir(output) / spec.name).as_uri()
-    parent_run_id, created = imports.ensure_parent(
-        tracker, spec.name, artifacts, tags, spec.to_yaml()
-    )
+    parent_run_id, created = imports.ensure_parent(tracker, spec.name, tags, spec.to_yaml())
     context = tracking.StudyContext(
         name=spec.name,
         tracking_uri=uri,

@@ -105,7 +105,7 @@ def _command(pid: int) -> str:
 
 def _first_use(uri: str, name: str, barrier: multiprocessing.synchronize.Barrier) -> None:
     barrier.wait()  # both at once, as two `study run` into one new --output
-    tracking.open_store(uri).ensure_experiment(name, None)
+    tracking.open_store(uri).ensure_experiment(name)
 
 
 def test_two_processes_make_a_fresh_store_at_once(tmp_path: Path) -> None:

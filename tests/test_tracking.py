@@ -33,7 +33,7 @@ def store(tmp_path: Path) -> tuple[Tracker, StudyContext]:
     """A fresh embedded store with one study 'demo' of 3 planned trials: its tracker, and the
     context its trials carry."""
     tracker = tracking.open_store(tracking.store_uri(tmp_path))
-    experiment = tracker.ensure_experiment("demo", (tmp_path / "mlartifacts").as_uri())
+    experiment = tracker.ensure_experiment("demo")
     parent = tracker.start_parent(experiment, "demo", {"study.n_trials": "3"}, "a: 1\n")
     context = StudyContext(
         name="demo",
@@ -72,6 +72,27 @@ def test_store_layout(tmp_path: Path) -> None:
     assert tracking.artifact_dir(tmp_path) == tmp_path.absolute() / "mlartifacts"
 
 
+def test_an_explicit_sqlite_store_keeps_its_artifacts_beside_it_not_in_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `study run --tracking-uri sqlite:///...` (and import, scorecard) from some other folder:
+    # MLflow's own default root would be ./mlruns there, one more folder per place run from.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    database = tmp_path / "stores" / "team.db"
+    database.parent.mkdir()
+    tracker = tracking.open_store(f"sqlite:///{database}")
+    parent = tracker.start_parent(tracker.ensure_experiment("demo"), "demo", {}, "a: 1\n")
+    location = (tmp_path / "stores" / "mlartifacts" / "demo").as_uri()
+    assert MlflowClient(tracker.uri).get_experiment_by_name("demo").artifact_location == location
+    assert [path.name for path in (tmp_path / "stores").rglob("spec.yaml")] == ["spec.yaml"]
+    assert MlflowClient(tracker.uri).list_artifacts(parent)[0].path == "spec.yaml"
+    assert list(elsewhere.iterdir()) == []
+    # A server keeps its own root (its --default-artifact-root or --artifacts-destination).
+    assert tracking.stores.artifact_location("http://127.0.0.1:5000", "demo") is None
+
+
 def test_parent_run_has_tags_and_spec_artifact(store, tmp_path: Path) -> None:
     tracker, context = store
     parent_id = context.parent_run_id
@@ -83,9 +104,9 @@ def test_parent_run_has_tags_and_spec_artifact(store, tmp_path: Path) -> None:
     client = MlflowClient(tracker.uri)
     assert [a.path for a in client.list_artifacts(parent_id)] == ["spec.yaml"]
     experiment = client.get_experiment_by_name("demo")
-    assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()
+    assert experiment.artifact_location == (tmp_path / "mlartifacts" / "demo").as_uri()
     # Idempotent: the driver calls it again on resume.
-    assert tracker.ensure_experiment("demo", None) == experiment.experiment_id
+    assert tracker.ensure_experiment("demo") == experiment.experiment_id
     assert tracker.experiment_id("demo") == experiment.experiment_id
     assert tracker.experiment_id("missing") is None and tracker.find_parent("missing") is None
     tracker.end(parent_id, "KILLED")
@@ -211,7 +232,7 @@ def test_summary_and_list_count_pending(store) -> None:
     assert summary.trials[0].best_val_accuracy == 0.75
     assert (summary.count("completed"), summary.count("failed"), summary.pending) == (1, 0, 2)
     # An experiment without a parent run is not a study.
-    tracker.ensure_experiment("not-a-study", None)
+    tracker.ensure_experiment("not-a-study")
     assert [s.name for s in tracking.list_studies(uri)] == ["demo"]
     assert tracker.summarize("missing") is None
     parent = tracker.find_parent("demo")
@@ -340,7 +361,7 @@ def test_the_gpu_that_sized_auto_packs_travels_in_the_parent_runs_tags(
     assert json.loads(tags["study.pack_gpu"]) == {"key": "h200", "name": h200.name, "sms": 132}
     # Through a real store, as `study resume` reads them back.
     tracker = tracking.open_store(tracking.store_uri(tmp_path))
-    experiment = tracker.ensure_experiment("auto_packed", None)
+    experiment = tracker.ensure_experiment("auto_packed")
     tracker.start_parent(experiment, "auto_packed", tags, plan.spec.to_yaml())
     stored = tracker.find_parent("auto_packed").tags
     assert pack_gpu_from_tags(stored) == h200

@@ -20,8 +20,8 @@ from study.analysis.load import Study, load_study
 from study.analysis.render import CLAIM_HEADERS, claim_row
 from study.analysis.stats import analyse
 from study.errors import ConfigError, make_folder
-from study.tracking import artifact_dir, checked_store, open_store, store_uri
-from study.tracking.summaries import SCORECARD_EXPERIMENT, log_scorecard
+from study.tracking import checked_store, open_store, store_uri
+from study.tracking.summaries import log_scorecard
 
 HEADERS = ["study", *CLAIM_HEADERS, "ours (method / baseline)", "published"]
 _CSS = """
@@ -145,10 +145,7 @@ def write_store_scorecard(
     counts = {verdict: 0 for verdict in (SUPPORTED, CONTRADICTED, INCONCLUSIVE)}
     for result in results:
         counts[result.verdict] += 1
-    artifacts = None
-    if tracking_uri is None:  # the folder's own store keeps its artifacts beside it
-        artifacts = (artifact_dir(output_dir) / SCORECARD_EXPERIMENT).as_uri()
-    run_id = log_scorecard(tracker, folder, counts, artifacts)
+    run_id = log_scorecard(tracker, folder, counts)
     with_claims = sum(1 for study in studies if study.claims)
     echo(
         f"scorecard: {len(results)} claims of {with_claims} studies: "

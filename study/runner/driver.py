@@ -57,11 +57,8 @@ def run_study(
     with ray_session(address, spec.resources.cpus) as session_dir:
         check_gpus(spec, address, echo)
         make_folder(output, "--output")
-        artifacts = None
-        if tracking_uri is None:
-            artifacts = (tracking.artifact_dir(output) / spec.name).as_uri()
         tracker = tracking.open_store(uri)
-        experiment_id = tracker.ensure_experiment(spec.name, artifacts)
+        experiment_id = tracker.ensure_experiment(spec.name)
         parent = tracker.start_parent(experiment_id, spec.name, parent_tags(plan), spec.to_yaml())
         state = StudyState(spec, output, uri, parent)
         state.save()

@@ -21,15 +21,13 @@ def imported_parent_tags(plan: Plan, git_commit: str | None, version: str) -> Ta
     return tags
 
 
-def ensure_parent(
-    tracker: Tracker, name: str, artifact_location: str | None, tags: Tags, spec_yaml: str
-) -> tuple[str, bool]:
+def ensure_parent(tracker: Tracker, name: str, tags: Tags, spec_yaml: str) -> tuple[str, bool]:
     """The study's parent run id, and whether it was created now (with its experiment, as
     `study run` creates them)."""
     parent = tracker.find_parent(name)
     if parent is not None:
         return parent.run_id, False
-    experiment_id = tracker.ensure_experiment(name, artifact_location)
+    experiment_id = tracker.ensure_experiment(name)
     return tracker.start_parent(experiment_id, name, tags, spec_yaml), True
 
 

@@ -24,6 +24,18 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     return Path(tracking_uri[len(prefix) :]) if tracking_uri.startswith(prefix) else None
 
 
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment of this store keeps its artifacts: beside a SQLite file
+    (DIR/mlartifacts/EXPERIMENT, so a study folder holds its whole study, and an explicit
+    --tracking-uri sqlite:///... keeps its files with its database); None for a server, which
+    has its own root. (MLflow's default for a database is ./mlruns of the working folder: files
+    scattered wherever a command happened to run.)"""
+    database = sqlite_path(tracking_uri)
+    if database is None:
+        return None
+    return (database.absolute().parent / "mlartifacts" / experiment).as_uri()
+
+
 def store_uri(output_dir: Path) -> str:
     """The embedded store: a SQLite file in the output folder."""
     return f"sqlite:///{output_dir.absolute()}/mlflow.db"
