@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from study.config import TrialConfig
 from study.errors import ConfigError, check_reachable, one_line
 from study.tracking import stores
+from study.tracking.stores import artifact_dir as artifact_dir
 from study.tracking.stores import sqlite_path
 from study.tracking.stores import store_uri as store_uri
 from study.vocabulary import COMPLETED, DIVERGED, FAILED, RUNNING
@@ -154,10 +155,6 @@ def store_label(tracking_uri: str) -> str:
 
 def has_store(output_dir: Path) -> bool:
     return (output_dir / "mlflow.db").is_file()
-
-
-def artifact_dir(output_dir: Path) -> Path:
-    return output_dir.absolute() / "mlartifacts"
 
 
 @functools.cache

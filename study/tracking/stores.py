@@ -24,6 +24,11 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     return Path(tracking_uri[len(prefix) :]) if tracking_uri.startswith(prefix) else None
 
 
+def artifact_dir(output_dir: Path) -> Path:
+    """A study folder's artifact root, beside its mlflow.db (and `study ui`'s)."""
+    return output_dir.absolute() / "mlartifacts"
+
+
 def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     """Where a new experiment of this store keeps its artifacts: beside a SQLite file
     (DIR/mlartifacts/EXPERIMENT, so a study folder holds its whole study, and an explicit
@@ -33,7 +38,7 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     database = sqlite_path(tracking_uri)
     if database is None:
         return None
-    return (database.absolute().parent / "mlartifacts" / experiment).as_uri()
+    return (artifact_dir(database.absolute().parent) / experiment).as_uri()
 
 
 def store_uri(output_dir: Path) -> str:

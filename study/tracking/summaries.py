@@ -15,7 +15,7 @@ from mlflow.entities import Metric, Param, ViewType
 from mlflow.exceptions import MlflowException
 
 from study.errors import ConfigError, one_line
-from study.tracking import MetricPoint, Tracker, stores
+from study.tracking import MetricPoint, Tracker
 
 CELL, SCORECARD = "cell", "scorecard"
 SCORECARD_EXPERIMENT = "study-scorecard"
@@ -80,19 +80,10 @@ def _cell_runs(tracker: Tracker, experiment_id: str, parent_run_id: str) -> list
 
 def log_scorecard(tracker: Tracker, folder: Path, counts: Mapping[str, int]) -> str:
     """The scorecard as its own run in its own experiment (never a study's: it has no parent
-    run, so `study ls` does not list it): its files as artifacts, the verdict counts as metrics,
-    a new experiment's artifacts where stores.artifact_location says."""
+    run, so `study ls` does not list it): its files as artifacts, the verdict counts as metrics."""
     client = tracker._mlflow
+    experiment_id = tracker.ensure_experiment(SCORECARD_EXPERIMENT)
     try:
-        experiment = client.get_experiment_by_name(SCORECARD_EXPERIMENT)
-        experiment_id = (
-            client.create_experiment(
-                SCORECARD_EXPERIMENT,
-                artifact_location=stores.artifact_location(tracker.uri, SCORECARD_EXPERIMENT),
-            )
-            if experiment is None
-            else experiment.experiment_id
-        )
         run = client.create_run(
             experiment_id,
             run_name=f"scorecard {time.strftime('%Y-%m-%d %H:%M:%S')}",
