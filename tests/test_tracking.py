@@ -343,6 +343,18 @@ def test_a_study_experiment_opens_on_its_runs_in_the_mlflow_ui(store) -> None:
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+def test_a_deleted_experiment_is_refused_in_one_line_not_written_into(store) -> None:
+    tracker, _ = store
+    experiment_id = tracker.ensure_experiment("demo")
+    MlflowClient(tracking_uri=tracker.uri).delete_experiment(experiment_id)
+    with pytest.raises(ConfigError) as error:
+        tracker.ensure_experiment("demo")
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"experiment demo (id {experiment_id})" in message
+    assert f"restore --experiment-id {experiment_id}" in message
+
+
 def auto_packed_spec(tmp_path: Path, pack: object = "auto"):
     """tiny_copying's 4 trials with `resources.pack: PACK`, on `device: auto` (auto leaves a
     trial pinned to the CPU in a pack of its own)."""

@@ -225,9 +225,11 @@ class Tracker:
                     tags={"mlflow.experimentKind": "custom_model_development"},
                 )
             if experiment.lifecycle_stage == "deleted":
+                # Not undeleted behind the user's back: they may have deleted it on purpose.
                 raise ConfigError(
-                    f"study {name}: its MLflow experiment is deleted; restore it in the UI or "
-                    "pick another --output"
+                    f"MLflow experiment {name} (id {experiment.experiment_id}) is deleted; "
+                    f"restore it (`MLFLOW_TRACKING_URI={self.uri} mlflow experiments restore "
+                    f"--experiment-id {experiment.experiment_id}`) or use another store"
                 )
             return experiment.experiment_id
         except MlflowException as error:
