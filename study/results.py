@@ -378,7 +378,9 @@ def import_results(
     tags = imports.imported_parent_tags(
         plan, provenance_of.git_commit, provenance_of.machine.get("hdetach_study", "unknown")
     )
-    parent_run_id, created = imports.ensure_parent(tracker, spec.name, tags, spec.to_yaml())
+    parent_run_id, created = imports.ensure_parent(
+        tracker, spec.name, tags, spec.to_yaml(), output
+    )
     context = tracking.StudyContext(
         name=spec.name,
         tracking_uri=uri,

@@ -225,6 +225,20 @@ def test_a_smoke_study_logs_every_trial_to_postgres_with_proxied_artifacts(
     assert list(server.artifacts.rglob("spec.yaml")), "not under --artifacts-destination"
 
 
+def test_a_study_straight_into_postgres_keeps_its_artifacts_in_its_output_folder(
+    postgres: str, tmp_path: Path
+) -> None:
+    # No server: `--tracking-uri postgresql://...` alone. MLflow's default artifact root for a
+    # database is ./mlruns of the working folder; the study's files belong in its --output.
+    result = study("run", QUICK, "--smoke", "--name", "direct", "--tracking-uri", postgres,
+                   "--output", "studies", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "direct: 2 trials: 2 completed, 0 diverged, 0 failed, 0 pending" in result.stdout
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["studies"]
+    specs = list((tmp_path / "studies" / "mlartifacts" / "direct").rglob("spec.yaml"))
+    assert len(specs) == 1, specs
+
+
 def test_the_report_reads_the_study_back_from_the_server(
     server: Server, smoke: dict[str, Any]
 ) -> None:

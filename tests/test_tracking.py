@@ -90,7 +90,19 @@ def test_an_explicit_sqlite_store_keeps_its_artifacts_beside_it_not_in_the_worki
     assert MlflowClient(tracker.uri).list_artifacts(parent)[0].path == "spec.yaml"
     assert list(elsewhere.iterdir()) == []
     # A server keeps its own root (its --default-artifact-root or --artifacts-destination).
-    assert tracking.stores.artifact_location("http://127.0.0.1:5000", "demo") is None
+    assert tracking.stores.artifact_location("http://127.0.0.1:5000", "demo", tmp_path) is None
+
+
+def test_a_database_without_a_folder_keeps_its_artifacts_in_the_output_folder(
+    tmp_path: Path,
+) -> None:
+    # postgresql:// has no folder of its own; the command's --output holds the files.
+    # (tests/test_team_stack.py runs a study so, on a real PostgreSQL.)
+    uri = "postgresql+psycopg2://user@db/mlflow"
+    expected = (tmp_path.absolute() / "mlartifacts" / "demo").as_uri()
+    assert tracking.stores.artifact_location(uri, "demo", tmp_path) == expected
+    assert tracking.stores.artifact_location(uri, "demo") is None  # MLflow's own default
+    assert tracking.stores.artifact_location("databricks", "demo", tmp_path) is None
 
 
 def test_parent_run_has_tags_and_spec_artifact(store, tmp_path: Path) -> None:

@@ -145,7 +145,7 @@ def write_store_scorecard(
     counts = {verdict: 0 for verdict in (SUPPORTED, CONTRADICTED, INCONCLUSIVE)}
     for result in results:
         counts[result.verdict] += 1
-    run_id = log_scorecard(tracker, folder, counts)
+    run_id = log_scorecard(tracker, folder, counts, output_dir)
     with_claims = sum(1 for study in studies if study.claims)
     echo(
         f"scorecard: {len(results)} claims of {with_claims} studies: "

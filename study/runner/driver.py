@@ -58,7 +58,7 @@ def run_study(
         check_gpus(spec, address, echo)
         make_folder(output, "--output")
         tracker = tracking.open_store(uri)
-        experiment_id = tracker.ensure_experiment(spec.name)
+        experiment_id = tracker.ensure_experiment(spec.name, output)
         parent = tracker.start_parent(experiment_id, spec.name, parent_tags(plan), spec.to_yaml())
         state = StudyState(spec, output, uri, parent)
         state.save()

@@ -210,10 +210,10 @@ class Tracker:
         self.uri = tracking_uri
         self._mlflow = stores.client(tracking_uri)  # a fresh SQLite file: made once, locked
 
-    def ensure_experiment(self, name: str) -> str:
+    def ensure_experiment(self, name: str, folder: Path | None = None) -> str:
         """The study's experiment id, created if needed (on the driver, before any trial
         starts: a fresh SQLite file does not tolerate concurrent first use), its artifacts
-        where stores.artifact_location says."""
+        where stores.artifact_location says (`folder`: the command's --output)."""
         try:
             experiment = self._mlflow.get_experiment_by_name(name)
             if experiment is None:
@@ -221,7 +221,7 @@ class Tracker:
                 # view; a study is model training, so say so: it lands on the runs.
                 return self._mlflow.create_experiment(
                     name,
-                    artifact_location=stores.artifact_location(self.uri, name),
+                    artifact_location=stores.artifact_location(self.uri, name, folder),
                     tags={"mlflow.experimentKind": "custom_model_development"},
                 )
             if experiment.lifecycle_stage == "deleted":

@@ -4,6 +4,8 @@ nothing the store holds already."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from study.config import TrialConfig
 from study.space import Plan
 from study.tracking import STEP_KEY, StudyContext, Tags, Tracker, TrialRun
@@ -21,13 +23,15 @@ def imported_parent_tags(plan: Plan, git_commit: str | None, version: str) -> Ta
     return tags
 
 
-def ensure_parent(tracker: Tracker, name: str, tags: Tags, spec_yaml: str) -> tuple[str, bool]:
+def ensure_parent(
+    tracker: Tracker, name: str, tags: Tags, spec_yaml: str, folder: Path
+) -> tuple[str, bool]:
     """The study's parent run id, and whether it was created now (with its experiment, as
-    `study run` creates them)."""
+    `study run` creates them; `folder`: the --output)."""
     parent = tracker.find_parent(name)
     if parent is not None:
         return parent.run_id, False
-    experiment_id = tracker.ensure_experiment(name)
+    experiment_id = tracker.ensure_experiment(name, folder)
     return tracker.start_parent(experiment_id, name, tags, spec_yaml), True
 
 

@@ -78,11 +78,12 @@ def _cell_runs(tracker: Tracker, experiment_id: str, parent_run_id: str) -> list
     )
 
 
-def log_scorecard(tracker: Tracker, folder: Path, counts: Mapping[str, int]) -> str:
+def log_scorecard(tracker: Tracker, folder: Path, counts: Mapping[str, int], output: Path) -> str:
     """The scorecard as its own run in its own experiment (never a study's: it has no parent
-    run, so `study ls` does not list it): its files as artifacts, the verdict counts as metrics."""
+    run, so `study ls` does not list it): its files (`folder`) as artifacts, the verdict counts
+    as metrics (`output`: the --output, which holds `folder`)."""
     client = tracker._mlflow
-    experiment_id = tracker.ensure_experiment(SCORECARD_EXPERIMENT)
+    experiment_id = tracker.ensure_experiment(SCORECARD_EXPERIMENT, output)
     try:
         run = client.create_run(
             experiment_id,
