@@ -55,7 +55,7 @@ def test_trial_lines_and_the_ls_table() -> None:
 
 
 def test_ui_refuses_a_taken_port_in_one_line(tmp_path: Path) -> None:
-    tracking.open_store(tracking.store_uri(tmp_path)).ensure_experiment("demo")
+    tracking.open_store(tracking.store_uri(tmp_path)).ensure_experiment("demo", tmp_path)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -65,7 +65,7 @@ def test_ui_refuses_a_taken_port_in_one_line(tmp_path: Path) -> None:
 
 
 def test_ui_stopped_by_sigterm_stops_its_server(tmp_path: Path) -> None:
-    tracking.open_store(tracking.store_uri(tmp_path)).ensure_experiment("demo")
+    tracking.open_store(tracking.store_uri(tmp_path)).ensure_experiment("demo", tmp_path)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

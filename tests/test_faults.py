@@ -103,20 +103,21 @@ def _command(pid: int) -> str:
 # 1. Two studies into a fresh folder at once.
 
 
-def _first_use(uri: str, name: str, barrier: multiprocessing.synchronize.Barrier) -> None:
+def _first_use(folder: Path, name: str, barrier: multiprocessing.synchronize.Barrier) -> None:
     barrier.wait()  # both at once, as two `study run` into one new --output
-    tracking.open_store(uri).ensure_experiment(name)
+    tracking.open_store(tracking.store_uri(folder)).ensure_experiment(name, folder)
 
 
 def test_two_processes_make_a_fresh_store_at_once(tmp_path: Path) -> None:
     # Without the lock, 5 of 5 tries broke one migration (`table ... already exists`).
     context = multiprocessing.get_context("fork")  # MLflow imported once, here
     for attempt in range(5):
-        uri = tracking.store_uri(tmp_path / f"try{attempt}")
-        (tmp_path / f"try{attempt}").mkdir()
+        folder = tmp_path / f"try{attempt}"
+        folder.mkdir()
+        uri = tracking.store_uri(folder)
         barrier = context.Barrier(2)
         makers = [
-            context.Process(target=_first_use, args=(uri, f"s{k}", barrier)) for k in range(2)
+            context.Process(target=_first_use, args=(folder, f"s{k}", barrier)) for k in range(2)
         ]
         for maker in makers:
             maker.start()

@@ -33,7 +33,7 @@ def store(tmp_path: Path) -> tuple[Tracker, StudyContext]:
     """A fresh embedded store with one study 'demo' of 3 planned trials: its tracker, and the
     context its trials carry."""
     tracker = tracking.open_store(tracking.store_uri(tmp_path))
-    experiment = tracker.ensure_experiment("demo")
+    experiment = tracker.ensure_experiment("demo", tmp_path)
     parent = tracker.start_parent(experiment, "demo", {"study.n_trials": "3"}, "a: 1\n")
     context = StudyContext(
         name="demo",
@@ -83,7 +83,9 @@ def test_an_explicit_sqlite_store_keeps_its_artifacts_beside_it_not_in_the_worki
     database = tmp_path / "stores" / "team.db"
     database.parent.mkdir()
     tracker = tracking.open_store(f"sqlite:///{database}")
-    parent = tracker.start_parent(tracker.ensure_experiment("demo"), "demo", {}, "a: 1\n")
+    parent = tracker.start_parent(
+        tracker.ensure_experiment("demo", elsewhere), "demo", {}, "a: 1\n"
+    )
     location = (tmp_path / "stores" / "mlartifacts" / "demo").as_uri()
     assert MlflowClient(tracker.uri).get_experiment_by_name("demo").artifact_location == location
     assert [path.name for path in (tmp_path / "stores").rglob("spec.yaml")] == ["spec.yaml"]
@@ -101,8 +103,8 @@ def test_a_database_without_a_folder_keeps_its_artifacts_in_the_output_folder(
     uri = "postgresql+psycopg2://user@db/mlflow"
     expected = (tmp_path.absolute() / "mlartifacts" / "demo").as_uri()
     assert tracking.stores.artifact_location(uri, "demo", tmp_path) == expected
-    assert tracking.stores.artifact_location(uri, "demo") is None  # MLflow's own default
-    assert tracking.stores.artifact_location("databricks", "demo", tmp_path) is None
+    for own_root in ("databricks", "https://mlflow.example.org", "file:///srv/mlruns"):
+        assert tracking.stores.artifact_location(own_root, "demo", tmp_path) is None
 
 
 def test_parent_run_has_tags_and_spec_artifact(store, tmp_path: Path) -> None:
@@ -118,7 +120,7 @@ def test_parent_run_has_tags_and_spec_artifact(store, tmp_path: Path) -> None:
     experiment = client.get_experiment_by_name("demo")
     assert experiment.artifact_location == (tmp_path / "mlartifacts" / "demo").as_uri()
     # Idempotent: the driver calls it again on resume.
-    assert tracker.ensure_experiment("demo") == experiment.experiment_id
+    assert tracker.ensure_experiment("demo", tmp_path) == experiment.experiment_id
     assert tracker.experiment_id("demo") == experiment.experiment_id
     assert tracker.experiment_id("missing") is None and tracker.find_parent("missing") is None
     tracker.end(parent_id, "KILLED")
@@ -231,7 +233,7 @@ def test_record_failure_creates_or_marks_the_run(store) -> None:
     assert tracker.find_trial(parent_id, "t0009") is None
 
 
-def test_summary_and_list_count_pending(store) -> None:
+def test_summary_and_list_count_pending(store, tmp_path: Path) -> None:
     tracker = store[0]
     uri = tracker.uri
     done = trial_run(store, "t0000")
@@ -244,7 +246,7 @@ def test_summary_and_list_count_pending(store) -> None:
     assert summary.trials[0].best_val_accuracy == 0.75
     assert (summary.count("completed"), summary.count("failed"), summary.pending) == (1, 0, 2)
     # An experiment without a parent run is not a study.
-    tracker.ensure_experiment("not-a-study")
+    tracker.ensure_experiment("not-a-study", tmp_path)
     assert [s.name for s in tracking.list_studies(uri)] == ["demo"]
     assert tracker.summarize("missing") is None
     parent = tracker.find_parent("demo")
@@ -355,12 +357,14 @@ def test_a_study_experiment_opens_on_its_runs_in_the_mlflow_ui(store) -> None:
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
-def test_a_deleted_experiment_is_refused_in_one_line_not_written_into(store) -> None:
+def test_a_deleted_experiment_is_refused_in_one_line_not_written_into(
+    store, tmp_path: Path
+) -> None:
     tracker, _ = store
-    experiment_id = tracker.ensure_experiment("demo")
+    experiment_id = tracker.ensure_experiment("demo", tmp_path)
     MlflowClient(tracking_uri=tracker.uri).delete_experiment(experiment_id)
     with pytest.raises(ConfigError) as error:
-        tracker.ensure_experiment("demo")
+        tracker.ensure_experiment("demo", tmp_path)
     message = str(error.value)
     assert "\n" not in message
     assert f"experiment demo (id {experiment_id})" in message
@@ -385,7 +389,7 @@ def test_the_gpu_that_sized_auto_packs_travels_in_the_parent_runs_tags(
     assert json.loads(tags["study.pack_gpu"]) == {"key": "h200", "name": h200.name, "sms": 132}
     # Through a real store, as `study resume` reads them back.
     tracker = tracking.open_store(tracking.store_uri(tmp_path))
-    experiment = tracker.ensure_experiment("auto_packed")
+    experiment = tracker.ensure_experiment("auto_packed", tmp_path)
     tracker.start_parent(experiment, "auto_packed", tags, plan.spec.to_yaml())
     stored = tracker.find_parent("auto_packed").tags
     assert pack_gpu_from_tags(stored) == h200

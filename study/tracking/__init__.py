@@ -210,7 +210,7 @@ class Tracker:
         self.uri = tracking_uri
         self._mlflow = stores.client(tracking_uri)  # a fresh SQLite file: made once, locked
 
-    def ensure_experiment(self, name: str, folder: Path | None = None) -> str:
+    def ensure_experiment(self, name: str, folder: Path) -> str:
         """The study's experiment id, created if needed (on the driver, before any trial
         starts: a fresh SQLite file does not tolerate concurrent first use), its artifacts
         where stores.artifact_location says (`folder`: the command's --output)."""

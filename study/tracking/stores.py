@@ -30,23 +30,22 @@ def artifact_dir(output_dir: Path) -> Path:
 
 
 # Stores that keep artifacts under a root of their own (`mlflow server --artifacts-destination`
-# or --default-artifact-root, Databricks): a new experiment takes theirs.
-SERVER_SCHEMES = ("http", "https", "databricks")
+# or --default-artifact-root, Databricks, MLflow's retired file store in its own folder): a new
+# experiment takes theirs.
+OWN_ROOT_SCHEMES = ("http", "https", "databricks", "file")
 
 
-def artifact_location(
-    tracking_uri: str, experiment: str, folder: Path | None = None
-) -> str | None:
+def artifact_location(tracking_uri: str, experiment: str, folder: Path) -> str | None:
     """Where a new experiment of this store keeps its artifacts: beside a SQLite file
     (DIR/mlartifacts/EXPERIMENT, so a study folder holds its whole study, and an explicit
     --tracking-uri sqlite:///... keeps its files with its database); in `folder` (the command's
     --output) for another database (postgresql://...), which has no folder of its own; None
-    for a server, which has its own root. (MLflow's default for a database is ./mlruns of the
-    working folder: files scattered wherever a command happened to run.)"""
+    for a store with a root of its own (a server). (MLflow's default for a database is
+    ./mlruns of the working folder: files scattered wherever a command happened to run.)"""
     database = sqlite_path(tracking_uri)
     if database is not None:
         return (artifact_dir(database.absolute().parent) / experiment).as_uri()
-    if tracking_uri.split(":")[0] in SERVER_SCHEMES or folder is None:
+    if tracking_uri.split(":")[0] in OWN_ROOT_SCHEMES:
         return None
     return (artifact_dir(folder) / experiment).as_uri()
 
