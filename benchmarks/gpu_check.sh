@@ -6,7 +6,8 @@
 # --budget-s 165 plus the last point (not yet run on a GPU); lstm_step ~45 (about 60 at 5 rounds).
 # Stages: the device; the CUDA tests (the hidden-split kernels, their variants and the wide
 # layouts first, then the rest); the pack sweep (benchmarks/pack_sweep.py: issue 18's cost
-# table and targets, and the estimate checked against a train_packed run); the step benchmark
+# table and its three targets, the whole paper study priced from that table among them, and the
+# estimate checked against a train_packed run); the step benchmark
 # (issue 5's targets). The sweep runs before the step benchmark so that a run cut short still
 # has issue 18's numbers; the Triton tuning sweep and the packing benchmark no longer run here
 # (lstm_step_cuda.py --triton-sweep, packing.py --device cuda run them on their own).

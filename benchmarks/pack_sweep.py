@@ -12,7 +12,10 @@ ending in .json, else a folder given <gpu>.json; default on a GPU:
 benchmarks/results/<gpu>.json), rewritten after every point, so a run cut short keeps what it
 measured. Every entry's eval_ms_per_pack_batch is K x one member's evaluation of one batch
 (study.trial.evaluate, trial.EVAL_BATCH_SIZE sequences, no_grad: cuDNN), measured once per
-shape and precision: train_packed evaluates its members one after another.
+shape and precision: train_packed evaluates its members one after another. Then it prints
+issue 18's targets: per shape, the best K's per-trial step and one tf32 trial against cuDNN,
+and the paper's whole study (search_spaces/paper, `pack: auto` on this GPU) priced from the
+table just written, as `study plan search_spaces/paper --estimate` prices it.
 
 The measuring runs in a child process that the script starts (`--serve`) and feeds one point at
 a time: a point that fails is printed as failed with its reason, and one that hangs (programs
@@ -58,13 +61,15 @@ from lstm_step_cuda import (
 )
 from torch import nn
 
-from study import costs
+from study import cost_text, costs
 from study.config import TrialConfig
 from study.errors import ConfigError
 from study.models import SequenceClassifier, triton_lstm
 from study.models.cuda_graph import WARMUP_STEPS
-from study.pack_layout import KNOWN_GPUS, choose_layout, resident_pack, widest_rows
+from study.pack_layout import KNOWN_GPUS, GpuModel, choose_layout, resident_pack, widest_rows
 from study.packed_train import cuda_precision, train_packed
+from study.space import make_plan
+from study.spec import load_spec, space_files
 from study.tasks import TASKS
 from study.trial import EVAL_BATCH_SIZE, evaluate
 
@@ -81,6 +86,8 @@ MEMBERS = ("1", "2", "4", "8", "16", "32", "64", "auto")
 # Issue 18's targets, each against the cuDNN step of its shape.
 BEST_PACK_TARGET = 0.1  # per-trial step of the best K
 SINGLE_TRIAL_TARGET = 1.0  # one trial, tf32
+WHOLE_STUDY_TARGET_H = 1.0  # every paper space at full budget, GPU-hours by the new table
+PAPER_SPACES = REPO / "search_spaces" / "paper"
 CHECK_TOLERANCE = 0.15  # the estimate against a measured train_packed run
 ROWS_SWITCH = "HDETACH_TRITON_SPLIT_ROWS"  # a forced split layout (triton_split), if set
 MESSAGE = "@@"  # a child's answer line starts with this, followed by one JSON object
@@ -746,6 +753,38 @@ def verdicts(sweep: Sweep) -> list[str]:
     return lines
 
 
+def whole_study(sweep: Sweep, paths: list[Path]) -> list[str]:
+    """Issue 18's third target: the paper's whole study (search_spaces/paper at full budget,
+    `pack: auto` sized for this GPU) priced by study.costs from the table this run wrote, as
+    `study plan search_spaces/paper --gpu GPU --estimate` prints it. Met only if every trial
+    could be priced; else the total is a lower bound and the verdict says so."""
+    target = f"whole paper study <= {WHOLE_STUDY_TARGET_H:g} GPU-hour on {sweep.gpu}"
+    folders = [path.parent for path in paths if path.stem == sweep.gpu]
+    if not folders:
+        return [f"issue 18 target: {target}: not measured (no --table written for {sweep.gpu})"]
+    gpu = GpuModel(sweep.gpu, sweep.device_name, sweep.sms) if sweep.cuda else None
+    try:
+        plans = [make_plan(load_spec(f), gpu) for f in space_files([PAPER_SPACES])]
+        studies = costs.Studies(tuple(costs.estimate(p, sweep.gpu, folders[0]) for p in plans))
+    except ConfigError as error:
+        return [f"issue 18 target: {target}: not measured ({error})"]
+    hours = studies.total_s / 3600
+    if not studies.complete:
+        reasons = sorted({u.reason for e in studies.estimates for u in e.unestimated})
+        others = len(reasons) - 1
+        more = f" (+{others} more reason{'s' if others > 1 else ''})" if others else ""
+        verdict = (
+            f"not measured: {studies.estimated_trials} of {studies.n_trials} trials priced; "
+            f"{reasons[0]}{more}"
+        )
+        if not studies.estimated_trials:  # nothing to list study by study
+            return [f"issue 18 target: {target}: {verdict}"]
+    else:
+        met = "met" if hours <= WHOLE_STUDY_TARGET_H else "MISSED"
+        verdict = f"{hours:.2f} h {met} ({cost_text.studies_headline(studies)})"
+    return [f"issue 18 target: {target}: {verdict}", cost_text.studies_text(studies)]
+
+
 def check_point(sweep: Sweep) -> Point | None:
     """The pack the estimate check runs: pixel MNIST, tf32, K auto where measured; else the
     largest measured pack of the first shape and precision measured."""
@@ -899,7 +938,7 @@ def main() -> None:
         run_points(sweep, runner, paths, commit)
         print_table(sweep)
         print()
-        for line in verdicts(sweep):
+        for line in verdicts(sweep) + whole_study(sweep, paths):
             print(line)
         if args.check_estimate:
             checked = check_estimate(sweep, runner, paths)

@@ -46,7 +46,13 @@ def _import(args: argparse.Namespace) -> int:
 
 def _add_study_parsers(commands: argparse._SubParsersAction) -> None:
     plan = commands.add_parser("plan", help="print a search space's trials; trains nothing")
-    plan.add_argument("space", type=Path, metavar="SPACE", help="search-space YAML file")
+    plan.add_argument(
+        "space",
+        type=Path,
+        nargs="+",
+        metavar="SPACE",
+        help="search-space YAML file; several, or a folder of them (with --estimate: their total)",
+    )
     plan.add_argument("--smoke", action="store_true", help="apply the file's smoke overrides")
     add_overrides(plan)
     plan.add_argument(
@@ -98,15 +104,23 @@ def _add_study_parsers(commands: argparse._SubParsersAction) -> None:
 
 def _plan(args: argparse.Namespace) -> int:
     from study.space import make_plan, plan_text
-    from study.spec import load_spec
+    from study.spec import load_spec, space_files
 
-    spec = load_spec(args.space, smoke=args.smoke, overrides=args.overrides, name=args.name)
+    files = space_files(args.space)
+    if len(files) > 1:
+        for flag, given in (("--commands", args.commands), ("--name", args.name)):
+            if given:
+                raise ConfigError(f"{flag}: one SPACE at a time ({len(files)} given)")
+    specs = [
+        load_spec(f, smoke=args.smoke, overrides=args.overrides, name=args.name) for f in files
+    ]
     gpu = chosen_gpu(args.gpu)
     if args.commands:
         if args.estimate:
             raise ConfigError("--estimate: not with --commands (it follows the plan's text)")
         from study.pack_runner import pack_commands
 
+        spec = specs[0]
         print("\n".join(pack_commands(spec, args.out or Path("results") / spec.name, gpu)))
         return 0
     if args.out is not None:
@@ -115,15 +129,23 @@ def _plan(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--estimate: no CUDA device here to estimate for; name a GPU with --gpu NAME"
         )
-    plan = make_plan(spec, gpu)
-    estimate = None
-    if args.estimate:  # before the plan's text: a GPU without a cost table is one line alone
-        from study import costs  # the cost tables: read only for an estimate
+    plans = [make_plan(spec, gpu) for spec in specs]
+    if not args.estimate:
+        print("\n\n".join(plan_text(plan) for plan in plans))
+        return 0
+    from study import cost_text, costs  # the cost tables: read only for an estimate
 
-        estimate = costs.estimate_text(plan, gpu.key)
-    print(plan_text(plan))
-    if estimate is not None:
-        print(estimate)
+    # Every estimate before any plan's text: a GPU without a cost table is one line alone.
+    estimates = [costs.estimate(plan, gpu.key) for plan in plans]
+    alone = len(plans) == 1
+    print(
+        "\n\n".join(
+            f"{plan_text(plan)}\n{cost_text.describe(result, alone)}"
+            for plan, result in zip(plans, estimates, strict=True)
+        )
+    )
+    if not alone:
+        print(f"\n{cost_text.studies_text(costs.Studies(tuple(estimates)))}")
     return 0
 
 

@@ -1,5 +1,6 @@
 """What a planned study costs on a named GPU, from a measured cost table
-(benchmarks/results/<gpu>.json, written by benchmarks/pack_sweep.py): `study plan --estimate`.
+(benchmarks/results/<gpu>.json, written by benchmarks/pack_sweep.py): `study plan --estimate`
+(whose lines study/cost_text.py writes).
 
 No torch at import: `study plan` stays fast. The table holds the median ms of one whole training
 step of one pack (host batch, copy, forward, loss, backward, clip, Adam) per shape, pack size
@@ -373,80 +374,39 @@ def _pack_estimate(table: CostTable, pack: Pack) -> PackEstimate:
     )
 
 
-def format_duration(seconds: float) -> str:
-    """GPU time as people plan it: minutes under an hour, else hours to one decimal."""
-    if seconds < 3600:
-        return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
-    return f"{seconds / 3600:.1f} h"
+@dataclass(frozen=True)
+class Studies:
+    """Several studies' estimates on one GPU: `study plan FOLDER --estimate` (the paper's whole
+    study is search_spaces/paper/, one space per figure or panel)."""
 
+    estimates: tuple[Estimate, ...]
 
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+    @property
+    def total_s(self) -> float:
+        return sum(e.total_s for e in self.estimates)
 
+    @property
+    def n_trials(self) -> int:
+        return sum(e.n_trials for e in self.estimates)
 
-def estimate_text(plan: Plan, gpu: str, folder: Path | None = None) -> str:
-    """The lines `study plan --estimate --gpu NAME` prints."""
-    result = estimate(plan, gpu, folder)
-    table = result.table
-    lines = [
-        f"GPU {table.gpu}: {table.device_name}, cost table {table.path.name} measured "
-        f"{table.measured_on} at {table.commit} (torch {table.torch})",
-    ]
-    trials = sum(p.members for p in result.packs)
-    what = "training and evaluation" if result.eval_included else "training steps only"
-    if not result.packs:
-        lines.append(f"estimate: none of the {result.n_trials} trials could be estimated")
-    else:
-        lines.append(
-            f"estimate: {format_duration(result.total_s)} of GPU time ({what}) for {trials} of "
-            f"{result.n_trials} trials in {len(result.packs)} of {_plural(result.n_packs, 'pack')}"
-        )
-    groups: dict[tuple[Any, ...], list[PackEstimate]] = {}
-    for pack in result.packs:
-        key = (pack.task, pack.steps, pack.hidden, pack.batch, pack.members, pack.precision)
-        groups.setdefault(key, []).append(pack)
-    for (task, steps, hidden, batch, members, precision), packs in groups.items():
-        cost = packs[0].cost
-        shown = f"auto (as {table_precision(precision)})" if precision == "auto" else precision
-        per_trial = cost.ms_per_pack_step / members
-        ratio = f", {per_trial / cost.cudnn_step_ms:.2f}x cuDNN" if cost.cudnn_step_ms else ""
-        how = []
-        if cost.between_members:
-            how.append("interpolated between packs of {} and {}".format(*cost.between_members))
-        if cost.scaled_from_steps:
-            how.append(f"scaled from {cost.scaled_from_steps} steps")
-        note = f" [{'; '.join(how)}]" if how else ""
-        seconds = sum(p.train_s + (p.eval_s or 0.0) for p in packs)
-        iterations = sorted({p.iterations for p in packs})
-        its = "/".join(f"{n:,}" for n in iterations)
-        counted = _plural(len(packs), "pack")
-        lines.append(
-            f"  {task} {steps} steps H={hidden} B={batch} {shown}: {counted} of {members} x"
-            f" {its} its x {cost.ms_per_pack_step:.2f} ms "
-            f"({per_trial:.2f} ms per trial-step{ratio}) = {format_duration(seconds)}{note}"
-        )
-    without_eval = [p for p in result.packs if p.eval_s is None]
-    if len(without_eval) == len(result.packs) and result.packs:
-        lines.append("  evaluation not included: the table has no eval_ms_per_pack_batch")
-    elif without_eval:
-        lines.append(
-            f"  evaluation not included for {_plural(len(without_eval), 'pack')}: no "
-            "eval_ms_per_pack_batch at their shape, or no val_size option in their task"
-        )
-    for reason, items in _by_reason(result.unestimated).items():
-        names = ", ".join(u.what for u in items[:5]) + (", ..." if len(items) > 5 else "")
-        count = sum(u.trials for u in items)
-        lines.append(f"  not estimated: {count} trials ({names}): {reason}")
-    lines.append(
-        f"  GPU time = the packs one after another on one {table.gpu} (N GPUs: about 1/N the "
-        "wall time)"
-    )
-    lines.append(f"  table source: {table.source}")
-    return "\n".join(lines)
+    @property
+    def estimated_trials(self) -> int:
+        return sum(p.members for e in self.estimates for p in e.packs)
 
+    @property
+    def estimated_packs(self) -> int:
+        return sum(len(e.packs) for e in self.estimates)
 
-def _by_reason(items: tuple[Unestimated, ...]) -> dict[str, list[Unestimated]]:
-    grouped: dict[str, list[Unestimated]] = {}
-    for item in items:
-        grouped.setdefault(item.reason, []).append(item)
-    return grouped
+    @property
+    def n_packs(self) -> int:
+        return sum(e.n_packs for e in self.estimates)
+
+    @property
+    def complete(self) -> bool:
+        """Every trial of every study priced (else the total is a lower bound)."""
+        return self.estimated_trials == self.n_trials
+
+    @property
+    def eval_included(self) -> bool:
+        priced = [e for e in self.estimates if e.packs]
+        return bool(priced) and all(e.eval_included for e in priced)

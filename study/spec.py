@@ -185,6 +185,26 @@ def load_spec(
     return spec_from_mapping(raw, name=name, where=where, smoke=smoke, overrides=pairs)
 
 
+def space_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The search-space files that SPACE arguments name: a file as given, a folder as the
+    .yaml files directly in it, by name (`study plan search_spaces/paper`: one per figure).
+    A folder with none is a one-line error; a file named twice counts once."""
+    files: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
+            if not inside:
+                raise ConfigError(f"{path}: a folder with no search spaces (*.yaml) in it")
+            files.extend(inside)
+        else:
+            files.append(path)
+    unique: dict[Path, Path] = {}
+    for file in files:
+        unique.setdefault(file.resolve(), file)
+    return list(unique.values())
+
+
 def spec_from_mapping(
     raw: Any,
     name: str,

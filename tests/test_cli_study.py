@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, free_port, stop_process_group, wait_for_http
 
-from study import costs, tracking
+from study import cost_text, costs, tracking
 from study.cli import main
 from study.pack_layout import KNOWN_GPUS
 from study.space import make_plan
@@ -253,6 +253,30 @@ def test_without_a_gpu_auto_is_one_and_estimate_asks_for_gpu() -> None:
     ]
 
 
+def test_plan_of_a_folder_prints_every_space_and_their_total(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    paper = REPO / "search_spaces" / "paper"
+    spaces = sorted(paper.glob("*.yaml"))
+    args = ["plan", str(paper), "--gpu", "h100", "--estimate", "--set", "resources.pack=16"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for space in spaces:
+        assert f"\n{space.stem}-set-" in f"\n{out}"
+    # The table's lines once, at the end, after the total of all (the shipped h100 table).
+    assert out.count("table source:") == out.count("GPU h100: NVIDIA H100") == 1
+    total = out[out.index("GPU h100: NVIDIA H100") :].splitlines()
+    assert total[1].startswith(f"all {len(spaces)} studies: 11.8 h of GPU time")
+    assert len(total) == 2 + len(spaces) + 2
+    # Without --estimate: the plans alone; --commands and --name take one space.
+    assert main(["plan", str(paper), str(QUICK)]) == 0
+    assert capsys.readouterr().out.count(" trials, searcher ") == len(spaces) + 1
+    for flag in (["--commands"], ["--name", "mine"]):
+        assert main(["plan", str(paper), *flag]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag[0]}: one SPACE at a time ({len(spaces)} given)" in err
+
+
 def test_plan_estimate_prints_the_cost_after_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
     tabled = sorted(path.stem for path in costs.RESULTS.glob("*.json"))
     assert "h100" in tabled  # the shipped table
@@ -260,7 +284,7 @@ def test_plan_estimate_prints_the_cost_after_the_plan(capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     plan = make_plan(load_spec(FIG4), KNOWN_GPUS["h100"])
     assert out.startswith("fig4_pixel_mnist_no_clip: 10 trials")
-    assert out.endswith("\n" + costs.estimate_text(plan, "h100") + "\n")
+    assert out.endswith("\n" + cost_text.estimate_text(plan, "h100") + "\n")
     untabled = [gpu for gpu in KNOWN_GPUS if gpu not in tabled]
     if untabled:  # a GPU without a table: one line, and no plan printed before it
         assert main(["plan", str(FIG4), "--gpu", untabled[0], "--estimate"]) == 2

@@ -4,7 +4,7 @@ table against the run it was transcribed from."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import re
 import subprocess
 import sys
@@ -13,55 +13,15 @@ from typing import Any
 
 import pytest
 from conftest import REPO, tiny_copying, write_space
+from cost_fixtures import entry, small_plan, table_json, write_table
 
-from study import costs
+from study import cost_text, costs
 from study.errors import ConfigError
 from study.space import make_plan
 from study.spec import load_spec
 
 SHIPPED = REPO / "benchmarks" / "results"
 FIG4 = REPO / "search_spaces" / "paper" / "fig4_pixel_mnist_no_clip.yaml"
-
-
-def entry(members: int, ms: float, **changes: Any) -> dict[str, Any]:
-    """A copying T=5 entry (25 steps, H=8, B=10, tf32), eval 1 ms per member and batch."""
-    values = {
-        "shape": "copying",
-        "steps": 25,
-        "hidden": 8,
-        "batch": 10,
-        "members": members,
-        "precision": "tf32",
-        "kernel": "Triton rows",
-        "ms_per_pack_step": ms,
-        "ms_per_trial_step": ms / members,
-        "cudnn_step_ms": 4.0,
-        "eval_ms_per_pack_batch": float(members),
-    }
-    return {**values, **changes}
-
-
-def table_json(gpu: str = "h200", entries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    return {
-        "gpu": gpu,
-        "device_name": "Test GPU",
-        "sms": 132,
-        "measured_on": "2026-12-01",
-        "torch": "2.14.1",
-        "commit": "abc1234",
-        "command": "python benchmarks/pack_sweep.py",
-        "source": "benchmarks/pack_sweep.py",
-        # Pack sizes 1, 4, 8 at 2, 5, 9 ms per pack step; one fp32 entry.
-        "entries": entries
-        if entries is not None
-        else [entry(1, 2.0), entry(4, 5.0), entry(8, 9.0), entry(1, 3.0, precision="fp32")],
-    }
-
-
-def write_table(folder: Path, raw: Any, gpu: str = "h200") -> Path:
-    path = folder / f"{gpu}.json"
-    path.write_text(raw if isinstance(raw, str) else json.dumps(raw))
-    return path
 
 
 @pytest.fixture
@@ -177,16 +137,6 @@ def test_sequence_length_and_validation_size_come_from_options() -> None:
     assert costs.validation_size("pixel_mnist", {"subset": 200}) == 200
 
 
-def small_plan(tmp_path: Path, pack: int, **overrides: Any) -> Any:
-    """4 copying trials (2 methods x 2 seeds), T=5 (25 steps), 720,000 iterations."""
-    body = tiny_copying(
-        fixed={"iterations": 720_000, "eval_every": 1000},
-        resources={"pack": pack},
-        **overrides,
-    )
-    return make_plan(load_spec(write_space(tmp_path, "small", body)))
-
-
 def test_estimate_of_a_small_plan(tmp_path: Path) -> None:
     write_table(tmp_path, table_json())
     one_pack = costs.estimate(small_plan(tmp_path, 4), "h200", tmp_path)
@@ -203,23 +153,26 @@ def test_estimate_of_a_small_plan(tmp_path: Path) -> None:
     assert solo.n_packs == 4 and solo.train_s == pytest.approx(4 * 720_000 * 2.0 / 1000)
 
 
-def test_estimate_text_lines(tmp_path: Path) -> None:
+def test_several_studies_add_up(tmp_path: Path) -> None:
     write_table(tmp_path, table_json())
-    lines = costs.estimate_text(small_plan(tmp_path, 4), "h200", tmp_path).splitlines()
-    assert lines[0] == (
-        "GPU h200: Test GPU, cost table h200.json measured 2026-12-01 at abc1234 (torch 2.14.1)"
+    four = costs.estimate(small_plan(tmp_path, 4), "h200", tmp_path)  # priced whole
+    body = tiny_copying(fixed={"iterations": 600, "eval_every": 100}, resources={"pack": 9})
+    body["replicates"] = {"seeds": 5}  # a pack of 9 the table cannot price, and one of 1
+    big = costs.estimate(
+        make_plan(load_spec(write_space(tmp_path, "big", body))), "h200", tmp_path
     )
-    assert lines[1] == (
-        "estimate: 1.0 h of GPU time (training and evaluation) for 4 of 4 trials in 1 of 1 pack"
+    both = costs.Studies((four, big))
+    assert both.total_s == pytest.approx(four.total_s + big.total_s)
+    assert (both.n_trials, both.estimated_trials, both.n_packs, both.estimated_packs) == (
+        14,
+        5,
+        3,
+        2,
     )
-    assert lines[2] == (
-        "  copying 25 steps H=8 B=10 auto (as tf32): 1 pack of 4 x 720,000 its x 5.00 ms "
-        "(1.25 ms per trial-step, 0.31x cuDNN) = 1.0 h"
-    )
-    three = costs.estimate_text(small_plan(tmp_path, 3), "h200", tmp_path).splitlines()
-    assert three[2].endswith("= 48 min [interpolated between packs of 1 and 4]")  # 4 ms x 720k
-    assert "not included" not in "\n".join(lines)
-    assert lines[-1] == "  table source: benchmarks/pack_sweep.py"
+    assert not both.complete and both.eval_included
+    assert costs.Studies((four,)).complete
+    # Nothing priced: no evaluation counted either.
+    assert not costs.Studies((dataclasses.replace(big, packs=()),)).eval_included
 
 
 def test_estimate_lists_what_it_cannot_estimate(tmp_path: Path) -> None:
@@ -230,7 +183,7 @@ def test_estimate_lists_what_it_cannot_estimate(tmp_path: Path) -> None:
     result = costs.estimate(plan, "h200", tmp_path)
     assert [p.members for p in result.packs] == [1]
     assert [(u.what, u.trials) for u in result.unestimated] == [("p0000", 9)]
-    text = costs.estimate_text(plan, "h200", tmp_path)
+    text = cost_text.estimate_text(plan, "h200", tmp_path)
     assert "for 1 of 10 trials in 1 of 2 packs" in text
     assert "not estimated: 9 trials (p0000): h200.json: a pack of 9" in text
 
@@ -245,7 +198,7 @@ def test_estimate_of_an_optuna_plan_says_it_has_no_packs(tmp_path: Path) -> None
     result = costs.estimate(plan, "h200", tmp_path)
     assert result.packs == () and result.n_packs == 0
     assert result.unestimated[0].trials == plan.n_trials == 8
-    text = costs.estimate_text(plan, "h200", tmp_path)
+    text = cost_text.estimate_text(plan, "h200", tmp_path)
     assert "estimate: none of the 8 trials could be estimated" in text
     assert "Optuna study suggests its trials one at a time and plans no packs" in text
 
@@ -254,7 +207,7 @@ def test_estimate_says_when_evaluation_is_not_in_the_table(tmp_path: Path) -> No
     write_table(tmp_path, table_json(entries=[entry(4, 5.0, eval_ms_per_pack_batch=None)]))
     result = costs.estimate(small_plan(tmp_path, 4), "h200", tmp_path)
     assert not result.eval_included and result.total_s == result.train_s
-    text = costs.estimate_text(small_plan(tmp_path, 4), "h200", tmp_path)
+    text = cost_text.estimate_text(small_plan(tmp_path, 4), "h200", tmp_path)
     assert "(training steps only)" in text
     assert "evaluation not included: the table has no eval_ms_per_pack_batch" in text
 
@@ -306,5 +259,5 @@ def test_fig4_estimate_on_h100_from_the_shipped_table() -> None:
     assert solo.total_s / 3600 == pytest.approx(10 * 100_000 * 5.56 / 1000 / 3600)
     fp32 = costs.estimate(_fig4(16, "fp32"), "h100")
     assert fp32.total_s == pytest.approx(100_000 * (15.76 + (52.8 - 15.76) * 9 / 15) / 1000)
-    text = costs.estimate_text(_fig4(16, "tf32"), "h100")
+    text = cost_text.estimate_text(_fig4(16, "tf32"), "h100")
     assert "estimate: 37 min of GPU time (training steps only) for 10 of 10 trials" in text

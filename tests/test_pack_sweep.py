@@ -3,6 +3,7 @@ child process (failures and hangs), and benchmarks/gpu_check.sh, which runs it o
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -82,6 +83,13 @@ def test_the_printed_table_has_a_row_per_pack_and_the_verdicts(cpu_sweep) -> Non
     assert "issue 18 target: best per-trial step <= 0.1 x cuDNN step at tiny:" in out
     # No tf32 point ran, so that target has nothing to read.
     assert "single trial tf32 <= 1.0 x cuDNN step at tiny: not measured" in out
+    # The paper's shapes are not in a tiny table: the whole study has no price, and says why.
+    assert re.search(
+        r"^issue 18 target: whole paper study <= 1 GPU-hour on cpu: not measured: 0 of \d+ "
+        r"trials priced; cpu.json: no entry for H=100",
+        out,
+        flags=re.M,
+    ), out
     assert re.search(r"^estimate check \(tiny, pack of 2, fp32, .* ratio \d", out, flags=re.M)
 
 
@@ -115,6 +123,56 @@ def test_gpu_keys_and_table_paths(pack_sweep, tmp_path: Path) -> None:
         "h200.json",
     )
     assert pack_sweep.table_paths(None, "cpu", cuda=False) == []
+
+
+def _paper_table(folder: Path, ms: float, shapes: tuple[str, ...]) -> Path:
+    """An H200 cost table in the contract: ms per pack step at every pack size 1..18 (flat),
+    tf32, for the sweep's paper shapes named."""
+    sizes = {"copying": (120, 128, 100), "pixel_mnist": (784, 100, 100)}
+    entries = [
+        {
+            "shape": shape,
+            "steps": sizes[shape][0],
+            "hidden": sizes[shape][1],
+            "batch": sizes[shape][2],
+            "members": members,
+            "precision": "tf32",
+            "kernel": "Triton split",
+            "ms_per_pack_step": ms,
+            "ms_per_trial_step": ms / members,
+            "cudnn_step_ms": None,
+            "eval_ms_per_pack_batch": None,
+        }
+        for shape in shapes
+        for members in (1, 18)
+    ]
+    fields = dict.fromkeys(costs.TABLE_FIELDS, "test") | {"gpu": "h200", "sms": 132}
+    path = folder / "h200.json"
+    path.write_text(json.dumps(fields | {"measured_on": "2026-12-03", "entries": entries}))
+    return path
+
+
+def test_the_whole_paper_study_target_reads_the_table_just_written(
+    pack_sweep, tmp_path: Path
+) -> None:
+    sweep = pack_sweep.Sweep(argparse.Namespace(device="cuda"), "NVIDIA H200", 132, "2.11")
+    both = ("copying", "pixel_mnist")
+    # 0.1 ms a pack step: copying T=100 2 packs x 600,000 its (120 s), T=300 one scaled by
+    # 320/120 steps (160 s), pixel and permuted MNIST 9 packs x 100,000 its (90 s): 370 s.
+    lines = pack_sweep.whole_study(sweep, [_paper_table(tmp_path, 0.1, both)])
+    target = "issue 18 target: whole paper study <= 1 GPU-hour on h200: "
+    assert lines[0] == (
+        f"{target}0.10 h met (6 min of GPU time (training steps only) for 165 of 165 trials in "
+        "12 of 12 packs)"
+    )
+    assert lines[1].splitlines()[1].startswith("all 8 studies: 6 min")
+    slow = pack_sweep.whole_study(sweep, [_paper_table(tmp_path, 10.0, both)])
+    assert slow[0].startswith(f"{target}10.28 h MISSED")
+    # A shape the run did not measure: no verdict, and why.
+    copying_only = pack_sweep.whole_study(sweep, [_paper_table(tmp_path, 0.1, ("copying",))])
+    assert copying_only[0].startswith(f"{target}not measured: 45 of 165 trials priced; h200.json")
+    unwritten = pack_sweep.whole_study(sweep, [tmp_path / "elsewhere" / "h100.json"])
+    assert unwritten == [f"{target}not measured (no --table written for h200)"]
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO, tiny_copying, write_space
 
 from study.errors import ConfigError
-from study.spec import Range, load_spec
+from study.spec import Range, load_spec, space_files
 
 BAD_SPACES = sorted((Path(__file__).parent / "bad_spaces").glob("*.yaml"))
 SEARCH_SPACES = sorted((REPO / "search_spaces").rglob("*.yaml"))
@@ -212,3 +212,21 @@ def test_empty_path_says_no_file_given(given: str) -> None:
         load_spec(Path(given))
     with pytest.raises(ConfigError, match=r"^no search space file given"):
         load_spec(given)
+
+
+def test_space_files_expand_a_folder_by_name_and_count_each_file_once(tmp_path: Path) -> None:
+    for name in ("b.yaml", "a.yml", "notes.txt"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "inner").mkdir()  # not searched: a folder is the spaces directly in it
+    (tmp_path / "inner" / "c.yaml").write_text("{}")
+    a, b = tmp_path / "a.yml", tmp_path / "b.yaml"
+    assert space_files([tmp_path]) == [a, b]
+    assert space_files([b, tmp_path, tmp_path / "." / "b.yaml"]) == [b, a]
+    missing = tmp_path / "none.yaml"  # a file is passed on as given: load_spec names it
+    assert space_files([missing]) == [missing]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError) as caught:
+        space_files([tmp_path / "empty"])
+    assert (
+        str(caught.value) == f"{tmp_path / 'empty'}: a folder with no search spaces (*.yaml) in it"
+    )
