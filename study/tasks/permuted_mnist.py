@@ -1,4 +1,4 @@
-"""Permuted pixel MNIST (paper Sec. 5.2, Fig. 4, 8): one fixed shuffle of the 784 pixels."""
+"""Permuted pixel MNIST (paper Sec. 5.2, Fig. 7): one fixed shuffle of the 784 pixels."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pixel (sequential) MNIST (paper Sec. 5.2, Fig. 3, 6, 7): one pixel per step, 784 steps."""
+"""Pixel (sequential) MNIST (paper Sec. 5.2, Figs. 3-6 and 8): one pixel per step, 784 steps."""
 
 from __future__ import annotations
 
