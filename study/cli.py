@@ -103,7 +103,7 @@ def _add_study_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from study.space import make_plan, plan_text
+    from study.space import make_plan, plan_text, plans_total
     from study.spec import load_spec, space_files
 
     files = space_files(args.space)
@@ -132,6 +132,8 @@ def _plan(args: argparse.Namespace) -> int:
     plans = [make_plan(spec, gpu) for spec in specs]
     if not args.estimate:
         print("\n\n".join(plan_text(plan) for plan in plans))
+        if len(plans) > 1:
+            print(f"\n{plans_total(plans)}")
         return 0
     from study import cost_text, costs  # the cost tables: read only for an estimate
 

@@ -401,6 +401,15 @@ def plan_text(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def plans_total(plans: Sequence[Plan]) -> str:
+    """The line after several plans (`study plan FOLDER`): their trials and packs added up."""
+    trials = sum(plan.n_trials for plan in plans)
+    packs = sum(len(plan.packs) for plan in plans if not plan.optuna)
+    tuned = sum(1 for plan in plans if plan.optuna)
+    optuna = f"; {tuned} Optuna {'study' if tuned == 1 else 'studies'}, unpacked" if tuned else ""
+    return f"all {len(plans)} studies: {trials} trials in {packs} packs{optuna}"
+
+
 def _auto_pack_lines(plan: Plan) -> list[str]:
     """What `resources.pack: auto` resolved to, one line per trial shape, and why."""
     if plan.spec.resources.pack != AUTO_PACK:

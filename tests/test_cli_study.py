@@ -269,8 +269,10 @@ def test_plan_of_a_folder_prints_every_space_and_their_total(
     assert total[1].startswith(f"all {len(spaces)} studies: 11.8 h of GPU time")
     assert len(total) == 2 + len(spaces) + 2
     # Without --estimate: the plans alone; --commands and --name take one space.
-    assert main(["plan", str(paper), str(QUICK)]) == 0
-    assert capsys.readouterr().out.count(" trials, searcher ") == len(spaces) + 1
+    assert main(["plan", str(paper), str(QUICK), "--gpu", "h200"]) == 0
+    plans = capsys.readouterr().out
+    assert plans.count(" trials, searcher ") == len(spaces) + 1
+    assert plans.endswith(f"\n\nall {len(spaces) + 1} studies: 171 trials in 18 packs\n")
     for flag in (["--commands"], ["--name", "mine"]):
         assert main(["plan", str(paper), *flag]) == 2
         err = capsys.readouterr().err

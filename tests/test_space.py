@@ -341,3 +341,32 @@ def test_a_gpu_record_reads_back_and_a_bad_one_is_refused() -> None:
     assert space.gpu_record(None) is None and space.gpu_from_record(None) is None
     with pytest.raises(ValueError, match="not a GPU record"):
         space.gpu_from_record({"key": "h200", "name": "NVIDIA H200", "sms": 0})
+
+
+def test_several_plans_add_up_their_trials_and_packs(tmp_path: Path) -> None:
+    packed = space.make_plan(
+        load_spec(
+            write_space(
+                tmp_path,
+                "packed",
+                tiny_copying(scientific={"method": ["none", "h_detach"]}, resources={"pack": 3}),
+            )
+        )
+    )
+    tuned = space.make_plan(
+        load_spec(
+            write_space(
+                tmp_path,
+                "tuned",
+                tiny_copying(
+                    nuisance={"lr": {"min": 1.0e-4, "max": 1.0e-2, "scaling": "log"}},
+                    search={"searcher": "optuna", "samples_per_cell": 2},
+                ),
+            )
+        )
+    )
+    assert (packed.n_trials, len(packed.packs), tuned.n_trials) == (4, 2, 8)
+    assert space.plans_total([packed, packed]) == "all 2 studies: 8 trials in 4 packs"
+    assert space.plans_total([packed, tuned]) == (
+        "all 2 studies: 12 trials in 2 packs; 1 Optuna study, unpacked"
+    )
