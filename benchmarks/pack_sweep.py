@@ -56,7 +56,6 @@ from lstm_step_cuda import (
     pack_step,
     path_note,
     release,
-    study_step,
     time_steps,
 )
 from torch import nn
@@ -108,16 +107,28 @@ def _kernels() -> str:
 
 
 def measure_pack(request: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """One pack's study step (lstm_step_cuda.study_step) and the kernels it ran."""
-    ms, kernels = study_step(
-        _shape(request),
-        request["members"],
-        device,
-        request["precision"],
-        request["rounds"],
-        request["steps"],
-    )
-    return {"ms": ms, "kernel": kernels, "note": path_note("Triton").strip(" []")}
+    """One pack's study step (timed as lstm_step_cuda.study_step times it), the kernels it ran,
+    and its start-up: building the members and the first call (kernels loaded, on a GPU the
+    CUDA graph's warm-up steps and capture) less the one step that call makes."""
+    triton_lstm._failed.clear()
+    triton_lstm.used.clear()
+    with cuda_precision(request["precision"], device):
+        _synchronize(device)
+        started = time.perf_counter()
+        step = pack_step(_shape(request), request["members"], device, request["precision"])
+        step()
+        _synchronize(device)
+        first_ms = (time.perf_counter() - started) * 1000
+        ms = time_steps(step, request["steps"], request["rounds"])
+    release()
+    start_ms = first_ms - ms if first_ms > ms else None  # not measurable under the noise
+    note = path_note("Triton").strip(" []")
+    return {"ms": ms, "start_ms": start_ms, "kernel": _kernels(), "note": note}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def warm_pack(request: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -474,6 +485,7 @@ def entries(sweep: Sweep) -> list[dict[str, Any]]:
                 "eval_ms_per_pack_batch": _rounded(
                     None if member_eval is None else member_eval * point.members
                 ),
+                "start_ms": _rounded(result.get("start_ms")),
             }
         )
     return rows
@@ -798,9 +810,11 @@ def check_point(sweep: Sweep) -> Point | None:
     return max(same, key=lambda p: p.members)
 
 
-def table_costs(sweep: Sweep, point: Point, paths: list[Path]) -> tuple[float, float | None, str]:
-    """(ms per pack step, ms per evaluation batch of the pack, where from): study.costs reading
-    the table just written, else the entry measured in this run."""
+def table_costs(
+    sweep: Sweep, point: Point, paths: list[Path]
+) -> tuple[float, float | None, float | None, str]:
+    """(ms per pack step, ms per evaluation batch of the pack, ms of pack start-up, where from):
+    study.costs reading the table just written, else the entry measured in this run."""
     _, seq_len, batch, hidden, _, _ = SWEEP_SHAPES[point.shape]
     for path in paths:
         if path.stem != sweep.gpu:
@@ -818,17 +832,20 @@ def table_costs(sweep: Sweep, point: Point, paths: list[Path]) -> tuple[float, f
         except ConfigError as error:
             print(f"estimate check: study.costs could not use {path}: {error}")
             continue
-        return cost.ms_per_pack_step, cost.eval_ms_per_pack_batch, f"study.costs, {path.name}"
+        source = f"study.costs, {path.name}"
+        return cost.ms_per_pack_step, cost.eval_ms_per_pack_batch, cost.start_ms, source
     member_eval = sweep.eval_member.get((point.shape, point.precision))
     pack_eval = None if member_eval is None else member_eval * point.members
-    return sweep.packs[point]["ms"], pack_eval, "this run's entry"
+    entry = sweep.packs[point]
+    return entry["ms"], pack_eval, entry.get("start_ms"), "this run's entry"
 
 
 def check_estimate(sweep: Sweep, runner: Runner, paths: list[Path]) -> bool:
     """train_packed for --check-iterations of one full pack, end to end, against the table's
-    estimate: iterations x step + one evaluation (eval_every = iterations) x the pack's
-    evaluation batch (the random task's validation split is one batch). PASS within 15%.
-    A second run of twice the iterations separates the per-step cost from the fixed one."""
+    estimate: the pack's start-up + iterations x step + one evaluation (eval_every =
+    iterations) x the pack's evaluation batch (the random task's validation split is one
+    batch), as study.costs prices a study's pack. PASS within 15%. A second run of twice the
+    iterations separates the per-step cost from the fixed one."""
     args = sweep.args
     point = check_point(sweep)
     if point is None:
@@ -845,25 +862,28 @@ def check_estimate(sweep: Sweep, runner: Runner, paths: list[Path]) -> bool:
     if "error" in answer:
         print(f"estimate check ({what}): FAILED to run: {answer['error']}")
         return False
-    step, pack_eval, source = table_costs(sweep, point, paths)
+    step, pack_eval, start, source = table_costs(sweep, point, paths)
     measured, doubled = answer["seconds"]
     counted = "counted" if pack_eval is not None else "not counted: no eval cost measured"
-    estimated = (iterations * step + (pack_eval or 0.0)) / 1000
+    estimated = ((start or 0.0) + iterations * step + (pack_eval or 0.0)) / 1000
     ratio = measured / estimated
     verdict = "PASS" if abs(ratio - 1) <= CHECK_TOLERANCE else "FAIL"
+    start_text = f"{start:.1f} ms (start-up) + " if start is not None else ""
     eval_text = f" + 1 x {pack_eval:.1f} ms (eval)" if pack_eval is not None else ""
     print(
         f"\nestimate check ({what}, evaluation {counted}; kernels {answer['kernel']}; "
         f"statuses {answer['statuses'][0]}): measured {measured:.3f} s end to end, estimated "
-        f"{estimated:.3f} s = {iterations} x {step:.2f} ms (step){eval_text} from {source}; "
-        f"ratio {ratio:.3f}: {verdict} (within {CHECK_TOLERANCE:.0%})"
+        f"{estimated:.3f} s = {start_text}{iterations} x {step:.2f} ms (step){eval_text} from "
+        f"{source}; ratio {ratio:.3f}: {verdict} (within {CHECK_TOLERANCE:.0%})"
     )
     per_step = (doubled - measured - (pack_eval or 0.0) / 1000) / iterations * 1000
     fixed = measured - iterations * per_step / 1000 - (pack_eval or 0.0) / 1000
+    table_start = f"table {start / 1000:.3f}" if start is not None else "not in the table"
     print(
         f"estimate check, {2 * iterations} iterations + 2 evaluations: {doubled:.3f} s, so "
         f"{per_step:.2f} ms per step beyond the first {iterations} (table {step:.2f}) and "
-        f"{fixed:.3f} s per run outside steps and evaluation (members built, graph captured)"
+        f"{fixed:.3f} s per run outside steps and evaluation ({table_start}: members built, "
+        "graph captured)"
     )
     return True
 

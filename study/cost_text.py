@@ -47,9 +47,21 @@ def _table_line(table: CostTable) -> str:
 def _how_summed(table: CostTable) -> list[str]:
     return [
         f"  GPU time = the packs one after another on one {table.gpu} (N GPUs: about 1/N the "
-        "wall time)",
+        "wall time); not counted: each pack's process start and data loading",
         f"  table source: {table.source}",
     ]
+
+
+def _counted(eval_included: bool, start_included: bool) -> str:
+    """What an estimate's time holds besides the training steps."""
+    extra = [
+        name
+        for name, on in (("evaluation", eval_included), ("pack start-up", start_included))
+        if on
+    ]
+    if not extra:
+        return "training steps only"
+    return "training and " + extra[0] if len(extra) == 1 else "training, " + " and ".join(extra)
 
 
 def describe(result: Estimate, alone: bool = True) -> str:
@@ -58,7 +70,7 @@ def describe(result: Estimate, alone: bool = True) -> str:
     table = result.table
     lines = [_table_line(table)] if alone else []
     trials = sum(p.members for p in result.packs)
-    what = "training and evaluation" if result.eval_included else "training steps only"
+    what = _counted(result.eval_included, result.start_included)
     if not result.packs:
         lines.append(f"estimate: none of the {result.n_trials} trials could be estimated")
     else:
@@ -81,7 +93,7 @@ def describe(result: Estimate, alone: bool = True) -> str:
         if cost.scaled_from_steps:
             how.append(f"scaled from {cost.scaled_from_steps} steps")
         note = f" [{'; '.join(how)}]" if how else ""
-        seconds = sum(p.train_s + (p.eval_s or 0.0) for p in packs)
+        seconds = sum(p.total_s for p in packs)
         iterations = sorted({p.iterations for p in packs})
         its = "/".join(f"{n:,}" for n in iterations)
         counted = _plural(len(packs), "pack")
@@ -98,6 +110,17 @@ def describe(result: Estimate, alone: bool = True) -> str:
             f"  evaluation not included for {_plural(len(without_eval), 'pack')}: no "
             "eval_ms_per_pack_batch at their shape, or no val_size option in their task"
         )
+    without_start = [p for p in result.packs if p.start_s is None]
+    if without_start:
+        count = len(without_start)
+        some = "" if count == len(result.packs) else f" for {_plural(count, 'pack')}"
+        lines.append(f"  pack start-up not included{some}: the table has no start_ms there")
+    elif result.packs:
+        start = sum(p.start_s or 0.0 for p in result.packs)
+        lines.append(
+            f"  pack start-up included: {format_duration(start)} in all (members built, kernels "
+            "loaded, CUDA graph captured)"
+        )
     for reason, items in _by_reason(result.unestimated).items():
         names = ", ".join(u.what for u in items[:5]) + (", ..." if len(items) > 5 else "")
         count = sum(u.trials for u in items)
@@ -109,7 +132,7 @@ def describe(result: Estimate, alone: bool = True) -> str:
 
 def studies_headline(studies: Studies) -> str:
     """The total of several studies, in one clause: time, what it counts, trials and packs."""
-    what = "training and evaluation" if studies.eval_included else "training steps only"
+    what = _counted(studies.eval_included, studies.start_included)
     bound = "" if studies.complete else " (a lower bound: not every trial could be estimated)"
     return (
         f"{format_duration(studies.total_s)} of GPU time ({what}) for "

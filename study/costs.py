@@ -28,8 +28,8 @@ RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 PRECISIONS = ("fp32", "tf32")  # what a GPU computes in; the table is a GPU's
 TABLE_FIELDS = ("gpu", "device_name", "sms", "measured_on", "torch", "commit", "command", "source")
 ENTRY_INTS = ("steps", "hidden", "batch", "members")
-# Optional per entry (absent or null): not every run measures evaluation or cuDNN.
-ENTRY_OPTIONAL = ("ms_per_trial_step", "cudnn_step_ms", "eval_ms_per_pack_batch")
+# Optional per entry (absent or null): not every run measures evaluation, start-up or cuDNN.
+ENTRY_OPTIONAL = ("ms_per_trial_step", "cudnn_step_ms", "eval_ms_per_pack_batch", "start_ms")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,10 @@ class CostEntry:
     cudnn_step_ms: float | None  # nn.LSTM + clip + Adam, eager, at this shape
     # One evaluation batch (study.trial.EVAL_BATCH_SIZE sequences) for every member of the pack.
     eval_ms_per_pack_batch: float | None
+    # Once per pack, before its first step: members built, kernels loaded, the CUDA graph's
+    # warm-up steps and capture (the first call less one step). Small beside a study's 10^5
+    # steps, not beside the 100 of the sweep's estimate check.
+    start_ms: float | None
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class StepCost:
     ms_per_pack_step: float
     eval_ms_per_pack_batch: float | None
     cudnn_step_ms: float | None
+    start_ms: float | None  # once per pack (CostEntry.start_ms)
     between_members: tuple[int, int] | None  # interpolated between these measured pack sizes
     scaled_from_steps: int | None  # scaled linearly in T from this measured sequence length
 
@@ -200,11 +205,12 @@ def step_cost(
     if members in by_members:
         entry = by_members[members]
         return StepCost(
-            entry.ms_per_pack_step * scale,
-            _scaled(entry.eval_ms_per_pack_batch, scale),
-            _scaled(entry.cudnn_step_ms, scale),
-            None,
-            scaled,
+            ms_per_pack_step=entry.ms_per_pack_step * scale,
+            eval_ms_per_pack_batch=_scaled(entry.eval_ms_per_pack_batch, scale),
+            cudnn_step_ms=_scaled(entry.cudnn_step_ms, scale),
+            start_ms=_scaled(entry.start_ms, scale),  # its warm-up steps are steps too
+            between_members=None,
+            scaled_from_steps=scaled,
         )
     if not sizes[0] < members < sizes[-1]:
         raise ConfigError(
@@ -219,13 +225,16 @@ def step_cost(
     def between(a: float, b: float) -> float:
         return (a + weight * (b - a)) * scale
 
-    low_eval, high_eval = low.eval_ms_per_pack_batch, high.eval_ms_per_pack_batch
+    def both(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else between(a, b)
+
     return StepCost(
-        between(low.ms_per_pack_step, high.ms_per_pack_step),
-        None if low_eval is None or high_eval is None else between(low_eval, high_eval),
-        _scaled(low.cudnn_step_ms or high.cudnn_step_ms, scale),
-        (below, above),
-        scaled,
+        ms_per_pack_step=between(low.ms_per_pack_step, high.ms_per_pack_step),
+        eval_ms_per_pack_batch=both(low.eval_ms_per_pack_batch, high.eval_ms_per_pack_batch),
+        cudnn_step_ms=_scaled(low.cudnn_step_ms or high.cudnn_step_ms, scale),
+        start_ms=both(low.start_ms, high.start_ms),
+        between_members=(below, above),
+        scaled_from_steps=scaled,
     )
 
 
@@ -279,6 +288,11 @@ class PackEstimate:
     cost: StepCost
     train_s: float
     eval_s: float | None  # None: the table has no evaluation cost for this pack
+    start_s: float | None  # None: the table has no start-up cost for this pack
+
+    @property
+    def total_s(self) -> float:
+        return self.train_s + (self.eval_s or 0.0) + (self.start_s or 0.0)
 
 
 @dataclass(frozen=True)
@@ -306,8 +320,12 @@ class Estimate:
         return bool(self.packs) and all(p.eval_s is not None for p in self.packs)
 
     @property
+    def start_included(self) -> bool:
+        return bool(self.packs) and all(p.start_s is not None for p in self.packs)
+
+    @property
     def total_s(self) -> float:
-        return self.train_s + sum(p.eval_s or 0.0 for p in self.packs)
+        return sum(p.total_s for p in self.packs)
 
 
 def estimate(plan: Plan, gpu: str, folder: Path | None = None) -> Estimate:
@@ -371,6 +389,7 @@ def _pack_estimate(table: CostTable, pack: Pack) -> PackEstimate:
         cost=cost,
         train_s=config.iterations * cost.ms_per_pack_step / 1000,
         eval_s=eval_s,
+        start_s=None if cost.start_ms is None else cost.start_ms / 1000,
     )
 
 
@@ -410,3 +429,8 @@ class Studies:
     def eval_included(self) -> bool:
         priced = [e for e in self.estimates if e.packs]
         return bool(priced) and all(e.eval_included for e in priced)
+
+    @property
+    def start_included(self) -> bool:
+        priced = [e for e in self.estimates if e.packs]
+        return bool(priced) and all(e.start_included for e in priced)

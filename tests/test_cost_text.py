@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import tiny_copying, write_space
-from cost_fixtures import small_plan, table_json, write_table
+from cost_fixtures import entry, small_plan, table_json, write_table
 
 from study import cost_text, costs
 from study.space import make_plan
@@ -14,13 +14,15 @@ from study.spec import load_spec
 
 
 def test_estimate_text_lines(tmp_path: Path) -> None:
-    write_table(tmp_path, table_json())
+    started = [entry(1, 2.0, start_ms=400.0), entry(4, 5.0, start_ms=1000.0), entry(8, 9.0)]
+    write_table(tmp_path, table_json(entries=started))
     lines = cost_text.estimate_text(small_plan(tmp_path, 4), "h200", tmp_path).splitlines()
     assert lines[0] == (
         "GPU h200: Test GPU, cost table h200.json measured 2026-12-01 at abc1234 (torch 2.14.1)"
     )
     assert lines[1] == (
-        "estimate: 1.0 h of GPU time (training and evaluation) for 4 of 4 trials in 1 of 1 pack"
+        "estimate: 1.0 h of GPU time (training, evaluation and pack start-up) for 4 of 4 trials "
+        "in 1 of 1 pack"
     )
     assert lines[2] == (
         "  copying 25 steps H=8 B=10 auto (as tf32): 1 pack of 4 x 720,000 its x 5.00 ms "
@@ -28,8 +30,18 @@ def test_estimate_text_lines(tmp_path: Path) -> None:
     )
     three = cost_text.estimate_text(small_plan(tmp_path, 3), "h200", tmp_path).splitlines()
     assert three[2].endswith("= 48 min [interpolated between packs of 1 and 4]")  # 4 ms x 720k
+    assert lines[3] == (
+        "  pack start-up included: 1 s in all (members built, kernels loaded, CUDA graph captured)"
+    )
     assert "not included" not in "\n".join(lines)
+    assert lines[-2].endswith("; not counted: each pack's process start and data loading")
     assert lines[-1] == "  table source: benchmarks/pack_sweep.py"
+    # Packs of 3 and 1, where only the pack of 1 has a start-up measured: the pack of 3 (between
+    # 1 and 4) has none, so the total does not claim to hold start-up.
+    write_table(tmp_path, table_json(entries=[entry(1, 2.0, start_ms=400.0), entry(4, 5.0)]))
+    three = cost_text.estimate_text(small_plan(tmp_path, 3), "h200", tmp_path).splitlines()
+    assert "(training and evaluation)" in three[1]
+    assert "  pack start-up not included for 1 pack: the table has no start_ms there" in three
 
 
 def test_several_studies_print_their_total_and_the_table_once(tmp_path: Path) -> None:

@@ -69,6 +69,7 @@ def test_the_table_follows_the_cost_table_contract(cpu_sweep) -> None:
         per_trial = entry["ms_per_pack_step"] / entry["members"]
         assert entry["ms_per_trial_step"] == pytest.approx(per_trial, rel=1e-3)
         assert entry["eval_ms_per_pack_batch"] > 0
+        assert entry["start_ms"] > 0  # building the members is in the first call, not a step
     # The reader of the contract takes it whole.
     table = costs.load_table("cpu", path.parent)
     assert costs.step_ms(table, steps=5, hidden=16, batch=8, members=2, precision="fp32") > 0
@@ -90,7 +91,11 @@ def test_the_printed_table_has_a_row_per_pack_and_the_verdicts(cpu_sweep) -> Non
         out,
         flags=re.M,
     ), out
-    assert re.search(r"^estimate check \(tiny, pack of 2, fp32, .* ratio \d", out, flags=re.M)
+    assert re.search(
+        r"^estimate check \(tiny, pack of 2, fp32, .* ms \(start-up\) \+ 10 x .* ratio \d",
+        out,
+        flags=re.M,
+    ), out
 
 
 def test_a_failed_point_is_reported_and_a_hung_one_is_cut_off(pack_sweep) -> None:
