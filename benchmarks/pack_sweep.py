@@ -653,7 +653,9 @@ def run_packs(sweep: Sweep, runner: Runner, shape: str, precision: str) -> None:
     args = sweep.args
     previous: tuple[int, float] | None = None  # (K, ms) of the last measured pack here
     capped = ""
-    steps_per_point = args.rounds * args.steps + 1 + WARMUP_STEPS + 1
+    # measure_pack's first call (the graph's warm-up steps, its capture, one replay), then
+    # time_steps' own warm-up call and the timed rounds.
+    steps_per_point = WARMUP_STEPS + 2 + 1 + args.rounds * args.steps
     for members, auto in sizes(sweep, shape, precision):
         point = Point(shape, precision, members, auto)
         if capped:
