@@ -69,7 +69,7 @@ def describe(result: Estimate, alone: bool = True) -> str:
     where the table came from, how times add up), which a set of studies prints once."""
     table = result.table
     lines = [_table_line(table)] if alone else []
-    trials = sum(p.members for p in result.packs)
+    trials = result.estimated_trials
     what = _counted(result.eval_included, result.start_included)
     if not result.packs:
         lines.append(f"estimate: none of the {result.n_trials} trials could be estimated")
@@ -151,7 +151,7 @@ def studies_text(studies: Studies) -> str:
     ]
     width = max(len(e.study) for e in studies.estimates)
     for result in studies.estimates:
-        trials = sum(p.members for p in result.packs)
+        trials = result.estimated_trials
         missing = result.n_trials - trials
         note = f"; not estimated: {missing}" if missing else ""
         lines.append(

@@ -316,6 +316,11 @@ class Estimate:
         return sum(p.train_s for p in self.packs)
 
     @property
+    def estimated_trials(self) -> int:
+        """Trials in the packs the table could price (the rest are in `unestimated`)."""
+        return sum(p.members for p in self.packs)
+
+    @property
     def eval_included(self) -> bool:
         return bool(self.packs) and all(p.eval_s is not None for p in self.packs)
 
@@ -410,7 +415,7 @@ class Studies:
 
     @property
     def estimated_trials(self) -> int:
-        return sum(p.members for e in self.estimates for p in e.packs)
+        return sum(e.estimated_trials for e in self.estimates)
 
     @property
     def estimated_packs(self) -> int:
@@ -426,11 +431,13 @@ class Studies:
         return self.estimated_trials == self.n_trials
 
     @property
+    def _priced(self) -> list[Estimate]:
+        return [e for e in self.estimates if e.packs]
+
+    @property
     def eval_included(self) -> bool:
-        priced = [e for e in self.estimates if e.packs]
-        return bool(priced) and all(e.eval_included for e in priced)
+        return bool(self._priced) and all(e.eval_included for e in self._priced)
 
     @property
     def start_included(self) -> bool:
-        priced = [e for e in self.estimates if e.packs]
-        return bool(priced) and all(e.start_included for e in priced)
+        return bool(self._priced) and all(e.start_included for e in self._priced)
