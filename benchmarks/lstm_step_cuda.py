@@ -234,14 +234,24 @@ def study_step(
 ) -> tuple[float, str]:
     """ms per study training step of a pack of `members` at the trial field `precision`, and
     which LSTM kernels it ran."""
-    triton_lstm._failed.clear()
-    triton_lstm.used.clear()
+    forget_kernels()
     with cuda_precision(precision, device):
         ms = time_steps(pack_step(shape, members, device, precision), steps, rounds)
     release()
-    kernels = sorted(triton_lstm.used) or ["per-step"]
-    kernels = [kernel if kernel == "per-step" else f"Triton {kernel}" for kernel in kernels]
-    return ms, ", ".join(kernels)
+    return ms, kernels_used()
+
+
+def forget_kernels() -> None:
+    """Start a fresh record of the LSTM kernels that run (triton_lstm.used), and forget the
+    configurations that failed before (each is tried again, and a fallback is seen anew)."""
+    triton_lstm._failed.clear()
+    triton_lstm.used.clear()
+
+
+def kernels_used() -> str:
+    """The LSTM kernels run since forget_kernels, as a row's label ("Triton split", "per-step")."""
+    names = sorted(triton_lstm.used) or ["per-step"]
+    return ", ".join(name if name == "per-step" else f"Triton {name}" for name in names)
 
 
 def measure_shape(

@@ -1,18 +1,20 @@
-"""benchmarks/pack_sweep.py: the cost-table sweep, run on a CPU at a tiny shape, its measuring
-child process (failures and hangs), and benchmarks/gpu_check.sh, which runs it on a GPU."""
+"""benchmarks/pack_sweep.py: the cost-table sweep, run on a CPU at a tiny shape as gpu_check.sh
+runs it on a GPU (the table, the printed verdicts, a run stopped mid-shape), its flags, and
+benchmarks/gpu_check.sh itself."""
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from bench_modules import benchmark_module
 
 from study import costs
 
@@ -24,12 +26,7 @@ STAGE_LIMIT_TOTAL = 540  # 9 minutes: what one run on the GPU machine may take (
 
 @pytest.fixture(scope="module")
 def pack_sweep():
-    """The script as a module (it imports lstm_step_cuda from its own folder)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("pack_sweep")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return benchmark_module("pack_sweep")
 
 
 @pytest.fixture(scope="module")
@@ -98,86 +95,60 @@ def test_the_printed_table_has_a_row_per_pack_and_the_verdicts(cpu_sweep) -> Non
     ), out
 
 
-def test_a_failed_point_is_reported_and_a_hung_one_is_cut_off(pack_sweep) -> None:
-    runner = pack_sweep.Runner("cpu")
-    try:
-        assert runner.start(timeout=120)["device_name"] == "CPU"
-        request = {"kind": "pack", "precision": "fp32", "members": 1, "rounds": 1, "steps": 1}
-        failed = runner.ask({**request, "shape": "no_such_shape"}, timeout=120)
-        assert failed["error"].startswith("KeyError")
-        # Minutes of CPU work: the answer cannot come within the time given.
-        hung = runner.ask({**request, "shape": "copying", "members": 16, "steps": 50}, timeout=2)
-        assert "no answer within" in hung["error"]
-        # The next point runs in a fresh child.
-        measured = runner.ask({**request, "shape": "tiny"}, timeout=120)
-        assert measured["ms"] > 0
-    finally:
-        runner.close()
-
-
-def test_gpu_keys_and_table_paths(pack_sweep, tmp_path: Path) -> None:
-    assert pack_sweep.gpu_key("NVIDIA H200") == "h200"
-    assert pack_sweep.gpu_key("NVIDIA H100 80GB HBM3") == "h100"
-    assert pack_sweep.gpu_key("NVIDIA GeForce RTX 4090") == "nvidiageforcertx4090"
-    file, folder = str(tmp_path / "x.json"), str(tmp_path / "out")
-    paths = pack_sweep.table_paths([file, folder], "h200", cuda=True)
-    assert paths == [tmp_path / "x.json", tmp_path / "out" / "h200.json"]
-    assert pack_sweep.table_paths(None, "h200", cuda=True)[0].parts[-3:] == (
-        "benchmarks",
-        "results",
-        "h200.json",
-    )
-    assert pack_sweep.table_paths(None, "cpu", cuda=False) == []
-
-
-def _paper_table(folder: Path, ms: float, shapes: tuple[str, ...]) -> Path:
-    """An H200 cost table in the contract: ms per pack step at every pack size 1..18 (flat),
-    tf32, for the sweep's paper shapes named."""
-    sizes = {"copying": (120, 128, 100), "pixel_mnist": (784, 100, 100)}
-    entries = [
-        {
-            "shape": shape,
-            "steps": sizes[shape][0],
-            "hidden": sizes[shape][1],
-            "batch": sizes[shape][2],
-            "members": members,
-            "precision": "tf32",
-            "kernel": "Triton split",
-            "ms_per_pack_step": ms,
-            "ms_per_trial_step": ms / members,
-            "cudnn_step_ms": None,
-            "eval_ms_per_pack_batch": None,
-        }
-        for shape in shapes
-        for members in (1, 18)
-    ]
-    fields = dict.fromkeys(costs.TABLE_FIELDS, "test") | {"gpu": "h200", "sms": 132}
-    path = folder / "h200.json"
-    path.write_text(json.dumps(fields | {"measured_on": "2026-12-03", "entries": entries}))
-    return path
-
-
-def test_the_whole_paper_study_target_reads_the_table_just_written(
-    pack_sweep, tmp_path: Path
+def test_a_run_stopped_mid_shape_keeps_its_measured_points_and_leaves_no_child(
+    tmp_path: Path,
 ) -> None:
-    sweep = pack_sweep.Sweep(argparse.Namespace(device="cuda"), "NVIDIA H200", 132, "2.11")
-    both = ("copying", "pixel_mnist")
-    # 0.1 ms a pack step: copying T=100 2 packs x 600,000 its (120 s), T=300 one scaled by
-    # 320/120 steps (160 s), pixel and permuted MNIST 9 packs x 100,000 its (90 s): 370 s.
-    lines = pack_sweep.whole_study(sweep, [_paper_table(tmp_path, 0.1, both)])
-    target = "issue 18 target: whole paper study <= 1 GPU-hour on h200: "
-    assert lines[0] == (
-        f"{target}0.10 h met (6 min of GPU time (training steps only) for 165 of 165 trials in "
-        "12 of 12 packs)"
-    )
-    assert lines[1].splitlines()[1].startswith("all 8 studies: 6 min")
-    slow = pack_sweep.whole_study(sweep, [_paper_table(tmp_path, 10.0, both)])
-    assert slow[0].startswith(f"{target}10.28 h MISSED")
-    # A shape the run did not measure: no verdict, and why.
-    copying_only = pack_sweep.whole_study(sweep, [_paper_table(tmp_path, 0.1, ("copying",))])
-    assert copying_only[0].startswith(f"{target}not measured: 45 of 165 trials priced; h200.json")
-    unwritten = pack_sweep.whole_study(sweep, [tmp_path / "elsewhere" / "h100.json"])
-    assert unwritten == [f"{target}not measured (no --table written for h200)"]
+    """gpu_check.sh's stage limit sends SIGTERM: the table already holds every point measured
+    (it is rewritten after each), and the measuring child, in its own process group, is killed
+    with the sweep rather than left holding the device."""
+    table = tmp_path / "cpu.json"
+    command = [sys.executable, str(BENCHMARKS / "pack_sweep.py"), "--device", "cpu"]
+    command += ["--shapes", "tiny", "--precisions", "fp32", "--rounds", "1", "--steps", "1"]
+    # K=1 takes a second; K=4000 minutes (thousands of members built one by one).
+    command += ["--members", "1", "4000", "--point-cap-s", "100000", "--point-timeout-s", "600"]
+    command += ["--budget-s", "600", "--table", str(table)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    log = tmp_path / "sweep.log"
+    with log.open("w") as output:
+        sweep = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=output)
+    try:
+        deadline = time.monotonic() + 240
+        while not table.exists() and time.monotonic() < deadline and sweep.poll() is None:
+            time.sleep(0.2)
+        assert table.exists(), f"no table after the first point: {log.read_text()}"
+        children = _children_of(sweep.pid)
+        assert children, f"the measuring child is not running: {log.read_text()}"
+        sweep.send_signal(signal.SIGTERM)
+        assert sweep.wait(timeout=60) == 128 + signal.SIGTERM, log.read_text()
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+    assert [entry["members"] for entry in json.loads(table.read_text())["entries"]] == [1]
+    time.sleep(0.5)
+    assert not [pid for pid in children if _alive(pid)], "a measuring child outlived the sweep"
+
+
+def _children_of(pid: int) -> list[int]:
+    """The process ids whose parent is pid (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while being read
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether pid runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 @pytest.mark.parametrize(
