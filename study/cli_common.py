@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from study.errors import ConfigError
-from study.pack_layout import KNOWN_GPUS, GpuModel  # no torch there
+from study.pack_layout import KNOWN_GPUS, NO_GPU, GpuModel  # no torch there
 
 
 class Parser(argparse.ArgumentParser):
@@ -109,8 +109,8 @@ LOCAL_GPU = "local"  # --gpu: this machine's CUDA device
 
 
 def gpu_name(text: str) -> str:
-    """A --gpu value: a GPU pack_layout knows by name, or `local`."""
-    allowed = [*KNOWN_GPUS, LOCAL_GPU]
+    """A --gpu value: a GPU pack_layout knows by name, `local`, or `none`."""
+    allowed = [*KNOWN_GPUS, LOCAL_GPU, NO_GPU]
     if text not in allowed:
         raise argparse.ArgumentTypeError(f"unknown GPU {text!r}; allowed: {', '.join(allowed)}")
     return text
@@ -121,14 +121,17 @@ def add_gpu(parser: argparse.ArgumentParser) -> None:
         "--gpu",
         type=gpu_name,
         metavar="NAME",
-        help=f"the GPU that sizes `resources.pack: auto`: {', '.join(KNOWN_GPUS)}, or local "
-        "(this machine's; the default where there is a CUDA device, else auto plans packs of 1)",
+        help=f"the GPU that sizes `resources.pack: auto`: {', '.join(KNOWN_GPUS)}, local "
+        "(this machine's; the default where there is a CUDA device, else auto plans packs of 1) "
+        "or none (packs of 1, as without a GPU)",
     )
 
 
 def chosen_gpu(name: str | None) -> GpuModel | None:
     """The pack_layout.GpuModel that --gpu NAME names: a known GPU, this machine's CUDA device
-    (`local`, the default where there is one), or None (no --gpu and no GPU here)."""
+    (`local`, the default where there is one), or None (`none`, or no --gpu and no GPU here)."""
+    if name == NO_GPU:
+        return None
     if name is not None and name != LOCAL_GPU:
         return KNOWN_GPUS[name]
     import torch  # torch only to look for a local GPU; the spec's checks import it anyway

@@ -59,6 +59,30 @@ def _clip_norm(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a number > 0 or none, got {text!r}") from None
 
 
+class _Unset:
+    """The parsed value of a one-trial flag not given on the command line."""
+
+    def __repr__(self) -> str:
+        return "unset"
+
+
+UNSET = _Unset()
+
+
+def _left_out(args: argparse.Namespace, dest: str) -> bool:
+    """Whether the one-trial flag `dest` was not given (add_trial_parser's UNSET, or None for
+    an append such as --task-opt, whose default is a list)."""
+    value = getattr(args, dest)
+    return value is UNSET or (value is None and isinstance(args.one_trial[dest], list))
+
+
+def _one_trial_values(args: argparse.Namespace) -> None:
+    """Each one-trial flag not given takes its default."""
+    for dest, default in args.one_trial.items():
+        if _left_out(args, dest):
+            setattr(args, dest, list(default) if isinstance(default, list) else default)
+
+
 def add_trial_parser(commands: argparse._SubParsersAction) -> None:
     # The fields' defaults, read without building a TrialConfig, whose checks import the
     # registries (torch): `study --help`, `ls` and `ui` need not wait for them.
@@ -104,8 +128,15 @@ def add_trial_parser(commands: argparse._SubParsersAction) -> None:
         default=defaults.precision,
         help="fp32 | tf32 (TF32 matmuls on CUDA) | auto (tf32 on CUDA, fp32 on a CPU)",
     )
-    # The one-trial flags' defaults: with --space, any flag set otherwise is refused.
+    # The one-trial flags: with --space, any of them given is refused, even at its default
+    # value (`--device cpu` on a `device: auto` space must not be ignored). Their parsed
+    # default is UNSET, so that a flag given is told from one left out; _one_trial_values
+    # puts the real defaults back for one trial.
     one_trial = {a.dest: a.default for a in trial._actions if a.dest != "help"}
+    for action in trial._actions:
+        if action.dest in one_trial:
+            # An append (--task-opt) starts from None: argparse appends to no other default.
+            action.default = None if isinstance(action, argparse._AppendAction) else UNSET
     trial.add_argument(
         "--space",
         type=Path,
@@ -243,6 +274,7 @@ def _write_out(path: Path, result: dict[str, Any]) -> bool:
 def _run_trial(args: argparse.Namespace) -> int:
     if args.space is not None:
         return _run_trial_space(args)
+    _one_trial_values(args)
     space_flags = {
         "--smoke": args.smoke,
         "--set": args.overrides,
@@ -311,7 +343,7 @@ def _run_trial(args: argparse.Namespace) -> int:
 
 def _run_trial_space(args: argparse.Namespace) -> int:
     """`study trial --space`: the space's packs in this process, no Ray, no MLflow imported."""
-    given = [dest for dest, default in args.one_trial.items() if getattr(args, dest) != default]
+    given = [dest for dest in args.one_trial if not _left_out(args, dest)]
     if given:
         flag = "--" + given[0].replace("_", "-")
         raise ConfigError(

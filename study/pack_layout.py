@@ -56,6 +56,10 @@ KNOWN_GPUS = {
     "h200": GpuModel("h200", "NVIDIA H200", 132),
     "a100": GpuModel("a100", "NVIDIA A100", 108),
 }
+# `--gpu none`: plan as a machine without a GPU does (`pack: auto` is 1). The commands that
+# `study plan --commands` prints carry it for such a plan, so that a job on a GPU node trains
+# the packs the plan listed, not ones sized for that node's GPU.
+NO_GPU = "none"
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from study import provenance, results
 from study.config import TrialConfig
 from study.errors import ConfigError, make_folder, one_line
 from study.overrides import overrides_hash, overrides_text
-from study.pack_layout import GpuModel
+from study.pack_layout import NO_GPU, GpuModel
 from study.packed_train import train_packed
 from study.results import StudyInfo, TrialRecord
 from study.space import Pack, Plan, make_plan
@@ -174,7 +174,9 @@ def trial_command(
     spec: StudySpec, out: Path, packs: Sequence[str] = (), gpu: GpuModel | None = None
 ) -> str:
     """The `study trial --space` command that trains `packs` (all, if none) of the space into
-    `out`, and continues them when run again (with `--gpu`, the plan's packs on any machine)."""
+    `out`, and continues them when run again. A `pack: auto` space's command names the GPU the
+    plan was sized for (`--gpu none` where it had none), so that it trains the plan's packs on
+    any machine."""
     words = ["study", "trial", "--space", spec.source]
     if spec.smoke:
         words.append("--smoke")
@@ -184,8 +186,8 @@ def trial_command(
     default = f"{stem}-set-{overrides_hash(spec.overrides)}" if spec.overrides else stem
     if spec.name != default:
         words += ["--name", spec.name]
-    if gpu is not None and spec.resources.pack == AUTO_PACK:
-        words += ["--gpu", gpu.key]
+    if spec.resources.pack == AUTO_PACK:
+        words += ["--gpu", NO_GPU if gpu is None else gpu.key]
     if packs:
         words += ["--pack", *packs]
     return shlex.join([*words, "--out", str(out)])

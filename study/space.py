@@ -418,7 +418,7 @@ def _auto_pack_lines(plan: Plan) -> list[str]:
         return ["  packs: auto -> 1 (the optuna searcher suggests one trial at a time)"]
     gpu = plan.gpu
     if gpu is None:
-        return ["  packs: auto -> 1 (no GPU here; --gpu NAME sizes packs for one)"]
+        return ["  packs: auto -> 1 (planned without a GPU; --gpu NAME sizes packs for one)"]
     lines: list[str] = []
     shapes = dict.fromkeys(
         (c.batch_size, c.hidden_size, c.precision, c.device == "cpu")

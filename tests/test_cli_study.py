@@ -207,6 +207,13 @@ def test_plan_sizes_auto_packs_for_a_named_gpu(capsys: pytest.CaptureFixture[str
     assert capsys.readouterr().out == (
         f"study trial --space {FIG4} --gpu h200 --pack p0000 --out results/{FIG4.stem}\n"
     )
+    # Planned without a GPU, the commands say so: a job on a GPU node must train the packs of
+    # 1 listed here, not packs sized for its own GPU (which would have other ids).
+    assert main(["plan", str(FIG4), "--gpu", "none", "--commands"]) == 0
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == 10 and commands[9] == (
+        f"study trial --space {FIG4} --gpu none --pack p0009 --out results/{FIG4.stem}"
+    )
 
 
 @pytest.mark.parametrize("command", ["plan", "run", "trial --space"])
@@ -219,7 +226,7 @@ def test_a_bad_gpu_name_is_one_line_listing_the_known(
     name = command.split()[0]
     assert capsys.readouterr().err == (
         f"study {name}: error: argument --gpu: unknown GPU 'h300'; "
-        "allowed: h100, h200, a100, local\n"
+        "allowed: h100, h200, a100, local, none\n"
     )
 
 
@@ -242,7 +249,8 @@ def test_without_a_gpu_auto_is_one_and_estimate_asks_for_gpu() -> None:
         cwd=REPO,
     )
     assert done.returncode == 0, done.stderr
-    assert "  packs: auto -> 1 (no GPU here; --gpu NAME sizes packs for one)" in done.stdout
+    without = "  packs: auto -> 1 (planned without a GPU; --gpu NAME sizes packs for one)"
+    assert without in done.stdout
     assert "  t0009  method=h_detach p_detach=0.25 seed=4" in done.stdout  # no pack column
     assert done.stdout.count("status 2") == 2
     assert done.stderr.splitlines() == [

@@ -12,6 +12,7 @@ import pytest
 from conftest import tiny_copying, write_space
 
 from study.cli import main
+from study.config import TrialConfig
 
 TINY = [
     "--task",
@@ -239,3 +240,37 @@ def test_gpu_needs_a_space_and_sizes_its_packs(
     record = json.loads((out / "t0003.json").read_text())
     assert (record["pack_id"], record["pack_size"]) == ("p0000", 4)
     assert record["plan_gpu"]["key"] == "h200" and "--gpu h200 --pack p0000" in record["command"]
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        ["--device", "cpu"],  # the default value: before, it passed unnoticed
+        ["--seed", "0"],
+        ["--lr", "0.001"],
+        ["--clip-norm", "none"],
+        ["--task-opt", "T=5"],
+        ["--lr", "0.002"],
+    ],
+)
+def test_with_a_space_a_one_trial_flag_is_refused_even_at_its_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture, flag: list[str]
+) -> None:
+    space = write_space(tmp_path, "tiny", tiny_copying(fixed={"device": "auto"}))
+    out = tmp_path / "trials"
+    assert main(["trial", "--space", str(space), *flag, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"study trial: error: {flag[0]}: with --space the space sets every value; change one "
+        "with --set KEY=VALUE\n"
+    )
+    assert not out.exists()  # refused before anything trained
+
+
+def test_without_a_space_the_flags_left_out_take_their_defaults(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    assert main(["trial", *TINY, "--iterations", "2", "--out", str(out)]) == 0
+    config = json.loads(out.read_text())["config"]
+    defaults = TrialConfig()
+    for field in ("lr", "seed", "clip_norm", "device", "precision", "method", "optimizer"):
+        assert config[field] == getattr(defaults, field), field
+    assert config["task_options"] == {"T": 3, "train_size": 200, "val_size": 50}

@@ -298,7 +298,7 @@ def test_pack_auto_without_a_gpu_plans_as_before() -> None:
         plan = space.make_plan(spec)
         assert (plan.pack_size, plan.packed, plan.gpu) == (1, False, None)
         assert all(len(pack.trials) == 1 for pack in plan.packs)
-        assert "  packs: auto -> 1 (no GPU here; --gpu NAME sizes packs for one)" in (
+        assert "  packs: auto -> 1 (planned without a GPU; --gpu NAME sizes packs for one)" in (
             space.plan_text(plan).splitlines()
         )
 
