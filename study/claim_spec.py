@@ -4,6 +4,7 @@ checked with one-line errors. `study/analysis/claims.py` turns them into verdict
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import Any
 
 from study.errors import ConfigError
 from study.methods import METHODS
+from study.spec_checks import Checker
 
 # Each statistic, what one run contributes, and the value meaning "no difference" for a claim
 # without a baseline (a one-sample claim names its own value, `against`). Means are taken per cell
@@ -77,15 +79,23 @@ class Claim:
         }
 
 
-def parse_claims(raw: Any, where: str, params: tuple[str, ...]) -> tuple[Claim, ...]:
-    """The claims of a `claims:` section; `params` are the names `where:` may use."""
+def parse_claims(raw: Any, check: Checker, params: tuple[str, ...]) -> tuple[Claim, ...]:
+    """The claims of a `claims:` section; `params` are the names `where:` may use. A `where:`
+    value is cast as the space's own values are (`1e-3`, which YAML reads as text, is the
+    number 0.001), or no run could ever match it."""
+    where = check.where
     if raw is None:
         return ()
     if not isinstance(raw, list) or not raw:
         raise ConfigError(f"{where}: field claims: must be a non-empty list of claims")
     claims = []
     for index, item in enumerate(raw):
-        claims.append(_claim(item, f"{where}: field claims[{index}]", params))
+        claim = _claim(item, f"{where}: field claims[{index}]", params)
+        scope = {
+            key: check.value(f"claims[{index}].where.{key}", key, value)
+            for key, value in claim.where.items()
+        }
+        claims.append(dataclasses.replace(claim, where=scope))
     ids = [claim.id for claim in claims]
     for claim_id in ids:
         if ids.count(claim_id) > 1:
@@ -120,12 +130,12 @@ def _claim(item: Any, field_name: str, params: tuple[str, ...]) -> Claim:
         value = item.get(key)
         if key == "baseline" and value is None:
             continue
-        if value not in METHODS:
+        if not isinstance(value, str) or value not in METHODS:
             raise ConfigError(
                 f"{field_name}.{key}: unknown method {value!r}; allowed: {', '.join(METHODS)}"
             )
     statistic = item["statistic"]
-    if statistic not in STATISTICS:
+    if not isinstance(statistic, str) or statistic not in STATISTICS:
         raise ConfigError(
             f"{field_name}.statistic: unknown statistic {statistic!r}; "
             f"allowed: {', '.join(STATISTICS)}"
@@ -136,7 +146,7 @@ def _claim(item: Any, field_name: str, params: tuple[str, ...]) -> Claim:
     if baseline is not None and baseline == item["method"]:
         raise ConfigError(f"{field_name}.baseline: must differ from method {baseline!r}")
     expect = item["expect"]
-    if expect not in EXPECTATIONS:
+    if not isinstance(expect, str) or expect not in EXPECTATIONS:
         raise ConfigError(
             f"{field_name}.expect: must be one of {', '.join(EXPECTATIONS)}, got {expect!r}"
         )
@@ -188,3 +198,14 @@ def _null(item: dict[str, Any], field_name: str, statistic: str, baseline: str |
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ConfigError(f"{field_name}.against: must be a number, got {value!r}")
     return float(value)
+
+
+def same_value(value: Any, wanted: Any) -> bool:
+    """Whether a run's parameter value is a claim's `where` value: numbers alike to 1e-9,
+    null alike only to null (or the text none/null), anything else by its text."""
+    if value is None or wanted is None:
+        other = wanted if value is None else value
+        return other is None or str(other).lower() in ("none", "null")
+    if isinstance(value, int | float) and isinstance(wanted, int | float):
+        return math.isclose(float(value), float(wanted), rel_tol=1e-9)
+    return str(value) == str(wanted)

@@ -387,7 +387,7 @@ def _build(raw: dict[str, Any], name: str, where: str, smoke: bool) -> StudySpec
         resources=resources,
         target=target,
         raw=raw,
-        claims=parse_claims(raw.get("claims"), where, names),
+        claims=parse_claims(raw.get("claims"), check, names),
     )
     _probe_values(spec, check)
     return spec

@@ -31,7 +31,7 @@ from study.analysis.stats import (
     stratified_interval,
     wilson_interval,
 )
-from study.claim_spec import BINARY_STATISTICS, Claim
+from study.claim_spec import BINARY_STATISTICS, Claim, same_value
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
 # Params that are not "the same setting" across the compared methods, or that are the seed.
@@ -209,7 +209,7 @@ def _applies(run: RunResult, claim: Claim) -> bool:
     for key, wanted in claim.where.items():
         if key == "p_detach" and trial.method == "none":
             continue
-        if not _same(_param(trial, key), wanted):
+        if not same_value(_param(trial, key), wanted):
             return False
     return True
 
@@ -219,14 +219,6 @@ def _param(trial: Any, key: str) -> Any:
         return getattr(trial, key)
     text = trial.params.get(f"task_options.{key}", trial.params.get(key))
     return yaml.safe_load(text) if isinstance(text, str) else text
-
-
-def _same(value: Any, wanted: Any) -> bool:
-    if value is None or wanted is None:
-        return value is None and wanted is None or str(value).lower() in ("none", "null")
-    if isinstance(value, int | float) and isinstance(wanted, int | float):
-        return math.isclose(float(value), float(wanted), rel_tol=1e-9)
-    return str(value) == str(wanted)
 
 
 def _setting(run: RunResult) -> tuple:
