@@ -14,6 +14,7 @@ from study.cli_common import (
     add_overrides,
     chosen_gpu,
     echo,
+    given_path,
     port,
     positive_int,
     study_name,
@@ -28,7 +29,11 @@ def _add_import_parser(commands: argparse._SubParsersAction) -> None:
         "import", help="make the study of `study trial --space` result files in MLflow"
     )
     imports.add_argument(
-        "folders", type=Path, nargs="+", metavar="DIR", help="folders of result files, or files"
+        "folders",
+        type=given_path,
+        nargs="+",
+        metavar="DIR",
+        help="folders of result files, or files",
     )
     add_output(imports)
     imports.add_argument("--tracking-uri", help="import into this MLflow server instead")
@@ -48,7 +53,7 @@ def _add_study_parsers(commands: argparse._SubParsersAction) -> None:
     plan = commands.add_parser("plan", help="print a search space's trials; trains nothing")
     plan.add_argument(
         "space",
-        type=Path,
+        type=given_path,
         nargs="+",
         metavar="SPACE",
         help="search-space YAML file; several, or a folder of them (with --estimate: their total)",
@@ -61,7 +66,10 @@ def _add_study_parsers(commands: argparse._SubParsersAction) -> None:
         help="print one `study trial --space ... --pack ID` command per pack (a job array's)",
     )
     plan.add_argument(
-        "--out", type=Path, metavar="DIR", help="with --commands: their --out (results/NAME)"
+        "--out",
+        type=given_path,
+        metavar="DIR",
+        help="with --commands: their --out (results/NAME)",
     )
     add_gpu(plan)
     plan.add_argument(
@@ -73,7 +81,7 @@ def _add_study_parsers(commands: argparse._SubParsersAction) -> None:
     plan.set_defaults(handler=_plan)
 
     run = commands.add_parser("run", help="run a search space as a Ray Tune study")
-    run.add_argument("space", type=Path, metavar="SPACE", help="search-space YAML file")
+    run.add_argument("space", type=given_path, metavar="SPACE", help="search-space YAML file")
     run.add_argument("--smoke", action="store_true", help="apply the file's smoke overrides")
     add_overrides(run)
     add_output(run)

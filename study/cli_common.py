@@ -59,6 +59,14 @@ def port(text: str) -> int:
     return value
 
 
+def given_path(text: str) -> Path:
+    """A path argument, refused when empty: Path("") is ".", the working folder, which the
+    user never named (`study plan ""` would plan every space there)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty one")
+    return Path(text)
+
+
 def study_folder(text: str) -> Path:
     # In DIR/mlflow.db's sqlite:/// URI, SQLAlchemy reads them as query, fragment or escapes: the
     # database would land elsewhere (".../run #1?x=1" -> the file ".../run #1").
@@ -69,6 +77,10 @@ def study_folder(text: str) -> Path:
 
 def study_name(text: str) -> str:
     """A study's name, not its YAML file (a likely slip: `study run` takes the file)."""
+    if not text.strip():
+        # An empty name would head the plan ": 6 trials" and make result files that no
+        # later command reads back.
+        raise argparse.ArgumentTypeError("expected a study name, got an empty one")
     path = Path(text)
     if path.suffix in (".yaml", ".yml") or "/" in text:
         example = f" (here: {path.stem})" if path.suffix in (".yaml", ".yml") else ""

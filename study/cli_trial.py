@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from study.cli_common import add_gpu, add_overrides, chosen_gpu, echo
+from study.cli_common import add_gpu, add_overrides, chosen_gpu, echo, given_path
 from study.config import TrialConfig, check_schedule, resolve_precision
 from study.errors import ConfigError, make_folder
 from study.vocabulary import RUNNING, parse_clip
@@ -139,7 +139,7 @@ def add_trial_parser(commands: argparse._SubParsersAction) -> None:
             action.default = None if isinstance(action, argparse._AppendAction) else UNSET
     trial.add_argument(
         "--space",
-        type=Path,
+        type=given_path,
         metavar="SPACE",
         help="train this search space's packs here instead (no Ray, no MLflow), one result "
         "file per trial in --out DIR; run again, it continues; then `study import DIR`",
@@ -152,7 +152,7 @@ def add_trial_parser(commands: argparse._SubParsersAction) -> None:
     chosen.add_argument("--trials", nargs="+", metavar="ID", help="with --space: only these")
     trial.add_argument(
         "--out",
-        type=Path,
+        type=given_path,
         help="write config, status and curve as JSON here (with --space: the folder of files)",
     )
     trial.set_defaults(handler=_run_trial, one_trial=one_trial)

@@ -126,6 +126,13 @@ def check_schedule(config: TrialConfig) -> TrialConfig:
             f"eval_every: must be <= iterations ({config.iterations}), got {config.eval_every} "
             "(it would evaluate only once, at the end)"
         )
+    if config.method != "none" and (config.anneal_last or 0) >= config.iterations:
+        # Annealing covers the whole run: the method's name on a plain LSTM's curve.
+        raise ConfigError(
+            f"anneal_last: must be < iterations ({config.iterations}) for method "
+            f"{config.method}, got {config.anneal_last} (it would never detach); "
+            "anneal_fraction scales with the budget"
+        )
     return config
 
 

@@ -232,7 +232,12 @@ def plan_trials(spec: StudySpec) -> list[PlannedTrial]:
     seen: set[str] = set()
     for point in points:
         for seed in spec.seeds:
-            config = trial_config(spec, point, seed)
+            try:
+                config = trial_config(spec, point, seed)
+            except ConfigError as error:
+                # A combination of values each fine alone (load_spec probes them one by one).
+                shown = ", ".join(f"{k}={vocabulary.format_value(v)}" for k, v in point.items())
+                raise ConfigError(f"{spec.source}: the grid point {shown}: {error}") from None
             key = json.dumps(config.to_dict(), sort_keys=True)
             if key in seen:  # e.g. method none with a p_detach axis collapses to p_detach 0
                 continue
@@ -344,7 +349,7 @@ def format_value(value: Any) -> str:
 
 
 def format_point(point: dict[str, Any]) -> str:
-    return " ".join(f"{k}={format_value(v)}" for k, v in point.items())
+    return " ".join(f"{k}={vocabulary.format_value(v)}" for k, v in point.items())
 
 
 def plan_text(plan: Plan) -> str:

@@ -20,7 +20,7 @@ from study.config import TrialConfig, check_schedule
 from study.errors import ConfigError
 from study.methods import METHODS
 from study.overrides import apply_overrides, overrides_hash, overrides_text, parse_overrides
-from study.spec_checks import PARAMS, Axis, Checker, Range, UniqueKeyLoader
+from study.spec_checks import MAX_SEARCH_SEED, PARAMS, Axis, Checker, Range, UniqueKeyLoader
 
 SECTIONS = (
     "task",
@@ -334,7 +334,9 @@ def _build(raw: dict[str, Any], name: str, where: str, smoke: bool) -> StudySpec
         samples_per_cell=check.integer(
             "search.samples_per_cell", search_raw.get("samples_per_cell", 1), minimum=1
         ),
-        seed=check.integer("search.seed", search_raw.get("seed", 0)),
+        seed=check.integer(
+            "search.seed", search_raw.get("seed", 0), minimum=0, maximum=MAX_SEARCH_SEED
+        ),
         metric=check.choice("search.metric", search_raw.get("metric", "val/accuracy"), METRICS),
         mode=check.choice("search.mode", search_raw.get("mode", "max"), ("max", "min")),
     )

@@ -62,6 +62,14 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# replicates.seeds as a count: more than resources.max_trials allows by default (100,000) is
+# refused there; this bound only keeps the tuple of seeds from filling memory first.
+MAX_SEED_COUNT = 10_000_000
+# search.seed: Optuna's samplers take a seed in [0, 2^32); each cell's sampler gets this seed
+# plus the cell's index, wrapped (runner/tuner.py).
+MAX_SEARCH_SEED = 2**32 - 1
+
+
 class Checker:
     """Casts YAML's loose scalars and raises 'FILE: field X: what is allowed' errors."""
 
@@ -99,18 +107,26 @@ class Checker:
             raise self.error(field, f"must be a finite number {bound}, got {value}")
         return number
 
-    def integer(self, field: str, value: Any, minimum: int | None = None) -> int:
+    def integer(
+        self, field: str, value: Any, minimum: int | None = None, maximum: int | None = None
+    ) -> int:
         if isinstance(value, bool):
             raise self.error(field, _bool_hint(value))
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise self.error(field, f"must be an integer, got {value!r}") from None
-        if not number.is_integer():
-            raise self.error(field, f"must be an integer, got {value!r}")
+        if isinstance(value, int):
+            number = value  # exact: a float holds integers only up to 2^53
+        else:
+            try:
+                as_float = float(value)
+            except (TypeError, ValueError):
+                raise self.error(field, f"must be an integer, got {value!r}") from None
+            if not as_float.is_integer():
+                raise self.error(field, f"must be an integer, got {value!r}")
+            number = int(as_float)
         if minimum is not None and number < minimum:
-            raise self.error(field, f"must be >= {minimum}, got {int(number)}")
-        return int(number)
+            raise self.error(field, f"must be >= {minimum}, got {number}")
+        if maximum is not None and number > maximum:
+            raise self.error(field, f"must be <= {maximum:,}, got {number:,}")
+        return number
 
     def seeds(self, value: Any) -> tuple[int, ...]:
         field = "replicates.seeds"
@@ -121,7 +137,8 @@ class Checker:
             if len(set(seeds)) != len(seeds):
                 raise self.error(field, f"lists a seed twice: {list(seeds)}")
             return seeds
-        return tuple(range(self.integer(field, value, minimum=1)))
+        # A count beyond any grid's trial limit would only fill memory before that check.
+        return tuple(range(self.integer(field, value, minimum=1, maximum=MAX_SEED_COUNT)))
 
     def value(self, field: str, param: str, value: Any, range_end: bool = False) -> Any:
         """Cast one value of a TrialConfig parameter (task options are checked by the task)."""

@@ -86,6 +86,31 @@ def test_a_yaml_file_for_a_study_name_says_which_name(command: str, capsys) -> N
     )
 
 
+@pytest.mark.parametrize(
+    ("words", "argument", "what"),
+    [
+        (["plan", "search_spaces/quick.yaml", "--name", " "], "--name", "a study name"),
+        (["trial", "--space", "search_spaces/quick.yaml", "--name", ""], "--name", "a study name"),
+        (["report", ""], "NAME", "a study name"),
+        # Path("") is ".": the working folder, which would plan (or import) all that is there.
+        (["plan", ""], "SPACE", "a path"),
+        (["run", ""], "SPACE", "a path"),
+        (["plan", "search_spaces/quick.yaml", "--commands", "--out", ""], "--out", "a path"),
+        (["trial", "--space", "", "--out", "x"], "--space", "a path"),
+        (["import", ""], "DIR", "a path"),
+    ],
+)
+def test_an_empty_name_or_path_is_refused_in_one_line(
+    words: list[str], argument: str, what: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(words)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        f"study {words[0]}: error: argument {argument}: expected {what}, got an empty one\n"
+    )
+
+
 @pytest.mark.parametrize("port", ["99999", "0", "-1", "http"])
 def test_ui_port_must_be_a_tcp_port(port: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:

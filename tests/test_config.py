@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from pathlib import Path
 
 import pytest
 
-from study.config import TrialConfig, resolve_precision
+from study.config import TrialConfig, check_schedule, resolve_precision
 from study.errors import ConfigError, check_reachable
 
 
@@ -99,3 +100,13 @@ def test_make_folder_names_the_flag_and_the_reason(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match=r"^--output .*file/sub: cannot make this folder \(Not"):
         make_folder(tmp_path / "file" / "sub", "--output")
+
+
+def test_a_schedule_that_anneals_the_whole_run_is_refused() -> None:
+    # anneal_last >= iterations: h-detach's name on a plain LSTM's curve.
+    whole = TrialConfig(method="h_detach", p_detach=0.25, iterations=1000, anneal_last=1000)
+    with pytest.raises(ConfigError, match=r"anneal_last: must be < iterations \(1000\)"):
+        check_schedule(whole)
+    assert check_schedule(dataclasses.replace(whole, anneal_last=999)).anneal_last == 999
+    # Vanilla never detaches: nothing to anneal, nothing to refuse.
+    assert check_schedule(TrialConfig(iterations=1000, anneal_last=5000)).anneal_last == 5000

@@ -9,6 +9,7 @@ import pytest
 from conftest import REPO, tiny_copying, write_space
 
 from study import space
+from study.errors import ConfigError
 from study.pack_layout import KNOWN_GPUS
 from study.spec import Range, load_spec
 
@@ -369,4 +370,25 @@ def test_several_plans_add_up_their_trials_and_packs(tmp_path: Path) -> None:
     assert space.plans_total([packed, packed]) == "all 2 studies: 8 trials in 4 packs"
     assert space.plans_total([packed, tuned]) == (
         "all 2 studies: 12 trials in 2 packs; 1 Optuna study, unpacked"
+    )
+
+
+def test_a_grid_point_whose_values_conflict_is_one_line_naming_the_file_and_point(
+    tmp_path: Path,
+) -> None:
+    # Each value is fine alone (load_spec probes them one at a time); the pair is not.
+    body = {
+        "task": {"name": "copying", "T": 10},
+        "scientific": {"anneal_last": [None, 10], "method": ["h_detach"]},
+        "nuisance": {"anneal_fraction": [None, 0.1]},
+        "fixed": {"p_detach": 0.25, "iterations": 40, "eval_every": 20},
+    }
+    path = write_space(tmp_path, "combo", body)
+    spec = load_spec(path)
+    with pytest.raises(ConfigError) as caught:
+        space.make_plan(spec)
+    assert str(caught.value) == (
+        f"{path}: the grid point anneal_last=10, method=h_detach, anneal_fraction=0.1: "
+        "anneal_fraction: set it or anneal_last, not both (got anneal_last 10 and "
+        "anneal_fraction 0.1); null is off"
     )

@@ -63,6 +63,15 @@ scientific: {p_detach: ['0.25', 5e-1], method: [h_detach]}
     assert spec.scientific["p_detach"] == [0.25, 0.5]
 
 
+def test_integers_are_taken_exactly_beyond_a_floats_precision(tmp_path: Path) -> None:
+    # Read through float(), the two seeds were one (2^53 + 1 rounds to 2^53): "lists a seed twice".
+    seeds = "[0, 9007199254740993, 9007199254740992]"
+    text = f"task: {{name: copying, T: 10}}\nreplicates: {{seeds: {seeds}}}\n"
+    path = tmp_path / "big.yaml"
+    path.write_text(text)
+    assert load_spec(path).seeds == (0, 9007199254740993, 9007199254740992)
+
+
 def test_sections_roles_and_defaults(tmp_path: Path) -> None:
     spec = load_spec(
         write_space(

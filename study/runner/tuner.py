@@ -61,9 +61,9 @@ class Tuners:
             # Without Tune's state, Optuna would sample the cell afresh under ids already used.
             return None
         base = space.cell_config(spec, cell, {})
-        searcher = OptunaSearch(
-            metric=spec.search.metric, mode=spec.search.mode, seed=spec.search.seed + cell.index
-        )
+        # Each cell its own sampler seed, wrapped into the [0, 2^32) Optuna's samplers take.
+        seed = (spec.search.seed + cell.index) % 2**32
+        searcher = OptunaSearch(metric=spec.search.metric, mode=spec.search.mode, seed=seed)
         point = {**cell.point, "seed": cell.seed}
         return tune.Tuner(
             trainable,
