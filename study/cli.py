@@ -44,7 +44,7 @@ def _add_import_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from study.results import import_results
+    from study.result_import import import_results
 
     return import_results(args.folders, args.output, args.tracking_uri, args.name, echo=echo)
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from study.errors import ConfigError
+from study.errors import ConfigError, absolute
 from study.tracking import StudySummary, artifact_dir, has_store, store_uri
 from study.vocabulary import FAILED, OUTCOMES, RUNNING, format_value
 
@@ -138,7 +138,7 @@ def serve_ui(output_dir: Path, port: int, echo: Callable[[str], None] = print) -
     """Run the MLflow UI for the embedded store of `output_dir` on 127.0.0.1 until Ctrl-C or
     SIGTERM, either of which stops the server and its workers (their own process group)."""
     if not has_store(output_dir):
-        missing = output_dir.absolute() / "mlflow.db"
+        missing = absolute(output_dir) / "mlflow.db"
         raise ConfigError(f"--output {output_dir}: no MLflow store there ({missing} is missing)")
     _check_port_free(port)
     command = [

@@ -3,6 +3,7 @@ nothing of ours, so every module of `study/` may use it without a cycle."""
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -29,6 +30,13 @@ def check_reachable(what: str, host: str, port: int, hint: str) -> None:
     except OSError as error:
         reason = error.strerror or type(error).__name__
         raise ConfigError(f"{what}: cannot connect to {host}:{port} ({reason}); {hint}") from None
+
+
+def absolute(path: Path | str) -> Path:
+    """The path made absolute with `..` and `.` taken out, as the shell reads them: the same
+    folder given as `../studies` and as `/x/studies` must make the same store URI (and
+    artifact location), or a later command would take one store for two."""
+    return Path(os.path.abspath(path))
 
 
 def make_folder(path: Path, flag: str) -> None:

@@ -171,12 +171,16 @@ def study_info(spec: StudySpec) -> StudyInfo:
 
 
 def trial_command(
-    spec: StudySpec, out: Path, packs: Sequence[str] = (), gpu: GpuModel | None = None
+    spec: StudySpec,
+    out: Path,
+    packs: Sequence[str] = (),
+    gpu: GpuModel | None = None,
+    trials: Sequence[str] = (),
 ) -> str:
-    """The `study trial --space` command that trains `packs` (all, if none) of the space into
-    `out`, and continues them when run again. A `pack: auto` space's command names the GPU the
-    plan was sized for (`--gpu none` where it had none), so that it trains the plan's packs on
-    any machine."""
+    """The `study trial --space` command that trains `packs` (or `trials`; all, if neither) of
+    the space into `out`, and continues them when run again. A `pack: auto` space's command
+    names the GPU the plan was sized for (`--gpu none` where it had none), so that it trains
+    the plan's packs on any machine."""
     words = ["study", "trial", "--space", spec.source]
     if spec.smoke:
         words.append("--smoke")
@@ -190,6 +194,8 @@ def trial_command(
         words += ["--gpu", NO_GPU if gpu is None else gpu.key]
     if packs:
         words += ["--pack", *packs]
+    elif trials:
+        words += ["--trials", *trials]
     return shlex.join([*words, "--out", str(out)])
 
 
@@ -230,8 +236,14 @@ def run_space(
     try:
         with _sigterm_as_ctrl_c():
             for pack, planned in chosen:
+                # Some of a pack's trials (--trials): their files' command names them, as the
+                # state file does, so that it continues them (_train_pack).
+                subset = [t.trial_id for t in planned] if len(planned) < len(pack.trials) else []
+                command = trial_command(spec, out, [] if subset else [pack.pack_id], gpu, subset)
                 members = [
-                    LocalMember(t.trial_id, t.config, pack, plan, info, out, done.get(t.trial_id))
+                    LocalMember(
+                        t.trial_id, t.config, pack, plan, info, out, command, done.get(t.trial_id)
+                    )
                     for t in planned
                 ]
                 trained += members
@@ -264,6 +276,7 @@ class LocalMember(Member):
         plan: Plan,
         info: StudyInfo,
         out: Path,
+        command: str,  # the `study trial --space` command that trains (and continues) it
         done: TrialRecord | None,
     ) -> None:
         super().__init__(trial_id, config)
@@ -284,7 +297,7 @@ class LocalMember(Member):
             status=RUNNING,
             curve=[],
             device=device_label(config.device),
-            command=trial_command(plan.spec, out, [pack.pack_id], plan.gpu),
+            command=command,
             machine=results.machine_info(resolve_device(config.device)),
             git_commit=provenance.git_commit(),
             plan_gpu=plan.gpu,

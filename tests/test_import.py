@@ -4,6 +4,7 @@ the shipped results/ import on a fresh clone."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -14,14 +15,16 @@ from typing import Any
 import pytest
 from conftest import REPO, tiny_copying, write_space
 from mlflow import MlflowClient
+from result_fixtures import record
 
-from study import results, tracking
+from study import result_import, results, tracking
 from study.cli import main
 from study.pack_layout import KNOWN_GPUS
 from study.pack_runner import run_space
+from study.results import ResultError, StudyInfo
 from study.space import make_plan
 from study.spec import load_spec
-from study.tracking.tags import pack_gpu_from_tags
+from study.tracking.tags import IMPORTED_TAG, pack_gpu_from_tags
 
 QUICK = REPO / "search_spaces" / "quick.yaml"
 # Tags that name a run, a machine or a moment, not what the trial was: they may differ.
@@ -219,6 +222,9 @@ def test_trials_trained_anywhere_make_the_study_study_run_makes(tmp_path: Path) 
     by_ray = store_contents(uri(tmp_path / "ray"), "quick")
     by_import = store_contents(uri(tmp_path / "local"), "quick")
     assert sorted(by_ray) == sorted(by_import) == ["parent", "t0000", "t0001"]
+    # The one difference: the import says so (the report then says how its trials continue).
+    assert by_import["parent"]["tags"].pop(IMPORTED_TAG) == "true"
+    assert IMPORTED_TAG not in by_ray["parent"]["tags"]
     for key in by_ray:
         assert by_import[key] == by_ray[key], key  # params, tags, histories, status
     spec_texts = [
@@ -248,7 +254,7 @@ def test_the_shipped_results_import_into_their_study(tmp_path: Path) -> None:
     done = study_cli("import", str(shipped), "--output", str(tmp_path / "store"))
     assert done.returncode == 0, done.stdout + done.stderr
     record = results.read_record(results.result_files(shipped)[0])
-    spec = results.study_spec(record.study, record.study.name, shipped)
+    spec = result_import.study_spec(record.study, record.study.name, shipped)
     summary = tracking.open_store(uri(tmp_path / "store")).summarize("quick")
     assert summary is not None
     assert len(summary.trials) == summary.n_trials == make_plan(spec).n_trials
@@ -328,3 +334,90 @@ def test_a_fixed_pack_size_imports_whatever_gpu_the_files_name(tmp_path: Path) -
     # `study trial --space` on a GPU machine is sized for its own GPU (--gpu local) by default.
     unsized = trained_for(space, None, tmp_path / "unsized", "--pack", "p0001")
     assert main(["import", str(sized), str(unsized), "--output", str(tmp_path / "store")]) == 0
+
+
+def test_the_space_rebuilds_from_its_resolved_text_with_its_hash(tmp_path: Path) -> None:
+    spec = load_spec(QUICK, smoke=True, overrides=["fixed.lr=0.02"])
+    study = StudyInfo(
+        name=spec.name,
+        space_hash=spec.spec_hash(),
+        space_yaml=spec.to_yaml(),
+        source=spec.source,
+        smoke=spec.smoke,
+        overrides=spec.overrides,
+        base_iterations=spec.base_iterations,
+    )
+    rebuilt = result_import.study_spec(study, "renamed", tmp_path / "t0000.json")
+    assert rebuilt.spec_hash() == spec.spec_hash() and rebuilt.name == "renamed"
+    assert rebuilt.smoke and rebuilt.base_iterations == 3000
+    assert rebuilt.overrides == (("fixed.lr", 0.02),)
+    assert make_plan(rebuilt).trials == make_plan(spec).trials
+    tampered = StudyInfo(**{**study.__dict__, "space_yaml": study.space_yaml.replace("40", "41")})
+    with pytest.raises(ResultError, match="damaged: its space_yaml hashes to"):
+        result_import.study_spec(tampered, "quick", tmp_path / "t0000.json")
+
+
+def test_a_file_from_before_precision_auto_still_belongs_to_its_plan(tmp_path: Path) -> None:
+    plan = make_plan(load_spec(QUICK, smoke=True))
+    planned = plan.trials[0]
+    assert planned.config.precision == "auto"
+    path = tmp_path / f"{planned.trial_id}.json"
+    older = record(trial_id=planned.trial_id, config=planned.config.replace(precision="fp32"))
+    result_import._check_planned(older, plan, path)  # fp32 is what auto computed in on the CPU
+    on_gpu = record(
+        trial_id=planned.trial_id,
+        config=planned.config.replace(precision="fp32"),
+        device="cuda:0 (NVIDIA H200)",
+    )
+    with pytest.raises(ResultError, match="its config is not the plan's for t0000"):
+        result_import._check_planned(on_gpu, plan, path)  # there auto is tf32: another trial
+    sized = record(trial_id=planned.trial_id, config=planned.config, plan_gpu=KNOWN_GPUS["h100"])
+    with pytest.raises(ResultError, match=r"planned for NVIDIA H100 .*study's without a"):
+        result_import._check_planned(sized, plan, path)
+
+
+def test_a_file_that_says_fp32_is_logged_with_the_plans_params_so_it_pairs(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # Files written before `precision: auto` say fp32, which auto is on a CPU (the shipped
+    # results/quick). Logged as they say, such trials never paired with newer ones in a report.
+    space, out = trained
+    older = tmp_path / "older"
+    older.mkdir()
+    record = results.read_record(out / "t0001.json")
+    fp32 = dataclasses.replace(record, config=record.config.replace(precision="fp32"))
+    results.write_record(older, fp32)
+    store = tmp_path / "store"
+    assert main(["import", str(older), str(out / "t0000.json"), "--output", str(store)]) == 0
+    held = store_contents(uri(store), "tiny")
+    assert held["t0001"]["params"]["precision"] == held["t0000"]["params"]["precision"] == "auto"
+    assert held["t0001"]["tags"]["precision.used"] == "fp32"
+
+
+def test_an_import_that_refuses_every_file_leaves_no_store(
+    trained: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    _, out = trained
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "t0000.json").write_text((out / "t0000.json").read_text()[:100])
+    store = tmp_path / "new" / "store"
+    assert main(["import", str(damaged), "--output", str(store)]) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == "nothing imported"
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_the_report_of_a_partly_imported_study_says_how_the_rest_trains(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, out = trained
+    store = tmp_path / "store"
+    assert main(["import", str(out / "t0000.json"), "--output", str(store)]) == 0
+    reported = study_cli("report", "tiny", "--output", str(store))
+    assert reported.returncode == 0, reported.stdout + reported.stderr
+    summary = (store / "reports" / "tiny" / "summary.md").read_text()
+    assert "3 trial(s) pending" in summary
+    # No Ray state: `study resume` cannot continue an imported study.
+    assert "train them with the study's `study trial --space` commands" in summary
+    assert "study resume" not in summary

@@ -145,6 +145,15 @@ def test_chosen_packs_or_trials_only(tmp_path: Path) -> None:
     run_space(spec, tmp_path / "b", trials=["t0003", "t0000"], echo=lambda line: None)
     assert sorted(curves(tmp_path / "b")) == ["t0000", "t0003"]
     assert curves(tmp_path / "b")["t0003"] == curves(tmp_path / "a")["t0003"]
+    # Each file's command trains what this run did, so that it continues it: the pack where
+    # the whole pack was chosen, else the chosen trials of it (their saved state is theirs).
+    commands = {
+        folder: {t: results.read_record(p).command for t, p in _files(tmp_path / folder).items()}
+        for folder in ("a", "b")
+    }
+    assert commands["a"]["t0002"] == trial_command(spec, tmp_path / "a", ["p0001"])
+    assert commands["b"]["t0000"].endswith(f"--trials t0000 --out {tmp_path / 'b'}")
+    assert commands["b"]["t0003"].endswith(f"--trials t0003 --out {tmp_path / 'b'}")
     with pytest.raises(
         ConfigError, match=r"--pack p0009: not in the plan; the plan has p0000..p0001"
     ):
@@ -243,3 +252,7 @@ def test_killed_mid_pack_it_loses_no_trial_and_gives_the_uninterrupted_curve(
     run_space(load_spec(space), whole, echo=lambda line: None)
     assert curves(out) == curves(whole)
     assert results.read_record(out / "t0003.json").timings["sessions"] == 2
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    return {path.stem: path for path in results.result_files(folder)}

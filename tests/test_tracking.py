@@ -72,6 +72,19 @@ def test_store_layout(tmp_path: Path) -> None:
     assert tracking.artifact_dir(tmp_path) == tmp_path.absolute() / "mlartifacts"
 
 
+def test_one_folder_named_two_ways_is_one_store(tmp_path: Path, monkeypatch) -> None:
+    # `--output ../studies` from a subfolder is the store `--output studies` made: with `..`
+    # kept in its URI, a report took it for another store, and its artifact location named
+    # the subfolder, which a later command would make again.
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert tracking.store_uri(Path("../studies")) == tracking.store_uri(tmp_path / "studies")
+    assert tracking.artifact_dir(Path("../studies")) == tmp_path / "studies" / "mlartifacts"
+    named = f"sqlite:///{tmp_path}/sub/../studies/mlflow.db"
+    assert tracking.check_uri(named) == f"sqlite:///{tmp_path}/studies/mlflow.db"
+    assert tracking.check_uri("sqlite:///x.db") == f"sqlite:///{tmp_path}/sub/x.db"
+
+
 def test_an_explicit_sqlite_store_keeps_its_artifacts_beside_it_not_in_the_working_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,6 +25,7 @@ from study.tracking import (
     trial_state,
 )
 from study.tracking.tags import (
+    IMPORTED_TAG,
     base_iterations_from_tags,
     claims_from_tags,
     overrides_from_tags,
@@ -98,6 +99,9 @@ class Study:
     claims: tuple[Claim, ...] = ()
     overrides: tuple[tuple[str, object], ...] = ()
     base_iterations: int | None = None
+    # Made by `study import` from result files: its pending trials train by `study trial
+    # --space`, there is no Ray state for `study resume`.
+    imported: bool = False
 
     @property
     def n_pending(self) -> int:
@@ -159,6 +163,7 @@ def load_study(name: str, tracking_uri: str) -> Study:
         claims=claims_from_tags(tags),
         overrides=overrides_from_tags(tags),
         base_iterations=base_iterations_from_tags(tags),
+        imported=tags.get(IMPORTED_TAG) == "true",
     )
 
 

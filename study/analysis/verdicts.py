@@ -171,9 +171,15 @@ def status_lines(analysis: Analysis) -> list[str]:
         + ", ".join(f"{counts[state]} {state}" for state in counts)
     ]
     if counts["pending"]:
+        finish = (
+            "train them with the study's `study trial --space` commands (`study plan SPACE "
+            "--commands`), then `study import` their folder"
+            if study.imported
+            else "run `study resume` to finish the study"
+        )
         lines.append(
             f"{counts['pending']} trial(s) pending (no MLflow run yet): their cells may be "
-            "missing or have fewer seeds below; run `study resume` to finish the study."
+            f"missing or have fewer seeds below; {finish}."
         )
     for trial in study.trials:
         where = (

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from study import console, space, tracking
-from study.errors import ConfigError, make_folder, one_line
+from study.errors import ConfigError, absolute, make_folder, one_line
 from study.pack_layout import GpuModel
 from study.runner import orphans
 from study.runner.preflight import check_data_here, check_gpus, refuse_existing
@@ -41,7 +41,7 @@ def run_study(
     """Run a new study; returns the exit status: 0 when every trial finished (completed or
     diverged), 1 when some trial failed, 130 when interrupted with trials left. `gpu` sizes
     `resources.pack: auto` (its parent run's tags keep it for `study resume`)."""
-    output = output.absolute()
+    output = absolute(output)
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {output}: not a folder")
     orphans.end_orphans(output / "ray", echo)  # a killed study's Ray, in this folder

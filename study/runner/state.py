@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from study import tracking
-from study.errors import ConfigError, one_line
+from study.errors import ConfigError, absolute, one_line
 from study.space import Plan
 from study.spec import StudySpec, spec_from_mapping
 from study.tracking import StudyContext
@@ -77,9 +77,9 @@ class StudyState:
 
     @classmethod
     def load(cls, output: Path, name: str) -> StudyState:
-        path = output.absolute() / "ray" / name / STATE_FILE
+        path = absolute(output) / "ray" / name / STATE_FILE
         if not path.is_file():
-            states = (output.absolute() / "ray").glob(f"*/{STATE_FILE}")
+            states = (absolute(output) / "ray").glob(f"*/{STATE_FILE}")
             known = sorted(state.parent.name for state in states)
             found = f"; studies there: {', '.join(known)}" if known else ""
             raise ConfigError(f"no study {name!r} in {output} (no {path}){found}")
@@ -95,7 +95,7 @@ class StudyState:
             )
             state = cls(
                 spec=spec,
-                output=output.absolute(),
+                output=absolute(output),
                 tracking_uri=record["tracking_uri"],
                 parent_run_id=record["parent_run_id"],
             )

@@ -19,7 +19,7 @@ from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 
 from study.config import TrialConfig
-from study.errors import ConfigError, check_reachable, one_line
+from study.errors import ConfigError, absolute, check_reachable, one_line
 from study.tracking import stores
 from study.tracking.stores import artifact_dir as artifact_dir
 from study.tracking.stores import sqlite_path
@@ -113,8 +113,8 @@ def check_uri(tracking_uri: str, flag: str = "--tracking-uri") -> str:
         hint = "is `mlflow server` running there?"
         check_reachable(f"{flag} {tracking_uri}", parts.hostname or "", port, hint)
     database = sqlite_path(tracking_uri)
-    if database is not None and str(database) != ":memory:" and not database.is_absolute():
-        return f"sqlite:///{database.absolute()}"
+    if database is not None and str(database) != ":memory:" and absolute(database) != database:
+        return f"sqlite:///{absolute(database)}"  # relative, or with .. in it: one URI a file
     return tracking_uri
 
 

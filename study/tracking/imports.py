@@ -10,13 +10,14 @@ from study.config import TrialConfig
 from study.space import Plan
 from study.tracking import STEP_KEY, StudyContext, Tags, Tracker, TrialRun
 from study.tracking import trial_state as run_state
-from study.tracking.tags import parent_tags
+from study.tracking.tags import IMPORTED_TAG, parent_tags
 from study.vocabulary import COMPLETED, DIVERGED, FAILED
 
 
 def imported_parent_tags(plan: Plan, git_commit: str | None, version: str) -> Tags:
-    """parent_tags(plan), but naming the code that trained the trials, not this checkout."""
-    tags = {**parent_tags(plan), "study.version": version}
+    """parent_tags(plan), but naming the code that trained the trials, not this checkout, and
+    saying the study was made by `study import` (it has no Ray state for `study resume`)."""
+    tags = {**parent_tags(plan), "study.version": version, IMPORTED_TAG: "true"}
     tags.pop("study.git_commit", None)
     if git_commit:
         tags["study.git_commit"] = git_commit

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from study.errors import ConfigError, one_line
+from study.errors import ConfigError, absolute, one_line
 
 # Our own record of a study, next to Ray's state in DIR/ray/NAME (study.runner.state).
 STATE_FILE = "study.json"
@@ -26,7 +26,7 @@ def sqlite_path(tracking_uri: str) -> Path | None:
 
 def artifact_dir(output_dir: Path) -> Path:
     """A study folder's artifact root, beside its mlflow.db (and `study ui`'s)."""
-    return output_dir.absolute() / "mlartifacts"
+    return absolute(output_dir) / "mlartifacts"
 
 
 # Stores that keep artifacts under a root of their own (`mlflow server --artifacts-destination`
@@ -44,7 +44,7 @@ def artifact_location(tracking_uri: str, experiment: str, folder: Path) -> str |
     ./mlruns of the working folder: files scattered wherever a command happened to run.)"""
     database = sqlite_path(tracking_uri)
     if database is not None:
-        return (artifact_dir(database.absolute().parent) / experiment).as_uri()
+        return (artifact_dir(absolute(database).parent) / experiment).as_uri()
     if tracking_uri.split(":")[0] in OWN_ROOT_SCHEMES:
         return None
     return (artifact_dir(folder) / experiment).as_uri()
@@ -52,7 +52,7 @@ def artifact_location(tracking_uri: str, experiment: str, folder: Path) -> str |
 
 def store_uri(output_dir: Path) -> str:
     """The embedded store: a SQLite file in the output folder."""
-    return f"sqlite:///{output_dir.absolute()}/mlflow.db"
+    return f"sqlite:///{absolute(output_dir)}/mlflow.db"
 
 
 def check_folder(tracking_uri: str, flag: str = "--tracking-uri") -> None:
@@ -106,7 +106,7 @@ def check_own_store(output: Path, name: str, command: str) -> None:
     """Refuse a study folder whose own store (DIR/mlflow.db) its study.json places in another
     folder: moved or copied, its runs' artifact paths still name the original, where `command`
     would read and write. A study of a --tracking-uri store, or without a record, passes."""
-    output = output.absolute()
+    output = absolute(output)
     path = output / "ray" / name / STATE_FILE
     try:
         record = json.loads(path.read_text())

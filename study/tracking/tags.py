@@ -15,6 +15,9 @@ from study.tasks import TASKS
 from study.tracking import StudySummary, Tags
 from study.vocabulary import FAILED
 
+# On the parent run of a study that `study import` made from result files (not `study run`).
+IMPORTED_TAG = "study.imported"
+
 
 def parent_tags(plan: Plan) -> dict[str, str]:
     """Every tag of a new study's parent run (study run and study import write the same)."""
