@@ -159,6 +159,7 @@ def add_trial_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _trial_config(args: argparse.Namespace) -> TrialConfig:
+    _one_trial_values(args)
     p_detach = args.p_detach
     if p_detach is None:
         p_detach = 0.0 if args.method == "none" else 0.25  # the paper's default p
@@ -274,7 +275,6 @@ def _write_out(path: Path, result: dict[str, Any]) -> bool:
 def _run_trial(args: argparse.Namespace) -> int:
     if args.space is not None:
         return _run_trial_space(args)
-    _one_trial_values(args)
     space_flags = {
         "--smoke": args.smoke,
         "--set": args.overrides,
