@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -82,6 +83,36 @@ def test_a_two_seed_study_is_inconclusive_with_its_reason():
     assert result.verdict == INCONCLUSIVE
     assert math.isnan(result.value) and result.cells == 0
     assert "3 finished seeds" in result.reason
+
+
+def test_a_claim_whose_scope_is_not_whole_is_inconclusive_whatever_its_complete_cells_say():
+    """h-detach's worst lr (1e-4, 0.3 against vanilla's 0.6) is contradicted on the whole
+    study; with that cell's seeds still running, the cells that happen to be complete would say
+    supported (its best lr alone), so the verdict waits for the whole scope."""
+    whole = _study({"h_detach": [0.9, 0.3], "none": [0.6, 0.6]})
+    assert evaluate_claim(analyse(whole), _claim("worst_lr_accuracy"), BUDGET).verdict == (
+        CONTRADICTED
+    )
+    running = [
+        dataclasses.replace(trial, state="running")
+        if trial.method == "h_detach" and trial.lr == LRS[1] and trial.seed >= 2
+        else trial
+        for trial in whole.trials
+    ]
+    partial = dataclasses.replace(whole, trials=running)
+    result = evaluate_claim(analyse(partial), _claim("worst_lr_accuracy"), BUDGET)
+    assert result.verdict == INCONCLUSIVE and result.cells == 1 and result.value > 0
+    assert "1 of 2 cell(s) short of 3 finished seeds" in result.reason
+    unstarted = dataclasses.replace(whole, n_planned=len(whole.trials) + 4)
+    result = evaluate_claim(analyse(unstarted), _claim("best_accuracy"), BUDGET)
+    assert result.verdict == INCONCLUSIVE and result.cells == 2
+    assert result.reason == "4 planned trial(s) not started"
+
+
+def test_a_study_with_no_finished_run_still_has_its_budget():
+    study = _study({"h_detach": [0.9, 0.8], "none": [0.5, 0.3]}, state_of=lambda *_: "running")
+    result = evaluate_claim(analyse(study), _claim("best_accuracy"), BUDGET * 10)
+    assert result.runs == 0 and result.budget_fraction == pytest.approx(0.1)
 
 
 def test_divergence_where_vanilla_always_diverges_is_supported_from_newcombe():

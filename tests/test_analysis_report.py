@@ -234,6 +234,8 @@ def test_optuna_study_compares_each_seeds_best_tuned_trial(tmp_path):
         "t0011": "2.5",
     }  # fmt: skip
     assert "lr -1" not in (report_dir / "index.html").read_text()
+    # summary.json says "tuned" where a cell's value was tuned, never the internal -1.0.
+    assert {(c["lr"], c["clip_norm"]) for c in summary["cells"]} == {("tuned", "tuned")}
 
 
 def test_unknown_study_is_a_config_error_naming_study_and_uri(tmp_path):
@@ -257,6 +259,17 @@ def test_a_report_from_another_store_does_not_replace_the_folders_report(tmp_pat
     assert (report_dir / "summary.json").read_text() == kept
     with contextlib.redirect_stdout(io.StringIO()):  # its own folder: written
         write_report("same", tmp_path / "elsewhere", other_uri)
+
+
+def test_a_report_rewritten_from_a_relative_store_uri_replaces_its_own(tmp_path, monkeypatch):
+    trials = [make_trial(f"t000{seed}", MISS, seed=seed) for seed in range(3)]
+    write_study(tmp_path, "rel", trials)
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # the second report is of the same store: written, not refused
+        with contextlib.redirect_stdout(io.StringIO()):
+            report_dir = write_report("rel", tmp_path / "out", "sqlite:///mlflow.db")
+    summary = json.loads((report_dir / "summary.json").read_text())
+    assert summary["tracking_uri"] == f"sqlite:///{tmp_path}/mlflow.db"
 
 
 def test_a_report_folder_that_cannot_be_made_is_a_one_line_error(tmp_path):

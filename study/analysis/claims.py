@@ -4,9 +4,14 @@ study's finished runs, `supported`, `contradicted` or `inconclusive` by its 95% 
 The rule (the report's glossary says it too): a claim is supported when the interval of its
 statistic lies wholly on the side of "no difference" (its `null`) that the paper claims,
 contradicted when it lies wholly on the other side, inconclusive otherwise, including when there
-are too few seeds to put an interval on it. Statistics are means over cells of per-cell means
-(or the cell-level quantity the statistic names), so every lr x clip cell weighs alike, and
-their intervals come from stats.stratified_interval, which resamples seeds within each cell.
+are too few seeds to put an interval on it, and whenever the claim's scope is not whole: a cell of
+it short of 3 finished seeds of a compared method (a trial still running, failed or stopped), or
+planned trials not yet started. A verdict on the cells that happen to be complete could flip on
+the rest (the worst lr of `worst_lr_accuracy` is the cell most likely still training), and a
+result holds every trial of its plan or says it does not. Statistics are means over cells of
+per-cell means (or the cell-level quantity the statistic names), so every lr x clip cell weighs
+alike, and their intervals come from stats.stratified_interval, which resamples seeds within
+each cell.
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import yaml
 
+from study.analysis.load import Trial
 from study.analysis.stats import (
     MIN_SEEDS,
     Analysis,
@@ -93,7 +99,8 @@ def evaluate_claims(
 
 
 def evaluate_claim(analysis: Analysis, claim: Claim, base_iterations: int | None) -> ClaimResult:
-    runs = [run for run in analysis.runs if _applies(run, claim)]
+    runs = [run for run in analysis.runs if _applies(run.trial, claim)]
+    scope = {_setting(trial) for trial in analysis.trials if _applies(trial, claim)}
     method = _strata(runs, claim.method, claim.statistic)
     baseline = _strata(runs, claim.baseline, claim.statistic) if claim.baseline else {}
     if claim.statistic == "p_better":
@@ -103,7 +110,9 @@ def evaluate_claim(analysis: Analysis, claim: Claim, base_iterations: int | None
         value = float(pooled_mean(*scores)) if scores else math.nan
         interval = p_better_interval(scores) if scores else (math.nan, math.nan)
         used_runs = [run for cell in used.values() for pair in cell for run in pair]
-        return _result(analysis, claim, value, interval, used_runs, len(used), base_iterations)
+        whole = _unwhole(analysis, scope, used)
+        return _result(analysis, claim, value, interval, used_runs, len(used), base_iterations,
+                       whole)  # fmt: skip
     keys = [
         key
         for key in sorted(method, key=_order)
@@ -111,9 +120,10 @@ def evaluate_claim(analysis: Analysis, claim: Claim, base_iterations: int | None
         and (claim.baseline is None or len(baseline.get(key, [])) >= MIN_SEEDS)
     ]
     used_runs = [run for key in keys for run, _ in (*method[key], *baseline.get(key, []))]
+    whole = _unwhole(analysis, scope, keys)
     if not keys:
         nothing = (math.nan, math.nan)
-        return _result(analysis, claim, math.nan, nothing, used_runs, 0, base_iterations)
+        return _result(analysis, claim, math.nan, nothing, used_runs, 0, base_iterations, whole)
     values_m = [np.array([v for _, v in method[key]]) for key in keys]
     values_b = [np.array([v for _, v in baseline[key]]) for key in keys] if claim.baseline else []
     statistic = _statistic(claim.statistic, len(keys), bool(claim.baseline))
@@ -123,7 +133,9 @@ def evaluate_claim(analysis: Analysis, claim: Claim, base_iterations: int | None
     interval = stratified_interval(strata, statistic, bounds=bounds)
     if not math.isnan(interval[0]) and interval[0] == interval[1]:
         interval = _agreeing_interval(claim, values_m, values_b)
-    result = _result(analysis, claim, value, interval, used_runs, len(keys), base_iterations)
+    result = _result(
+        analysis, claim, value, interval, used_runs, len(keys), base_iterations, whole
+    )
     alone = _statistic(claim.statistic, len(keys), compared=False)
     return dataclasses.replace(
         result,
@@ -176,34 +188,60 @@ def _result(
     runs: list[RunResult],
     cells: int,
     base_iterations: int | None,
+    unwhole: str = "",
 ) -> ClaimResult:
-    budgets = [run.trial.budget for run in runs] or [run.trial.budget for run in analysis.runs]
+    # The budget of the runs used, else of any finished run, else of any trial started (a study
+    # whose every trial is still training has a budget all the same).
+    budgets = (
+        [run.trial.budget for run in runs]
+        or [run.trial.budget for run in analysis.runs]
+        or [trial.budget for trial in analysis.study.trials]
+    )
     fraction = (
         float(np.median(budgets)) / base_iterations if budgets and base_iterations else math.nan
     )
-    reason = ""
+    reasons = []
     if not cells:
-        reason = f"no cell where each compared method has {MIN_SEEDS} finished seeds"
+        reasons.append(f"no cell where each compared method has {MIN_SEEDS} finished seeds")
     elif math.isnan(interval[0]):
-        reason = "every run scored alike: no interval from so few seeds"
+        reasons.append("every run scored alike: no interval from so few seeds")
+    if unwhole:
+        reasons.append(unwhole)
+    decided = verdict(value, interval, claim.null, claim.expect)
     return ClaimResult(
         claim=claim,
         study=analysis.study.name,
-        verdict=verdict(value, interval, claim.null, claim.expect),
+        verdict=INCONCLUSIVE if unwhole else decided,
         value=value,
         interval=interval,
         runs=len(runs),
         seeds=tuple(sorted({run.trial.seed for run in runs})),
         cells=cells,
         budget_fraction=fraction,
-        reason=reason,
+        reason="; ".join(reasons),
     )
 
 
-def _applies(run: RunResult, claim: Claim) -> bool:
-    """Whether a run is one the claim is about. `p_detach` in `where` selects the detaching
-    method's runs only: vanilla LSTM has no p (it is 0), and is the baseline at every p."""
-    trial = run.trial
+def _unwhole(analysis: Analysis, scope: set[tuple], complete: Iterable[tuple]) -> str:
+    """Why the claim's scope is not whole ("" when it is): its cells (settings of the trials it
+    applies to) that lack MIN_SEEDS finished seeds of a compared method, and planned trials not
+    started, whose cells the store does not know yet."""
+    parts = []
+    complete = set(complete)
+    short = len(scope - complete)
+    if short and complete:
+        parts.append(
+            f"{short} of {len(scope)} cell(s) short of {MIN_SEEDS} finished seeds of a compared "
+            "method (trials running, failed or stopped): no verdict on part of the claim"
+        )
+    if analysis.study.n_pending:
+        parts.append(f"{analysis.study.n_pending} planned trial(s) not started")
+    return "; ".join(parts)
+
+
+def _applies(trial: Trial, claim: Claim) -> bool:
+    """Whether a trial is one the claim is about. `p_detach` in `where` selects the detaching
+    method's trials only: vanilla LSTM has no p (it is 0), and is the baseline at every p."""
     if trial.method not in (claim.method, claim.baseline):
         return False
     for key, wanted in claim.where.items():
@@ -214,16 +252,16 @@ def _applies(run: RunResult, claim: Claim) -> bool:
     return True
 
 
-def _param(trial: Any, key: str) -> Any:
+def _param(trial: Trial, key: str) -> Any:
     if key in ("lr", "p_detach", "clip_norm"):
         return getattr(trial, key)
     text = trial.params.get(f"task_options.{key}", trial.params.get(key))
     return yaml.safe_load(text) if isinstance(text, str) else text
 
 
-def _setting(run: RunResult) -> tuple:
+def _setting(trial: Trial) -> tuple:
     """What a method's cell and its baseline's share: every param but method, p and seed."""
-    params = run.trial.params
+    params = trial.params
     return tuple(sorted((k, v) for k, v in params.items() if k not in _NOT_SETTING))
 
 
@@ -237,7 +275,7 @@ def _strata(
             continue
         value = _run_value(run, statistic)
         if not math.isnan(value):
-            cells[_setting(run)].append((run, value))
+            cells[_setting(run.trial)].append((run, value))
     return cells
 
 
@@ -258,14 +296,16 @@ def _run_value(run: RunResult, statistic: str) -> float:
 def _pairs(runs: list[RunResult], claim: Claim) -> dict[tuple, list[tuple[RunResult, RunResult]]]:
     """Method runs paired with the baseline run of the same setting and seed, by setting."""
     base = {
-        (_setting(run), run.trial.seed): run for run in runs if run.trial.method == claim.baseline
+        (_setting(run.trial), run.trial.seed): run
+        for run in runs
+        if run.trial.method == claim.baseline
     }
     cells: dict[tuple, list[tuple[RunResult, RunResult]]] = defaultdict(list)
     for run in runs:
         if run.trial.method == claim.method:
-            partner = base.get((_setting(run), run.trial.seed))
+            partner = base.get((_setting(run.trial), run.trial.seed))
             if partner is not None:
-                cells[_setting(run)].append((run, partner))
+                cells[_setting(run.trial)].append((run, partner))
     return cells
 
 

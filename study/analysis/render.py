@@ -20,6 +20,7 @@ from study.analysis.text import (
     iterations_text,
     json_value,
     lr_range_text,
+    markdown_table,
     number_text,
     spread_text,
     variant_label,
@@ -78,10 +79,12 @@ DEFINITIONS = {
     "claim verdict": "a claim of the paper (the space's claims: section) is SUPPORTED when the "
     "95% interval of its statistic lies wholly on the side of no difference that the paper "
     "claims, CONTRADICTED when wholly on the other side, INCONCLUSIVE otherwise, and also when a "
-    f"compared cell has fewer than {MIN_SEEDS} finished seeds or every run scored alike (no "
-    "interval). Statistics are means over cells of per-cell values, the method's minus the "
-    "baseline's cell by cell; intervals over seeds as above (rates: Wilson or Newcombe where "
-    "every run agrees). Budget: iterations run / the space's iterations without overrides.",
+    f"compared cell of the claim has fewer than {MIN_SEEDS} finished seeds (its other trials "
+    "running, failed or stopped), when planned trials have not started, or when every run "
+    "scored alike (no interval): a verdict rests on the whole plan. Statistics are means over "
+    "cells of per-cell values, the method's minus the baseline's cell by cell; intervals over "
+    "seeds as above (rates: Wilson or Newcombe where every run agrees). Budget: iterations run "
+    "/ the space's iterations without overrides.",
     **{f"claim statistic {name}": text for name, text in STATISTICS.items()},
 }
 
@@ -138,7 +141,7 @@ def summary_dict(analysis: Analysis, verdict_lines: list[str], status: list[str]
             "state": r.trial.state,
             "task": r.trial.task,
             "method": r.trial.method,
-            "p_detach": r.trial.p_detach,
+            "p_detach": json_value(r.trial.p_detach),
             "lr": json_value(r.trial.lr),
             "clip_norm": json_value(r.trial.clip_norm),
             "tuned": r.trial.tuned_values,
@@ -162,7 +165,7 @@ def summary_dict(analysis: Analysis, verdict_lines: list[str], status: list[str]
         "budget_fraction": budget_fraction(analysis),
         "claims": [result.to_dict() for result in analysis.claims],
         "definitions": DEFINITIONS,
-        "cells": [cell_row(c) | {"clip_norm": c.clip_norm} for c in analysis.cells],
+        "cells": [cell_row(c) | {"clip_norm": json_value(c.clip_norm)} for c in analysis.cells],
         "runs": runs,
         "lr_sensitivity": [dataclasses.asdict(s) for s in analysis.lr_sensitivity],
         "clipping": [dataclasses.asdict(d) for d in analysis.clipping],
@@ -192,9 +195,7 @@ def render_markdown(
         *(f"- {line}" for line in verdict_lines),
         "",
         "## Cells (over seeds)",
-        "| " + " | ".join(CELL_HEADERS) + " |",
-        "|" + "---|" * len(CELL_HEADERS),
-        *("| " + " | ".join(row) + " |" for row in rows),
+        *markdown_table(CELL_HEADERS, rows),
         "",
         "## Figures",
         *(f"![{name}](figures/{name})" for name in images),
@@ -415,9 +416,7 @@ def _markdown_claims(analysis: Analysis) -> list[str]:
         return []
     return [
         "## Claims of the paper",
-        "| " + " | ".join(CLAIM_HEADERS) + " |",
-        "|" + "---|" * len(CLAIM_HEADERS),
-        *("| " + " | ".join(row) + " |" for row in claim_rows(analysis)),
+        *markdown_table(CLAIM_HEADERS, claim_rows(analysis)),
         "",
     ]
 

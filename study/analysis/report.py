@@ -33,7 +33,9 @@ def write_report(study_name: str, output_dir: Path, tracking_uri: str | None) ->
     analysis = analyse(study)
     analysis.claims = evaluate_claims(analysis, study.claims, study.base_iterations)
     report_dir = output_dir / "reports" / study_name
-    _refuse_another_stores_report(report_dir, uri, output_dir)
+    # The store as the study names it (made absolute), as summary.json records it: a relative
+    # sqlite:/// URI typed again from the same folder is the same store.
+    _refuse_another_stores_report(report_dir, study.tracking_uri, output_dir)
     figure_dir = report_dir / "figures"
     make_folder(figure_dir, "--output")
     # A rerun must not re-log figures of an earlier report (e.g. of a task since renamed).

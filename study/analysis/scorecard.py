@@ -19,6 +19,7 @@ from study.analysis.claims import (
 from study.analysis.load import Study, load_study
 from study.analysis.render import CLAIM_HEADERS, claim_row
 from study.analysis.stats import analyse
+from study.analysis.text import markdown_table
 from study.errors import ConfigError, make_folder
 from study.tracking import checked_store, open_store, store_uri
 from study.tracking.summaries import log_scorecard
@@ -73,9 +74,7 @@ def render_markdown(results: list[ClaimResult], source: str) -> str:
         f"Studies read from `{source}`. A claim is supported or contradicted only when the 95% "
         "interval of its statistic excludes no difference; see each study's report glossary.",
         "",
-        "| " + " | ".join(HEADERS) + " |",
-        "|" + "---|" * len(HEADERS),
-        *("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in table),
+        *markdown_table(HEADERS, table),
         "",
     ]
     if not table:

@@ -82,5 +82,15 @@ def seed_range(seeds: tuple[int, ...]) -> str:
 def budget_text(fraction: float) -> str:
     """A run's budget against the paper's: "budget 100% of the paper's", "budget 0.4% ..."."""
     if math.isnan(fraction):
-        return "budget unknown (the space fixes no iterations)"
+        return "budget unknown (the space fixes no iterations, or no trial has started)"
     return f"budget {100 * fraction:.3g}% of the paper's iterations"
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines; a "|" inside a cell (a claim's sentence may hold one) becomes
+    "/", which would otherwise split the cell and shift every column after it."""
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |"
+
+    return [line(headers), "|" + "---|" * len(headers), *(line(row) for row in rows)]

@@ -134,11 +134,21 @@ def _lr_verdicts(analysis: Analysis, task: str) -> list[str]:
         if not entries:
             lines.append(f"{head}: not enough data (fewer than 2 lrs with {MIN_SEEDS} seeds).")
             continue
-        parts = [
-            f"{variant_label(s.method, s.p_detach)} {decades_text(s.good_lr_decades)} "
-            f"({lr_range_text(s.good_lrs)} of {len(s.lrs)} lrs)"
-            for s in sorted(entries, key=lambda s: (s.method != "none", s.method, s.p_detach))
-        ]
+        found = {(s.method, s.p_detach): s for s in entries}
+        # Every method of the grid is named, also one short of data, as the other lines do:
+        # leaving it out would read as if the study had not run it.
+        variants = {t.variant for t in trials if t.clip_norm == clip} | set(found)
+        parts = []
+        for method, p_detach in sorted(variants, key=lambda v: (v[0] != "none", v)):
+            name = variant_label(method, p_detach)
+            s = found.get((method, p_detach))
+            if s is None:
+                parts.append(f"{name} not enough data (fewer than 2 lrs with {MIN_SEEDS} seeds)")
+            else:
+                parts.append(
+                    f"{name} {decades_text(s.good_lr_decades)} "
+                    f"({lr_range_text(s.good_lrs)} of {len(s.lrs)} lrs)"
+                )
         lines.append(f"{head}: " + "; ".join(parts) + ".")
     return lines
 
