@@ -232,7 +232,8 @@ def _unwhole(analysis: Analysis, scope: set[tuple], complete: Iterable[tuple]) -
     if short and complete:
         parts.append(
             f"{short} of {len(scope)} cell(s) short of {MIN_SEEDS} finished seeds of a compared "
-            "method (trials running, failed or stopped): no verdict on part of the claim"
+            "method (trials running, failed or stopped, or runs with no value of the "
+            "statistic): no verdict on part of the claim"
         )
     if analysis.study.n_pending:
         parts.append(f"{analysis.study.n_pending} planned trial(s) not started")
