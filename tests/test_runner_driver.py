@@ -36,7 +36,7 @@ from study.cli import main
 from study.errors import ConfigError
 from study.pack_layout import KNOWN_GPUS
 from study.runner import resume_study
-from study.runner.state import STATE_FILE, TRIAL_STATES, StudyState
+from study.runner.state import STATE_FILE, TRIAL_STATES, StudyState, driving
 from study.spec import load_spec
 from study.tracking.tags import pack_gpu_from_tags
 
@@ -239,6 +239,14 @@ def test_resume_says_at_once_when_the_studys_server_is_down(tmp_path: Path) -> N
     assert time.monotonic() - started < 30  # MLflow's own retries take minutes
 
 
+def test_resume_is_refused_while_the_study_runs(tmp_path: Path) -> None:
+    """A second driver would restore the same Tune state and train each trial twice."""
+    saved_state(tmp_path / "out")
+    with driving(tmp_path / "out" / "ray" / "kept", "kept"):
+        with pytest.raises(ConfigError, match=r"^study kept is running now \(driver pid \d+"):
+            resume_study("kept", tmp_path / "out")
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_of_the_driver(tmp_path: Path) -> None:
     # A wider model and batch than tiny_copying's: a trial must outlast the poll that finds it
@@ -301,6 +309,21 @@ def test_sigterm_stops_a_study_as_ctrl_c_does(tmp_path: Path) -> None:
     output = tmp_path / "out"
     uri = tracking.store_uri(output)
     env = without_ray_address()
+    returncode, out = _sigterm_midway(path, output, "termed", env)
+    assert returncode == 130, out
+    assert "SIGTERM" not in out and "Traceback" not in out
+    assert f"unfinished; continue with: study resume termed --output {output}" in out
+    assert tracking.open_store(uri).find_parent("termed").status == "KILLED"
+    # Each child run ends as its trial did: none is left RUNNING (issue #21, item 6).
+    statuses = {r.info.status for r in children(uri, "termed").values()}
+    assert statuses and statuses <= {"FINISHED", "KILLED"}, statuses
+    resume_to_completion("termed", 4, output, env)
+
+
+def _sigterm_midway(path: Path, output: Path, name: str, env: dict) -> tuple[int, str]:
+    """`study run` of the space, SIGTERM to its driver once a trial has logged 2 to 12 steps;
+    (exit status, output)."""
+    uri = tracking.store_uri(output)
     driver = subprocess.Popen(
         [STUDY, "run", str(path), "--output", str(output)],
         stdout=subprocess.PIPE,
@@ -313,22 +336,37 @@ def test_sigterm_stops_a_study_as_ctrl_c_does(tmp_path: Path) -> None:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and driver.poll() is None:
             time.sleep(0.5)
-            if (output / "ray" / "termed" / STATE_FILE).exists() and running_with_steps(
-                uri, "termed", 2, 12
+            if (output / "ray" / name / STATE_FILE).exists() and running_with_steps(
+                uri, name, 2, 12
             ):
                 break
         driver.send_signal(signal.SIGTERM)  # the driver only, as `kill PID` or a scheduler
         out, _ = driver.communicate(timeout=120)
     finally:
         kill_session(driver.pid)
-    assert driver.returncode == 130, out
-    assert "SIGTERM" not in out and "Traceback" not in out
-    assert f"unfinished; continue with: study resume termed --output {output}" in out
-    assert tracking.open_store(uri).find_parent("termed").status == "KILLED"
-    # Each child run ends as its trial did: none is left RUNNING (issue #21, item 6).
-    statuses = {r.info.status for r in children(uri, "termed").values()}
-    assert statuses and statuses <= {"FINISHED", "KILLED"}, statuses
-    resume_to_completion("termed", 4, output, env)
+    return driver.returncode, out
+
+
+@pytest.mark.slow
+def test_sigterm_stops_an_optuna_study_in_its_cell_not_after_the_next(tmp_path: Path) -> None:
+    """Each cell is its own Tuner: the signal ends the running cell's fit, and the study, not
+    the cell, stops (the next cell's Tuner is not started)."""
+    body = tiny_copying(
+        model={"hidden_size": 64},
+        fixed={"iterations": 800, "eval_every": 40, "batch_size": 50},
+        nuisance={"lr": {"min": 1.0e-3, "max": 3.0e-2, "scaling": "log"}},
+        replicates={"seeds": 1},
+        search={"searcher": "optuna", "samples_per_cell": 2, "seed": 3},
+    )
+    path = write_space(tmp_path, "tunedterm", body)
+    output = tmp_path / "out"
+    env = without_ray_address()
+    returncode, out = _sigterm_midway(path, output, "tunedterm", env)
+    assert returncode == 130, out
+    assert "stopped in cell000: the cells after it are not started" in out
+    assert not (output / "ray" / "tunedterm" / "cell001").exists()
+    assert set(children(tracking.store_uri(output), "tunedterm")) <= {"t0000", "t0001"}
+    resume_to_completion("tunedterm", 4, output, env)
 
 
 @pytest.mark.slow

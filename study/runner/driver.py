@@ -16,7 +16,7 @@ from study.runner import orphans
 from study.runner.preflight import check_data_here, check_gpus, refuse_existing
 from study.runner.progress import ConsoleProgress
 from study.runner.session import ray_session
-from study.runner.state import StudyState
+from study.runner.state import StudyState, driving
 from study.runner.trainable import members_of
 from study.runner.tuner import Tuners, cell_name
 from study.space import Plan
@@ -57,14 +57,16 @@ def run_study(
     with ray_session(address, spec.resources.cpus) as session_dir:
         check_gpus(spec, address, echo)
         make_folder(output, "--output")
-        tracker = tracking.open_store(uri)
-        experiment_id = tracker.ensure_experiment(spec.name, output)
-        parent = tracker.start_parent(experiment_id, spec.name, parent_tags(plan), spec.to_yaml())
-        state = StudyState(spec, output, uri, parent)
-        state.save()
-        if session_dir is not None:
-            orphans.record(state.experiment_dir, session_dir)
-        return _execute(state, plan, tracker, max_concurrent, echo, resuming=False)
+        with driving(output / "ray" / spec.name, spec.name):
+            tracker = tracking.open_store(uri)
+            experiment_id = tracker.ensure_experiment(spec.name, output)
+            tags = parent_tags(plan)
+            parent = tracker.start_parent(experiment_id, spec.name, tags, spec.to_yaml())
+            state = StudyState(spec, output, uri, parent)
+            state.save()
+            if session_dir is not None:
+                orphans.record(state.experiment_dir, session_dir)
+            return _execute(state, plan, tracker, max_concurrent, echo, resuming=False)
 
 
 def resume_study(
@@ -72,6 +74,12 @@ def resume_study(
 ) -> int:
     """Continue an interrupted study: Tune restores its trials, errored ones included."""
     state = StudyState.load(output, name)
+    with driving(state.experiment_dir, name):
+        return _resume(state, address, echo)
+
+
+def _resume(state: StudyState, address: str | None, echo: Echo) -> int:
+    name = state.spec.name
     orphans.end_orphans(state.ray_dir, echo)  # the Ray of the session that was killed
     tracking.checked_store(state.tracking_uri, f"study {name}'s tracking URI")
     tracker = tracking.open_store(state.tracking_uri)
@@ -126,7 +134,13 @@ def _execute(
                 skipped = "no Ray state to resume its unfinished trials; skipped"
                 echo(f"      {cell_name(cell)}: {skipped}")
                 continue
-            outcomes.update(_reconcile(tracker, context, tuner.fit()))
+            results = tuner.fit()
+            outcomes.update(_reconcile(tracker, context, results))
+            if _stopped(results):
+                # Ctrl-C or SIGTERM ended this cell's fit: the study stops here, as a grid does,
+                # rather than start the next cell's Tuner (the signal was for the study).
+                echo(f"      stopped in {cell_name(cell)}: the cells after it are not started")
+                break
     else:
         tuner = tuners.grid(done, resuming)
         if tuner is not None:
@@ -147,6 +161,21 @@ def _execute(
     if failed:
         return 1
     return 130 if pending else 0  # pending after fit: interrupted (Ctrl-C), as main() reports it
+
+
+def _stopped(results: Any) -> bool:
+    """Whether a Tuner's fit ended before its trials did (Tune stops on Ctrl-C and returns):
+    some trial with no error last reported no final outcome, or never started. No scheduler
+    stops trials early here, so nothing else leaves one unfinished."""
+    for result in results:
+        if result.error is not None:
+            continue
+        metrics = result.metrics or {}
+        for trial_id, _, _ in members_of(result.config, Path(result.path).name):
+            outcome = metrics.get(f"{trial_id}/outcome", metrics.get("outcome"))
+            if outcome not in (COMPLETED, DIVERGED):
+                return True
+    return False
 
 
 def _reconcile(tracker: Tracker, context: StudyContext, results: Any) -> dict[str, str]:
