@@ -421,3 +421,20 @@ def test_the_report_of_a_partly_imported_study_says_how_the_rest_trains(
     # No Ray state: `study resume` cannot continue an imported study.
     assert "train them with the study's `study trial --space` commands" in summary
     assert "study resume" not in summary
+
+
+def test_run_and_resume_of_a_partly_imported_study_say_how_the_rest_trains(
+    trained: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    space, out = trained
+    store = tmp_path / "store"
+    assert main(["import", str(out / "t0000.json"), "--output", str(store)]) == 0
+    capsys.readouterr()
+    assert main(["resume", "tiny", "--output", str(store)]) == 2
+    resumed = capsys.readouterr().err
+    assert "study tiny in" in resumed and "was made by `study import`" in resumed
+    assert "`study plan SPACE --commands`), then `study import` their folder" in resumed
+    assert main(["run", str(space), "--output", str(store)]) == 2
+    ran = capsys.readouterr().err
+    assert "made by `study import` (no Ray state for `study resume`)" in ran
+    assert f"`study plan {space} --commands`" in ran and "continue it with" not in ran

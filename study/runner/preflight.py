@@ -18,6 +18,7 @@ from study.space import Plan
 from study.spec import AUTO_GPUS, StudySpec
 from study.tasks import TASKS
 from study.tracking import open_store, store_label, store_uri
+from study.tracking.tags import IMPORTED_TAG
 
 
 def check_data_here(plan: Plan) -> None:
@@ -55,6 +56,14 @@ def refuse_existing(spec: StudySpec, output: Path, uri: str, store_exists: bool)
             raise ConfigError(
                 f"{where}, from a different search space{smoke}; run this one {new} "
                 "(study resume continues the existing one)"
+            )
+        if parent.tags.get(IMPORTED_TAG) == "true":
+            # Made from result files: no Ray state, so no `study resume`.
+            raise ConfigError(
+                f"{where}, made by `study import` (no Ray state for `study resume`); train its "
+                f"pending trials with its `study trial --space` commands (`study plan "
+                f"{spec.source} --commands`), then `study import` their folder, or run this one "
+                f"{new}"
             )
         # resume reads the store from the study.json of the folder the study ran into.
         folder = output if recorded_store(output / "ray" / spec.name) == uri else "DIR"

@@ -17,6 +17,7 @@ from study.space import Plan
 from study.spec import StudySpec, spec_from_mapping
 from study.tracking import StudyContext
 from study.tracking.stores import STATE_FILE, check_own_store
+from study.tracking.tags import IMPORTED_TAG
 
 # Each Ray trial's latest state, one file per trial in DIR/ray/NAME/TRIAL_STATES, replaced at
 # every evaluation. Not Tune checkpoints: after a killed driver, Tune's experiment snapshot (taken
@@ -91,6 +92,13 @@ class StudyState:
             states = (absolute(output) / "ray").glob(f"*/{STATE_FILE}")
             known = sorted(state.parent.name for state in states)
             found = f"; studies there: {', '.join(known)}" if known else ""
+            if _imported(absolute(output), name):
+                raise ConfigError(
+                    f"study {name} in {output} was made by `study import`: it has no Ray state "
+                    "for `study resume`; train its pending trials with its `study trial "
+                    "--space` commands (`study plan SPACE --commands`), then `study import` "
+                    "their folder"
+                )
             raise ConfigError(f"no study {name!r} in {output} (no {path}){found}")
         try:
             record = json.loads(path.read_text())
@@ -114,6 +122,17 @@ class StudyState:
         # Moved, or copied: resuming would log to the store it names, in the old folder.
         check_own_store(output, name, "resume")
         return state
+
+
+def _imported(output: Path, name: str) -> bool:
+    """Whether the folder's own store holds study `name` as `study import` made it."""
+    if not tracking.has_store(output):
+        return False
+    try:
+        parent = tracking.open_store(tracking.store_uri(output)).find_parent(name)
+    except tracking.StoreError:
+        return False
+    return parent is not None and parent.tags.get(IMPORTED_TAG) == "true"
 
 
 def recorded_store(experiment_dir: Path) -> str | None:
