@@ -11,7 +11,8 @@ from runner_fixtures import run
 
 from study.errors import ConfigError
 from study.runner import run_study
-from study.runner.preflight import check_gpus, check_ray_address
+from study.runner.preflight import check_gpus, check_ray_address, refuse_existing
+from study.runner.state import DRIVER_LOCK, STATE_FILE
 from study.spec import load_spec
 
 
@@ -79,3 +80,16 @@ def test_a_data_dir_missing_here_stops_a_local_study_before_it_starts(tmp_path: 
         "fetch them"
     )
     assert not (tmp_path / "out").exists()  # nothing made: fixing the file and rerunning works
+
+
+def test_a_folder_left_with_only_the_driver_lock_is_no_earlier_study(tmp_path: Path) -> None:
+    """A run that stopped before its study began (a store error) leaves the lock alone: the
+    next run must not take it for an earlier study's Ray state."""
+    spec = load_spec(write_space(tmp_path, "locked", tiny_copying()))
+    state = tmp_path / "out" / "ray" / "locked"
+    state.mkdir(parents=True)
+    (state / DRIVER_LOCK).write_text("123\n")
+    refuse_existing(spec, tmp_path / "out", "sqlite:///unused.db", store_exists=False)
+    (state / STATE_FILE).write_text("{}")
+    with pytest.raises(ConfigError, match="holds the Ray state of an earlier run"):
+        refuse_existing(spec, tmp_path / "out", "sqlite:///unused.db", store_exists=False)

@@ -13,7 +13,7 @@ import ray
 
 from study import space
 from study.errors import ConfigError, check_reachable
-from study.runner.state import recorded_store
+from study.runner.state import DRIVER_LOCK, recorded_store
 from study.space import Plan
 from study.spec import AUTO_GPUS, StudySpec
 from study.tasks import TASKS
@@ -73,7 +73,10 @@ def refuse_existing(spec: StudySpec, output: Path, uri: str, store_exists: bool)
             f"or run this one {new}"
         )
     ray_state = output / "ray" / spec.name
-    if ray_state.exists():
+    # Only the driver lock there: a run that stopped before its study began (a store error).
+    if ray_state.exists() and (
+        not ray_state.is_dir() or {p.name for p in ray_state.iterdir()} - {DRIVER_LOCK}
+    ):
         # No readable study.json: the folder alone is reason enough.
         earlier = recorded_store(ray_state)
         logged = f", logged to {store_label(earlier)}" if earlier is not None else ""
