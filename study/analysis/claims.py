@@ -110,9 +110,9 @@ def evaluate_claim(analysis: Analysis, claim: Claim, base_iterations: int | None
         value = float(pooled_mean(*scores)) if scores else math.nan
         interval = p_better_interval(scores) if scores else (math.nan, math.nan)
         used_runs = [run for cell in used.values() for pair in cell for run in pair]
-        whole = _unwhole(analysis, scope, used)
+        missing = _unwhole(analysis, scope, used)
         return _result(analysis, claim, value, interval, used_runs, len(used), base_iterations,
-                       whole)  # fmt: skip
+                       missing)  # fmt: skip
     keys = [
         key
         for key in sorted(method, key=_order)
@@ -120,10 +120,10 @@ def evaluate_claim(analysis: Analysis, claim: Claim, base_iterations: int | None
         and (claim.baseline is None or len(baseline.get(key, [])) >= MIN_SEEDS)
     ]
     used_runs = [run for key in keys for run, _ in (*method[key], *baseline.get(key, []))]
-    whole = _unwhole(analysis, scope, keys)
+    missing = _unwhole(analysis, scope, keys)
     if not keys:
         nothing = (math.nan, math.nan)
-        return _result(analysis, claim, math.nan, nothing, used_runs, 0, base_iterations, whole)
+        return _result(analysis, claim, math.nan, nothing, used_runs, 0, base_iterations, missing)
     values_m = [np.array([v for _, v in method[key]]) for key in keys]
     values_b = [np.array([v for _, v in baseline[key]]) for key in keys] if claim.baseline else []
     statistic = _statistic(claim.statistic, len(keys), bool(claim.baseline))
@@ -134,7 +134,7 @@ def evaluate_claim(analysis: Analysis, claim: Claim, base_iterations: int | None
     if not math.isnan(interval[0]) and interval[0] == interval[1]:
         interval = _agreeing_interval(claim, values_m, values_b)
     result = _result(
-        analysis, claim, value, interval, used_runs, len(keys), base_iterations, whole
+        analysis, claim, value, interval, used_runs, len(keys), base_iterations, missing
     )
     alone = _statistic(claim.statistic, len(keys), compared=False)
     return dataclasses.replace(

@@ -126,7 +126,7 @@ def _execute(
     context = state.context(plan)
     progress = ConsoleProgress(tracker, state.parent_run_id, plan.n_trials, finished, done, echo)
     tuners = Tuners(state, plan, context, max_concurrent, progress)
-    outcomes: dict[str, str] = {}  # what Tune last heard of each trial, by trial id
+    outcomes: dict[str, str | None] = {}  # each trial's outcome, by trial id (_reconcile)
     if plan.optuna:
         for cell in plan.cells:
             tuner = tuners.cell(cell, started_ids)
@@ -134,9 +134,9 @@ def _execute(
                 skipped = "no Ray state to resume its unfinished trials; skipped"
                 echo(f"      {cell_name(cell)}: {skipped}")
                 continue
-            results = tuner.fit()
-            outcomes.update(_reconcile(tracker, context, results))
-            if _stopped(results):
+            cell_outcomes = _reconcile(tracker, context, tuner.fit())
+            outcomes.update(cell_outcomes)
+            if any(outcome in (None, RUNNING) for outcome in cell_outcomes.values()):
                 # Ctrl-C or SIGTERM ended this cell's fit: the study stops here, as a grid does,
                 # rather than start the next cell's Tuner (the signal was for the study).
                 echo(f"      stopped in {cell_name(cell)}: the cells after it are not started")
@@ -163,36 +163,23 @@ def _execute(
     return 130 if pending else 0  # pending after fit: interrupted (Ctrl-C), as main() reports it
 
 
-def _stopped(results: Any) -> bool:
-    """Whether a Tuner's fit ended before its trials did (Tune stops on Ctrl-C and returns):
-    some trial with no error last reported no final outcome, or never started. No scheduler
-    stops trials early here, so nothing else leaves one unfinished."""
-    for result in results:
-        if result.error is not None:
-            continue
-        metrics = result.metrics or {}
-        for trial_id, _, _ in members_of(result.config, Path(result.path).name):
-            outcome = metrics.get(f"{trial_id}/outcome", metrics.get("outcome"))
-            if outcome not in (COMPLETED, DIVERGED):
-                return True
-    return False
-
-
-def _reconcile(tracker: Tracker, context: StudyContext, results: Any) -> dict[str, str]:
+def _reconcile(tracker: Tracker, context: StudyContext, results: Any) -> dict[str, str | None]:
     """Mark FAILED in MLflow the trials whose process died before it could say so itself;
-    returns the outcome each trial last reported to Tune, by trial id."""
-    outcomes = {}
+    returns each trial's outcome by trial id: what it last reported to Tune (None when it never
+    reported: Tune was stopped before it started), FAILED for one whose process died. A fit
+    that returns with a trial still running or never started was stopped (Ctrl-C, SIGTERM):
+    no scheduler stops trials early here."""
+    outcomes: dict[str, str | None] = {}
     for result in results:
         members = members_of(result.config, Path(result.path).name)
         metrics = result.metrics or {}
         for trial_id, _, _ in members:
             # A pack reports each member's outcome under its id, a lone trial its own.
-            outcome = metrics.get(f"{trial_id}/outcome", metrics.get("outcome"))
-            if outcome is not None:
-                outcomes[trial_id] = outcome
+            outcomes[trial_id] = metrics.get(f"{trial_id}/outcome", metrics.get("outcome"))
         if result.error is None:
             continue
         error = getattr(result.error, "cause", None) or result.error
         for trial_id, trial_config, tags in members:
             tracker.record_failure(context, trial_id, one_line(error), trial_config, tags)
+            outcomes[trial_id] = FAILED
     return outcomes

@@ -7,7 +7,7 @@ from study.tracking import Tracker
 from study.vocabulary import COMPLETED, DIVERGED
 
 
-def close_unfinished(tracker: Tracker, name: str, outcomes: dict[str, str]) -> int:
+def close_unfinished(tracker: Tracker, name: str, outcomes: dict[str, str | None]) -> int:
     """End the study's trial runs still RUNNING once its Tuners returned: their processes are
     gone (Tune stops them on Ctrl-C), and a run left RUNNING would read as live in the UI for
     ever. A trial whose last result Tune heard (`outcomes`, by trial id) says completed or
