@@ -16,7 +16,14 @@ from typing import Any
 
 import yaml
 
-from study.cli_common import add_gpu, add_overrides, chosen_gpu, echo, given_path
+from study.cli_common import (
+    add_gpu,
+    add_overrides,
+    chosen_gpu,
+    echo,
+    given_path,
+    positive_int,
+)
 from study.config import TrialConfig, check_schedule, resolve_precision
 from study.errors import ConfigError, make_folder
 from study.vocabulary import RUNNING, parse_clip
@@ -127,6 +134,13 @@ def add_trial_parser(commands: argparse._SubParsersAction) -> None:
         "--precision",
         default=defaults.precision,
         help="fp32 | tf32 (TF32 matmuls on CUDA) | auto (tf32 on CUDA, fp32 on a CPU)",
+    )
+    trial.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="torch threads (default 1, as a study's trial with resources.cpus: 1; the curve's "
+        "last bits depend on it)",
     )
     # The one-trial flags: with --space, any of them given is refused, even at its default
     # value (`--device cpu` on a `device: auto` space must not be ignored). Their parsed
@@ -289,7 +303,10 @@ def _run_trial(args: argparse.Namespace) -> int:
     config = _trial_config(args)
     if args.out is not None:
         _check_out(args.out)
-    from study.train import resolve_device, train  # torch deferred: `--help` stays fast
+    import torch  # deferred, as train: `--help` stays fast
+
+    from study import results
+    from study.train import resolve_device, train
 
     bar = _ProgressBar(config.iterations)
     curve: list[dict[str, float]] = []
@@ -300,6 +317,11 @@ def _run_trial(args: argparse.Namespace) -> int:
         bar.update(progress)
 
     started = time.perf_counter()
+    threads = torch.get_num_threads()
+    # torch's default is every core, and a curve's last bits depend on the thread count: one
+    # trial runs as a study's trial with resources.cpus: N does (runner.trainable).
+    torch.set_num_threads(args.threads)
+    machine = results.machine_info(resolve_device(config.device))
     try:
         result = train(config, report=report)
     except ConfigError as error:
@@ -320,6 +342,8 @@ def _run_trial(args: argparse.Namespace) -> int:
                 args.out, {"config": config.to_dict(), "status": "interrupted", "curve": curve}
             )
         raise  # main prints `interrupted` and exits 130
+    finally:
+        torch.set_num_threads(threads)
     seconds = time.perf_counter() - started
     final = result.final
     summary = (
@@ -335,7 +359,7 @@ def _run_trial(args: argparse.Namespace) -> int:
     # What it computed in (`auto` resolved on the device); the config keeps the value asked for.
     precision = resolve_precision(config.precision, device.type)
     print(f"{summary} | {device.type} {precision}, {seconds:.1f} s")
-    output = {**result.to_json(), "precision": precision}
+    output = {**result.to_json(), "precision": precision, "machine": machine}
     if args.out is not None and not _write_out(args.out, output):
         return 1
     return 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shlex
 import signal
 import time
@@ -22,6 +21,7 @@ from study.config import TrialConfig
 from study.errors import ConfigError, make_folder, one_line
 from study.overrides import overrides_hash, overrides_text
 from study.pack_layout import NO_GPU, GpuModel
+from study.pack_state import cells_used, load_state, save_state
 from study.packed_train import train_packed
 from study.results import StudyInfo, TrialRecord
 from study.space import Pack, Plan, make_plan
@@ -75,7 +75,8 @@ def train_members(
     A member that diverges is finished at once; the others go on. `after_save` tells the world
     (Tune, a result file) only what a restart from the file would not take back.
     """
-    saved = load_state(state_file, members)
+    cells = cells_used(members[0].config)  # a pack's members share one device
+    saved = load_state(state_file, [member.trial_id for member in members], cells)
     for member in members:
         if member.trial_id in saved:
             member.restore(saved[member.trial_id])
@@ -92,7 +93,7 @@ def train_members(
             }
             for member in members
         }
-        save_state(state_file, states)
+        save_state(state_file, states, cells)
         after_save()
         unreported = False
 
@@ -123,26 +124,6 @@ def train_members(
     for member in members:
         if not member.finished:
             member.finish()
-
-
-def save_state(state_file: Path, states: dict[str, dict[str, Any]]) -> None:
-    state_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = state_file.with_name(f".{state_file.name}.{os.getpid()}.partial")
-    torch.save({"members": states}, partial)
-    os.replace(partial, state_file)  # a killed process never leaves half a file
-
-
-def load_state(state_file: Path, members: Sequence[Member]) -> dict[str, dict[str, Any]]:
-    """Each member's last saved {status, iteration, latest, state}, by trial id; {} if none."""
-    if not state_file.exists():
-        return {}
-    saved = torch.load(state_file, weights_only=True)
-    if "members" not in saved and len(members) == 1:
-        # A lone Ray trial's file as written before packs and trials shared this loop.
-        state = saved["state"]
-        lone = {"status": saved["status"], "iteration": state["iteration"], "latest": {}}
-        return {members[0].trial_id: {**lone, "state": state}}
-    return saved["members"]
 
 
 def device_label(name: str) -> str:

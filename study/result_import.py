@@ -114,6 +114,8 @@ def import_results(
     planned = {trial.trial_id: trial.config for trial in plan.trials}
     for record in chosen:
         extra = pack_tags(record.pack_id, record.pack_size) if plan.packed else {}
+        if record.machine.get("cpu_cells"):  # as a Ray trial on a CPU tags it
+            extra = {**extra, "cpu_cells.used": record.machine["cpu_cells"]}
         added += imports.import_trial(
             tracker,
             context,

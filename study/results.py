@@ -127,9 +127,12 @@ class TrialRecord:
 
 
 def machine_info(device: Any) -> dict[str, Any]:
-    """Where a trial ran: versions, CPU model, torch threads and the GPU (on CUDA). A curve is
-    bit-identical on one machine type; CPU and GPU types, and library versions, shift it."""
+    """Where a trial ran: versions, CPU model, torch threads, the LSTM cells on a CPU and the
+    GPU (on CUDA). A curve is bit-identical on one machine type with the same threads and
+    cells; CPU and GPU types, and library versions, shift it."""
     import torch  # the caller trains with it already; this module stays torch-free otherwise
+
+    from study.models import cpu_cells
 
     info: dict[str, Any] = {
         "python": platform.python_version(),
@@ -138,6 +141,8 @@ def machine_info(device: Any) -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
+        # compiled (lstm_cells.c) or torch ops: the last bits of exp differ between them.
+        "cpu_cells": cpu_cells.implementation() if device.type == "cpu" else None,
         "cuda": torch.version.cuda,
         "gpu": None,
     }

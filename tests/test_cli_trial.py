@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_copying, write_space
 
 from study.cli import main
@@ -251,6 +252,7 @@ def test_gpu_needs_a_space_and_sizes_its_packs(
         ["--clip-norm", "none"],
         ["--task-opt", "T=5"],
         ["--lr", "0.002"],
+        ["--threads", "1"],  # the space's resources.cpus sets them
     ],
 )
 def test_with_a_space_a_one_trial_flag_is_refused_even_at_its_default(
@@ -264,6 +266,23 @@ def test_with_a_space_a_one_trial_flag_is_refused_even_at_its_default(
         "with --set KEY=VALUE\n"
     )
     assert not out.exists()  # refused before anything trained
+
+
+def test_one_trial_runs_on_the_threads_asked_not_every_core(tmp_path: Path) -> None:
+    # torch's default is every core; the curve's last bits depend on the threads, so one trial
+    # runs on 1 (as a study's trial with resources.cpus: 1) unless --threads says otherwise,
+    # its file records them and the cells, and the caller's setting is put back.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for flags, threads in (([], 1), (["--threads", "2"], 2)):
+            out = tmp_path / f"r{threads}.json"
+            assert main(["trial", *TINY, "--iterations", "2", *flags, "--out", str(out)]) == 0
+            machine = json.loads(out.read_text())["machine"]
+            assert machine["threads"] == threads and machine["cpu_cells"] == "compiled"
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_without_a_space_the_flags_left_out_take_their_defaults(tmp_path: Path) -> None:

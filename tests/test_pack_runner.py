@@ -18,9 +18,10 @@ import torch
 from conftest import REPO, tiny_copying, write_space
 from runner_fixtures import solo_curve
 
-from study import pack_runner, results
+from study import pack_runner, pack_state, results
 from study.config import TrialConfig
 from study.errors import ConfigError
+from study.models import cpu_cells
 from study.pack_runner import Member, pack_commands, run_space, train_members, trial_command
 from study.repro import derive_seed
 from study.space import make_plan
@@ -207,8 +208,40 @@ def test_a_lone_trials_state_of_the_old_format_resumes(tmp_path: Path) -> None:
     seen: list[int] = []
     train_members([member], state_file, lambda: seen.append(member.iteration), packed=False)
     assert seen == [20] and member.finished and member.status == COMPLETED
-    saved = pack_runner.load_state(state_file, [member])["t0000"]
+    saved = pack_state.load_state(state_file, ["t0000"])["t0000"]
     assert saved["state"] is None and saved["status"] == COMPLETED
+
+
+def test_a_state_of_the_other_cpu_cells_is_refused_and_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A resume on a node without gcc (or under HDETACH_CPU_CELLS=torch) would splice the torch
+    # cells' rounding onto the compiled cells' curve, which no run gives: refused, state kept.
+    options = {"T": 5, "train_size": 200, "val_size": 50}
+    config = TrialConfig(task_options=options, hidden_size=8, iterations=20, eval_every=10)
+    state_file = tmp_path / "p0000.pt"
+
+    def stop() -> None:
+        raise KeyboardInterrupt  # as Ctrl-C after the first evaluation's save
+
+    with pytest.raises(KeyboardInterrupt):
+        train_members([Member("t0000", config)], state_file, stop, packed=False)
+    saved = state_file.read_bytes()
+    assert torch.load(state_file, weights_only=True)["cpu_cells"] == "compiled"
+    monkeypatch.setattr(cpu_cells, "implementation", lambda: "torch")
+    with pytest.raises(ConfigError) as refused:
+        train_members([Member("t0000", config)], state_file, lambda: None, packed=False)
+    assert str(refused.value) == (
+        f"{state_file}: computed with the compiled LSTM cells, and this process has the torch "
+        "ones; they round differently, so the continued curve would reproduce no run: unset "
+        "HDETACH_CPU_CELLS and have a C compiler (gcc) to continue it"
+    )
+    assert state_file.read_bytes() == saved
+    member = Member("t0000", config)  # the same cells again: it continues
+    monkeypatch.setattr(cpu_cells, "implementation", lambda: "compiled")
+    train_members([member], state_file, lambda: None, packed=False)
+    assert member.status == COMPLETED and member.iteration == 20
+    # A state saved under the torch cells names the switch that continues it.
 
 
 def test_study_trial_space_imports_neither_ray_nor_mlflow(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import ray
 import torch
 from ray import tune
 
-from study import pack_runner, space, tracking
+from study import pack_runner, pack_state, space, tracking
 from study.config import TrialConfig, resolve_precision
 from study.tracking import StudyContext, Tags
 from study.tracking.tags import pack_tags
@@ -95,6 +95,9 @@ class Member(pack_runner.Member):
         device = pack_runner.device_label(config.device)
         precision = resolve_precision(config.precision, device)
         self.run.set_tags({"device.used": device, "precision.used": precision})
+        cells = pack_state.cells_used(config)
+        if cells is not None:  # compiled or torch-op LSTM cells: their curves differ in the bits
+            self.run.set_tags({"cpu_cells.used": cells})
 
     def record(self, progress: Progress) -> None:
         super().record(progress)
