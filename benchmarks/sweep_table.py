@@ -3,8 +3,8 @@
 A Point is one pack (shape, precision, K); a Sweep holds every point's answer, the cuDNN
 baselines, the evaluation costs and why a point failed or was skipped, in the order the run
 went. write_tables turns it into the cost table that study/costs.py reads
-(benchmarks/results/<gpu>.json; its fields are costs.TABLE_FIELDS), rewritten after every shape,
-so that a run cut short keeps what it measured.
+(benchmarks/results/<gpu>.json; its fields are costs.TABLE_FIELDS), rewritten after every
+measured point, so that a run cut short keeps what it measured.
 """
 
 from __future__ import annotations

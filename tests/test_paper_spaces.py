@@ -34,7 +34,7 @@ CAPTIONS = {
         {"none", "h_detach"},
     ),
 }
-# The authors' `--anneal-p 40`: no detaching for the last 39 epochs (PAPER.md).
+# The authors' `--anneal-p 40` (bhargav104/h-detach): no detaching for the last 39 epochs.
 ANNEAL = {"copying": 39 / 600, "pixel_mnist": 39 / 200, "permuted_mnist": 39 / 200}
 BUDGET = {"copying": 600_000, "pixel_mnist": 100_000, "permuted_mnist": 100_000}
 

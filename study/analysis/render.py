@@ -61,7 +61,7 @@ DEFINITIONS = {
     "scaled by sqrt(n/(n-1)), n the smallest cell's seeds; clipped to the statistic's range. "
     "At one cell it is the t interval of a mean. Simulated coverage 91-98% from one cell of 3 "
     "seeds to three of 10 (python -m study.analysis.coverage); the bootstrap's percentiles, "
-    "which never leave the range of the values, held 71-94%.",
+    "which never leave the range of the values, held 70-95%.",
     "clipping dependence": "success rate with a clip norm minus without clipping: the mean over "
     "the lrs run both ways of the per-lr differences (each lr weighs alike on both sides); "
     "interval over seeds, or Newcombe's (from the two Wilson intervals) where every cell's runs "

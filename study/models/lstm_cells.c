@@ -78,7 +78,7 @@ static inline double tanh_f64(double z) { return tanh(z); }
  * (di|df|dg|do) and d loss / d c_{t-1} through c_{t-1} -> c_t (dc_out, which may alias dc: each
  * element is read before it is written). Absent gradients come as a block of zeros: x + 0 == x,
  * so the sums are unchanged bit for bit. The h-detach and c-detach cuts are the caller's: it
- * skips the GEMM into h_{t-1}, or drops dc_out (PAPER.md; Algorithm 1 of the paper). */
+ * skips the GEMM into h_{t-1}, or drops dc_out (Algorithm 1 of the paper). */
 #define DEFINE_BACKWARD(REAL, SUFFIX)                                                         \
     static inline void backward_row_##SUFFIX(                                                  \
         const REAL *restrict ai, const REAL *restrict af, const REAL *restrict ag,             \
