@@ -21,7 +21,7 @@ from study.config import TrialConfig
 from study.errors import ConfigError, make_folder, one_line
 from study.overrides import overrides_hash, overrides_text
 from study.pack_layout import NO_GPU, GpuModel
-from study.pack_state import cells_used, load_state, save_state
+from study.pack_state import StateError, cells_used, load_state, save_state
 from study.packed_train import train_packed
 from study.results import StudyInfo, TrialRecord
 from study.space import Pack, Plan, make_plan
@@ -357,8 +357,8 @@ def _train_pack(pack: Pack, members: list[LocalMember], plan: Plan, out: Path, e
 
     try:
         train_members(members, state_file, after_save, packed=plan.packed)
-    except (KeyboardInterrupt, SystemExit):
-        raise
+    except (KeyboardInterrupt, SystemExit, StateError):
+        raise  # a state it must not continue: refused with every file as it was
     except Exception as error:  # noqa: BLE001 - a trial's crash is recorded, the next pack runs
         reason = one_line(error)
         unfinished = [member for member in todo if not member.finished]

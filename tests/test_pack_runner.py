@@ -100,6 +100,36 @@ def test_an_interrupted_run_continues_to_the_uninterrupted_curve(tmp_path: Path)
     assert results.read_record(out / "t0002.json").timings["sessions"] == 2
 
 
+@pytest.mark.parametrize("damage", ["truncated", "other cells"])
+def test_a_state_it_must_not_continue_is_refused_with_every_file_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    # Before, a damaged state (a truncated copy) failed the pack's trials: their result files
+    # were rewritten as failed with an empty curve, and every rerun failed the same way.
+    spec = load_spec(packed_space(tmp_path, fixed={"iterations": 40, "eval_every": 10}))
+
+    def stop_in_first_pack(line: str) -> None:
+        if "p0000: 20/40" in line:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_space(spec, out, echo=stop_in_first_pack)
+    state_file = out / pack_runner.STATE_FOLDER / "p0000.pt"
+    if damage == "truncated":
+        state_file.write_bytes(state_file.read_bytes()[:100])
+        expected = f"{state_file}: damaged saved state ("
+    else:
+        monkeypatch.setattr(cpu_cells, "implementation", lambda: "torch")
+        expected = f"{state_file}: computed with the compiled LSTM cells"
+    kept = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError) as refused:
+        run_space(spec, out, echo=lambda line: None)
+    assert str(refused.value).startswith(expected)
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
+    assert results.read_record(out / "t0000.json").last_iteration == 20
+
+
 def test_a_diverged_member_is_written_at_once_and_its_pack_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

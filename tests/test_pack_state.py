@@ -11,7 +11,7 @@ import torch
 from study.config import TrialConfig
 from study.errors import ConfigError
 from study.models import cpu_cells
-from study.pack_state import cells_used, load_state, save_state
+from study.pack_state import StateError, cells_used, load_state, save_state
 
 STATES = {"t0000": {"status": "running", "iteration": 10, "latest": {"a": 1.0}, "state": None}}
 
@@ -56,3 +56,27 @@ def test_states_without_cells_on_either_side_load(tmp_path: Path) -> None:
 
 def test_cells_are_those_of_a_cpu_trial_here() -> None:
     assert cells_used(TrialConfig(device="cpu")) == cpu_cells.implementation() == "compiled"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"PK\x03\x04 half a zip", b"", b"not a torch file at all"],
+    ids=["cut", "empty", "junk"],
+)
+def test_a_damaged_state_is_one_line_naming_the_file(tmp_path: Path, content: bytes) -> None:
+    state_file = tmp_path / "p0003.pt"
+    state_file.write_bytes(content)
+    with pytest.raises(StateError) as refused:
+        load_state(state_file, ["t0000"], "compiled")
+    message = str(refused.value)
+    assert message.startswith(f"{state_file}: damaged saved state (") and "\n" not in message
+    assert message.endswith(
+        "; put back an intact copy, or delete it to train p0003 again from its start"
+    )
+
+
+def test_a_state_of_another_shape_is_damaged(tmp_path: Path) -> None:
+    state_file = tmp_path / "p0000.pt"
+    torch.save({"something": 1}, state_file)
+    with pytest.raises(StateError, match="damaged saved state"):
+        load_state(state_file, ["t0000", "t0001"], "compiled")

@@ -27,8 +27,9 @@ def measure():
 def test_a_pack_point_times_the_step_and_its_start_up(measure) -> None:
     answer = measure.measure_pack(REQUEST, CPU)
     assert answer["ms"] > 0 and answer["kernel"] == "per-step"
-    # The first call builds two members; on a CPU that is well above one step's noise.
-    assert answer["start_ms"] > 0
+    # The start-up beyond one step, or None where the first call was no slower than the median
+    # step (a loaded machine: CI at ed96486 saw it); never a negative time. Not a timed test.
+    assert answer["start_ms"] is None or answer["start_ms"] > 0
     assert answer["note"] == "no GPU: the eager CPU path ran"
     assert measure.warm_pack(REQUEST, CPU) == {"kernel": "per-step"}
 
