@@ -29,6 +29,9 @@ NULL_MEANS = {
     "anneal_fraction": "no annealing",
 }
 
+# A YAML or --set integer beyond a double (over 308 digits): float() raises, not inf.
+TOO_LARGE = "must be a finite number, got an integer too large for a float"
+
 
 @dataclass(frozen=True)
 class Range:
@@ -100,6 +103,8 @@ class Checker:
             raise self.error(field, _bool_hint(value))
         try:
             number = float(value)
+        except OverflowError:  # an integer of over 308 digits: YAML reads it exactly
+            raise self.error(field, TOO_LARGE) from None
         except (TypeError, ValueError):
             raise self.error(field, f"must be a number, got {value!r}") from None
         if not math.isfinite(number) or number < 0 or (positive and number == 0):
@@ -154,6 +159,8 @@ class Checker:
         if param in FLOAT_FIELDS:
             try:
                 return float(value)
+            except OverflowError:
+                raise self.error(field, TOO_LARGE) from None
             except (TypeError, ValueError):
                 raise self.error(field, f"must be a number{off}, got {value!r}") from None
         if param in INT_FIELDS:

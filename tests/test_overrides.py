@@ -52,3 +52,26 @@ def test_a_bad_override_is_one_line_naming_it(pair, message):
     with pytest.raises(ConfigError) as error:
         load_spec(QUICK, overrides=[pair])
     assert message in str(error.value) and "\n" not in str(error.value), error.value
+
+
+def test_overrides_are_checked_together_whatever_their_order():
+    # Alone, fixed.iterations=40 is below the space's eval_every: the --set after it fixes that.
+    for pairs in (
+        ["fixed.iterations=40", "fixed.eval_every=20"],
+        ["fixed.eval_every=20", "fixed.iterations=40"],
+    ):
+        spec = load_spec(QUICK, overrides=pairs)
+        assert (spec.fixed["iterations"], spec.fixed["eval_every"]) == (40, 20), pairs
+
+
+def test_an_error_names_the_set_that_brings_it_or_else_every_set():
+    with pytest.raises(ConfigError) as one:
+        load_spec(QUICK, overrides=["fixed.lr=0.01", "fixed.colour=red"])
+    assert f"{QUICK} with --set fixed.colour=red: field fixed.colour: unknown key" in str(
+        one.value
+    )
+    with pytest.raises(ConfigError) as together:  # neither --set is wrong alone
+        load_spec(QUICK, overrides=["fixed.iterations=40", "fixed.eval_every=50"])
+    assert str(together.value).startswith(
+        f"{QUICK} with --set fixed.iterations=40 --set fixed.eval_every=50: field fixed.eval_every"
+    ), together.value

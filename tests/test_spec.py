@@ -239,3 +239,20 @@ def test_space_files_expand_a_folder_by_name_and_count_each_file_once(tmp_path: 
     assert (
         str(caught.value) == f"{tmp_path / 'empty'}: a folder with no search spaces (*.yaml) in it"
     )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        tiny_copying(fixed={"lr": 10**400}),  # YAML reads an integer exactly, float() overflows
+        tiny_copying(scientific={"method": ["none"], "lr": [1e-3, 10**400]}),
+        tiny_copying(resources={"cpus": 10**400}),
+    ],
+    ids=["fixed", "grid", "resources"],
+)
+def test_an_integer_beyond_a_double_is_one_line(tmp_path: Path, body: dict) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_spec(write_space(tmp_path, "huge", body))
+    assert str(error.value).endswith(
+        "must be a finite number, got an integer too large for a float"
+    ), error.value
