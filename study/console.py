@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from study.errors import ConfigError, absolute
-from study.tracking import StudySummary, artifact_dir, has_store, store_uri
+from study.tracking import StudySummary, artifact_dir, check_store, has_store, store_uri
 from study.vocabulary import FAILED, OUTCOMES, RUNNING, format_value
 
 
@@ -140,6 +140,8 @@ def serve_ui(output_dir: Path, port: int, echo: Callable[[str], None] = print) -
     if not has_store(output_dir):
         missing = absolute(output_dir) / "mlflow.db"
         raise ConfigError(f"--output {output_dir}: no MLflow store there ({missing} is missing)")
+    # A damaged mlflow.db: one line, as ls and report say it, not the server's tracebacks.
+    check_store(store_uri(output_dir), f"--output {output_dir}")
     _check_port_free(port)
     command = [
         sys.executable, "-m", "mlflow", "server",

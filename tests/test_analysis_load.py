@@ -89,3 +89,11 @@ def test_experiment_without_parent_run_is_an_error(tmp_path):
     )
     with pytest.raises(ConfigError, match="no parent run"):
         load_study("bare", uri)
+
+
+def test_an_unreachable_server_is_named_once() -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_study("quick", "http://127.0.0.1:1")
+    assert str(refused.value).startswith(
+        "study 'quick' at tracking URI http://127.0.0.1:1: cannot connect to 127.0.0.1:1"
+    ), refused.value

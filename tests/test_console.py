@@ -54,6 +54,14 @@ def test_trial_lines_and_the_ls_table() -> None:
     assert ls_table([summary]).splitlines()[1].split() == ["s", "3", "1", "0", "0", "2"]
 
 
+def test_ui_refuses_a_damaged_store_in_one_line_before_starting_mlflow(tmp_path: Path) -> None:
+    (tmp_path / "mlflow.db").write_text("garbage\n")
+    with pytest.raises(ConfigError) as refused:
+        serve_ui(tmp_path, 5000)
+    assert str(refused.value).startswith(f"--output {tmp_path}: MLflow cannot open sqlite:///")
+    assert "file is not a database" in str(refused.value)
+
+
 def test_ui_refuses_a_taken_port_in_one_line(tmp_path: Path) -> None:
     tracking.open_store(tracking.store_uri(tmp_path)).ensure_experiment("demo", tmp_path)
     with socket.socket() as taken:

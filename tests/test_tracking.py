@@ -326,6 +326,21 @@ def test_a_relative_sqlite_path_is_made_absolute(
     assert tracking.check_uri(f"sqlite:///{tmp_path}/x.db") == f"sqlite:///{tmp_path}/x.db"
 
 
+def test_a_sqlite_uri_naming_a_folder_is_one_line_at_once(tmp_path: Path) -> None:
+    # Before, MLflow retried for two minutes, then raised with a traceback.
+    (tmp_path / "mlflow.db").mkdir()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(ConfigError) as named:
+        tracking.check_uri(uri, "--tracking-uri")
+    assert str(named.value) == (
+        f"--tracking-uri: {tmp_path}/mlflow.db is a folder, not a SQLite database file; use "
+        f"sqlite:///{tmp_path}/mlflow.db/mlflow.db for a store in it"
+    )
+    with pytest.raises(ConfigError) as output:
+        tracking.check_uri(tracking.store_uri(tmp_path), f"--output {tmp_path}")
+    assert str(output.value).endswith("the store is a file of that name: move the folder away")
+
+
 @pytest.mark.parametrize(
     "uri,reason",
     [

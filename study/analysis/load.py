@@ -110,8 +110,9 @@ class Study:
 
 def load_study(name: str, tracking_uri: str) -> Study:
     """Read study `name` from the store at `tracking_uri`; ConfigError when it is not there."""
-    where = f"study {name!r} at tracking URI {tracking_uri}"
-    tracking_uri = _check_store(tracking_uri, where)
+    label = f"study {name!r} at tracking URI"  # check_uri's messages add the URI themselves
+    where = f"{label} {tracking_uri}"
+    tracking_uri = _check_store(tracking_uri, label, where)
     tracker = open_store(tracking_uri)
     try:
         experiment_id = tracker.experiment_id(name)
@@ -167,9 +168,9 @@ def load_study(name: str, tracking_uri: str) -> Study:
     )
 
 
-def _check_store(tracking_uri: str, where: str) -> str:
+def _check_store(tracking_uri: str, label: str, where: str) -> str:
     """The URI to read (tracking.check_uri), once it is known to name a store MLflow opens."""
-    tracking_uri, exists = checked_store(tracking_uri, where)
+    tracking_uri, exists = checked_store(tracking_uri, label)
     if not exists:  # opening a missing SQLite file would silently create an empty store
         raise ConfigError(f"{where}: no MLflow database at {sqlite_path(tracking_uri)}")
     return tracking_uri
