@@ -9,6 +9,7 @@ import math
 import os
 import platform
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,38 +231,38 @@ def _parse(values: Any, path: Path) -> TrialRecord:
             f"{path}: result format version {version!r} is unknown here (this hdetach-study "
             f"reads version {FORMAT_VERSION}); import it with the version that wrote it"
         )
-    study = values["study"]
+    study = _mapping(_field(values, "study"), "study")
+    base = _field(study, "base_iterations", "study.")
     info = StudyInfo(
-        name=_text(study["name"], "study.name"),
-        space_hash=_text(study["space_hash"], "study.space_hash"),
-        space_yaml=_text(study["space_yaml"], "study.space_yaml"),
-        source=_text(study["source"], "study.source"),
-        smoke=bool(study["smoke"]),
-        overrides=tuple((str(k), v) for k, v in study["overrides"]),
-        base_iterations=None
-        if study["base_iterations"] is None
-        else int(study["base_iterations"]),
+        name=_text(_field(study, "name", "study."), "study.name"),
+        space_hash=_text(_field(study, "space_hash", "study."), "study.space_hash"),
+        space_yaml=_text(_field(study, "space_yaml", "study."), "study.space_yaml"),
+        source=_text(_field(study, "source", "study."), "study.source"),
+        smoke=bool(_field(study, "smoke", "study.")),
+        overrides=tuple((str(k), v) for k, v in _field(study, "overrides", "study.")),
+        base_iterations=None if base is None else _integer(base, "study.base_iterations"),
     )
-    status = values["status"]
+    status = _field(values, "status")
     if status not in STATUSES:
         raise ResultError(f"{path}: status {status!r} unknown; allowed: {', '.join(STATUSES)}")
-    trial_id = _text(values["trial_id"], "trial_id")
+    trial_id = _text(_field(values, "trial_id"), "trial_id")
+    curve = _list(_field(values, "curve"), "curve")
     if path.name != f"{trial_id}.json":
         raise ResultError(f"{path}: holds trial {trial_id}, so it must be named {trial_id}.json")
     record = TrialRecord(
         study=info,
         trial_id=trial_id,
-        pack_id=_text(values["pack_id"], "pack_id"),
-        pack_size=int(values["pack_size"]),
-        roles={str(k): str(v) for k, v in values["roles"].items()},
-        config=_config(values["config"]),
+        pack_id=_text(_field(values, "pack_id"), "pack_id"),
+        pack_size=_integer(_field(values, "pack_size"), "pack_size"),
+        roles={str(k): str(v) for k, v in _mapping(_field(values, "roles"), "roles").items()},
+        config=_config(_field(values, "config")),
         status=status,
-        curve=[_point(point, n) for n, point in enumerate(values["curve"])],
-        device=_text(values["device"], "device"),
+        curve=[_point(point, n) for n, point in enumerate(curve)],
+        device=_text(_field(values, "device"), "device"),
         error=str(values.get("error", "")),
-        timings=dict(values.get("timings") or {}),
+        timings=dict(_mapping(values.get("timings") or {}, "timings")),
         command=str(values.get("command", "")),
-        machine=dict(values.get("machine") or {}),
+        machine=dict(_mapping(values.get("machine") or {}, "machine")),
         git_commit=values.get("git_commit"),
         plan_gpu=gpu_from_record(values.get("plan_gpu")),  # absent from files before issue 18
     )
@@ -282,6 +283,36 @@ def _config(values: Any) -> TrialConfig:
         raise ConfigError(f"config: {error}") from None
 
 
+def _field(values: dict[str, Any], name: str, prefix: str = "") -> Any:
+    """values[name]; a file without it names the field (a bare KeyError named only the key)."""
+    if name not in values:
+        raise ValueError(f"{prefix}{name}: missing")
+    return values[name]
+
+
+def _mapping(value: Any, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}: expected a mapping, got {_short(value)}")
+    return value
+
+
+def _list(value: Any, name: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ValueError(f"{name}: expected a list, got {_short(value)}")
+    return value
+
+
+def _integer(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: expected an integer, got {_short(value)}")
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
 def _text(value: Any, name: str) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name}: expected text, got {value!r}")
@@ -297,6 +328,8 @@ def _point(point: Any, number: int) -> dict[str, float]:
             value = NONFINITE[value]
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"curve point {number}: {key} is not a number ({value!r})")
+        if isinstance(value, int) and abs(value) > sys.float_info.max:  # float() would overflow
+            raise ValueError(f"curve point {number}: {key} is too large for a float")
         parsed[str(key)] = value
     iteration = parsed["iteration"]
     # A training iteration is a whole number >= 0 (0: a curve's point before any step); int()

@@ -63,7 +63,15 @@ def edited(path: Path, **changes: object) -> None:
         ({"curve": [{"iteration": 100.5}]}, "iteration must be a whole number >= 0 (100.5)"),
         ({"curve": [{"iteration": -5}]}, "iteration must be a whole number >= 0 (-5)"),
         ({"curve": [{"iteration": "inf"}]}, "iteration must be a whole number >= 0 (inf)"),
-        ({"study": {"name": "s"}}, "damaged (KeyError"),
+        ({"study": {"name": "s"}}, "damaged (ValueError: study.base_iterations: missing)"),
+        # Each names its field, not Python's internals (TypeError: string indices ...).
+        ({"study": "quick"}, "damaged (ValueError: study: expected a mapping, got 'quick')"),
+        ({"roles": [1]}, "roles: expected a mapping, got [1]"),
+        ({"timings": "x"}, "timings: expected a mapping, got 'x'"),
+        ({"pack_size": "x"}, "pack_size: expected an integer, got 'x'"),
+        ({"config": None}, "config: expected a mapping, got None"),
+        ({"curve": {"iteration": 1}}, "curve: expected a list"),
+        ({"curve": [{"iteration": 10, "val/accuracy": 10**400}]}, "is too large for a float"),
     ],
 )
 def test_an_unusable_file_is_one_line_naming_it(
