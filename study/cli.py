@@ -185,13 +185,26 @@ def _resume(args: argparse.Namespace) -> int:
 
 def _ls(args: argparse.Namespace) -> int:
     from study.console import ls_table
-    from study.tracking import has_store, list_studies, store_uri
+    from study.tracking import has_store, list_studies, sqlite_path, store_exists, store_uri
 
-    if args.tracking_uri is None and not has_store(args.output):
-        print(f"no studies in {args.output} (no mlflow.db there)")
-        return 0
+    if args.tracking_uri is None:
+        if args.output.exists() and not args.output.is_dir():
+            raise ConfigError(
+                f"--output {args.output}: not a folder (a study folder holds mlflow.db)"
+            )
+        if not has_store(args.output):
+            print(f"no studies in {args.output} (no mlflow.db there)")
+            return 0
+    elif not args.tracking_uri.strip():
+        raise ConfigError(
+            "--tracking-uri: empty; give sqlite:///PATH, http://HOST:PORT or a database URI"
+        )
     flag = "--tracking-uri" if args.tracking_uri else f"--output {args.output}"
-    summaries = list_studies(args.tracking_uri or store_uri(args.output), flag)
+    uri = args.tracking_uri or store_uri(args.output)
+    summaries = list_studies(uri, flag)
+    if not summaries and not store_exists(uri):  # a sqlite:/// file not there: said, not made
+        print(f"no studies: no MLflow database at {sqlite_path(uri)}")
+        return 0
     print(ls_table(summaries) if summaries else "no studies")
     return 0
 

@@ -59,6 +59,19 @@ def test_input_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "no studies in" in capsys.readouterr().out
 
 
+def test_ls_says_what_is_not_a_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Before, each of these said only "no studies", as an empty store does.
+    missing = tmp_path / "nodir" / "x.db"
+    assert main(["ls", "--tracking-uri", f"sqlite:///{missing}"]) == 0
+    assert capsys.readouterr().out == f"no studies: no MLflow database at {missing}\n"
+    assert not missing.parent.exists()  # nothing made
+    (tmp_path / "a.yaml").write_text("x: 1\n")
+    assert main(["ls", "--output", str(tmp_path / "a.yaml")]) == 2
+    assert "--output " in capsys.readouterr().err
+    assert main(["ls", "--tracking-uri", ""]) == 2
+    assert capsys.readouterr().err.startswith("study ls: error: --tracking-uri: empty;")
+
+
 @pytest.mark.parametrize("folder", ["run #1", "a?b=1", "50%"])
 def test_a_study_folder_with_uri_characters_is_refused(
     folder: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
