@@ -6,8 +6,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import yaml
 
@@ -79,3 +79,29 @@ def apply_overrides(
             node = child
         node[parts[-1]] = copy.deepcopy(value)
     return result
+
+
+Built = TypeVar("Built")
+
+
+def checked_together(
+    build: Callable[[tuple[tuple[str, Any], ...], str], Built],
+    overrides: tuple[tuple[str, Any], ...],
+    where: str,
+) -> Built:
+    """build(every pair, label): the --set pairs applied and checked once, since a later --set
+    may make an earlier one valid (fixed.iterations=40, then fixed.eval_every=20). An error
+    names the --set that brings it alone, or else every --set."""
+    every = f"{where} with " + " ".join(f"--set {overrides_text([pair])}" for pair in overrides)
+    try:
+        return build(overrides, every)
+    except ConfigError as error:
+        problem = str(error).removeprefix(f"{every}: ")
+    for pair in overrides:
+        one = f"{where} with --set {overrides_text([pair])}"
+        try:
+            build((pair,), one)
+        except ConfigError as alone:
+            if str(alone).removeprefix(f"{one}: ") == problem:
+                raise ConfigError(str(alone)) from None
+    raise ConfigError(f"{every}: {problem}") from None

@@ -19,7 +19,12 @@ from study.claim_spec import Claim, parse_claims
 from study.config import TrialConfig, check_schedule
 from study.errors import ConfigError
 from study.methods import METHODS
-from study.overrides import apply_overrides, overrides_hash, overrides_text, parse_overrides
+from study.overrides import (
+    apply_overrides,
+    checked_together,
+    overrides_hash,
+    parse_overrides,
+)
 from study.spec_checks import MAX_SEARCH_SEED, PARAMS, Axis, Checker, Range, UniqueKeyLoader
 
 SECTIONS = (
@@ -245,41 +250,16 @@ def spec_from_mapping(
     spec = dataclasses.replace(spec, base_iterations=base_iterations)
     if not overrides:
         return spec
-    overridden = _with_overrides(spec.raw, tuple(overrides), name, where, smoke)
-    return dataclasses.replace(
-        overridden, source=where, overrides=tuple(overrides), base_iterations=base_iterations
-    )
-
-
-def _with_overrides(
-    raw: dict[str, Any],
-    overrides: tuple[tuple[str, Any], ...],
-    name: str,
-    where: str,
-    smoke: bool,
-) -> StudySpec:
-    """The spec with every --set applied, checked once: a later --set may make an earlier one
-    valid (fixed.iterations=40, then fixed.eval_every=20). An error names the --set that brings
-    it alone, or else every --set."""
 
     def build(pairs: tuple[tuple[str, Any], ...], label: str) -> StudySpec:
-        overridden = apply_overrides(raw, pairs, label)
+        overridden = apply_overrides(spec.raw, pairs, label)
         Checker(label).keys("", overridden, [s for s in SECTIONS if s != "smoke"])
         return _build(overridden, name, label, smoke=smoke)
 
-    every = f"{where} with " + " ".join(f"--set {overrides_text([pair])}" for pair in overrides)
-    try:
-        return build(overrides, every)
-    except ConfigError as error:
-        problem = str(error).removeprefix(f"{every}: ")
-    for pair in overrides:
-        one = f"{where} with --set {overrides_text([pair])}"
-        try:
-            build((pair,), one)
-        except ConfigError as alone:
-            if str(alone).removeprefix(f"{one}: ") == problem:
-                raise ConfigError(str(alone)) from None
-    raise ConfigError(f"{every}: {problem}") from None
+    overridden = checked_together(build, tuple(overrides), where)
+    return dataclasses.replace(
+        overridden, source=where, overrides=tuple(overrides), base_iterations=base_iterations
+    )
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any], check: Checker) -> dict[str, Any]:

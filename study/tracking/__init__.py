@@ -22,7 +22,7 @@ from study.config import TrialConfig
 from study.errors import ConfigError, absolute, check_reachable, one_line
 from study.tracking import stores
 from study.tracking.stores import artifact_dir as artifact_dir
-from study.tracking.stores import sqlite_path
+from study.tracking.stores import refuse_folder, sqlite_path
 from study.tracking.stores import store_uri as store_uri
 from study.vocabulary import COMPLETED, DIVERGED, FAILED, RUNNING
 
@@ -113,16 +113,7 @@ def check_uri(tracking_uri: str, flag: str = "--tracking-uri") -> str:
         hint = "is `mlflow server` running there?"
         check_reachable(f"{flag} {tracking_uri}", parts.hostname or "", port, hint)
     database = sqlite_path(tracking_uri)
-    if database is not None and database.is_dir():
-        # SQLite cannot open it, and MLflow retries for two minutes before a traceback.
-        hint = (
-            f"use sqlite:///{absolute(database) / 'mlflow.db'} for a store in it"
-            if flag == "--tracking-uri"
-            else "the store is a file of that name: move the folder away"
-        )
-        raise ConfigError(
-            f"{flag}: {absolute(database)} is a folder, not a SQLite database file; {hint}"
-        )
+    refuse_folder(database, flag)
     if database is not None and str(database) != ":memory:" and absolute(database) != database:
         return f"sqlite:///{absolute(database)}"  # relative, or with .. in it: one URI a file
     return tracking_uri

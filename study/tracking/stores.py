@@ -124,3 +124,17 @@ def check_own_store(output: Path, name: str, command: str) -> None:
         f"keeps absolute paths); {command} it with --output {home}, moving the folder back "
         "first if it was moved"
     )
+
+
+def refuse_folder(database: Path | None, flag: str) -> None:
+    """A sqlite:/// path that is a folder: SQLite cannot open it, and MLflow retries for two
+    minutes before a traceback. One line at once instead."""
+    if database is None or not database.is_dir():
+        return
+    hint = (
+        f"use sqlite:///{absolute(database) / 'mlflow.db'} for a store in it"
+        if flag == "--tracking-uri"
+        else "the store is a file of that name: move the folder away"
+    )
+    folder = absolute(database)
+    raise ConfigError(f"{flag}: {folder} is a folder, not a SQLite database file; {hint}")
