@@ -187,15 +187,10 @@ def _ls(args: argparse.Namespace) -> int:
     from study.console import ls_table
     from study.tracking import has_store, list_studies, sqlite_path, store_exists, store_uri
 
-    if args.tracking_uri is None:
-        if args.output.exists() and not args.output.is_dir():
-            raise ConfigError(
-                f"--output {args.output}: not a folder (a study folder holds mlflow.db)"
-            )
-        if not has_store(args.output):
-            print(f"no studies in {args.output} (no mlflow.db there)")
-            return 0
-    elif not args.tracking_uri.strip():
+    if args.tracking_uri is None and not has_store(args.output):
+        print(f"no studies in {args.output} (no mlflow.db there)")
+        return 0
+    if args.tracking_uri is not None and not args.tracking_uri.strip():
         raise ConfigError(
             "--tracking-uri: empty; give sqlite:///PATH, http://HOST:PORT or a database URI"
         )

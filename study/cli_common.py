@@ -72,6 +72,8 @@ def study_folder(text: str) -> Path:
     # database would land elsewhere (".../run #1?x=1" -> the file ".../run #1").
     if any(mark in text for mark in "?#%"):
         raise argparse.ArgumentTypeError(f"{text!r}: a study folder's path may not hold ?, # or %")
+    if Path(text).exists() and not Path(text).is_dir():  # every command that takes --output
+        raise argparse.ArgumentTypeError(f"{text!r}: a file, not a study folder (of mlflow.db...)")
     return Path(text)
 
 

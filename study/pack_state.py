@@ -23,11 +23,8 @@ class StateError(ConfigError):
 
 
 def cells_used(config: TrialConfig) -> str | None:
-    """The LSTM cells a trial of `config` runs here: compiled or torch on a CPU (they round
-    differently), None on CUDA (its kernels are chosen by other switches, recorded as such)."""
-    if resolve_device(config.device).type != "cpu":
-        return None
-    return cpu_cells.implementation()
+    """The LSTM cells a trial of `config` runs here (cpu_cells.implementation)."""
+    return cpu_cells.implementation(resolve_device(config.device))
 
 
 def save_state(

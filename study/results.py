@@ -143,7 +143,7 @@ def machine_info(device: Any) -> dict[str, Any]:
         "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         # compiled (lstm_cells.c) or torch ops: the last bits of exp differ between them.
-        "cpu_cells": cpu_cells.implementation() if device.type == "cpu" else None,
+        "cpu_cells": cpu_cells.implementation(device),
         "cuda": torch.version.cuda,
         "gpu": None,
     }

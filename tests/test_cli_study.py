@@ -66,8 +66,11 @@ def test_ls_says_what_is_not_a_store(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert capsys.readouterr().out == f"no studies: no MLflow database at {missing}\n"
     assert not missing.parent.exists()  # nothing made
     (tmp_path / "a.yaml").write_text("x: 1\n")
-    assert main(["ls", "--output", str(tmp_path / "a.yaml")]) == 2
-    assert "--output " in capsys.readouterr().err
+    for command in (["ls"], ["report", "quick"], ["ui"]):  # every --output: argparse's type
+        with pytest.raises(SystemExit) as exited:
+            main([*command, "--output", str(tmp_path / "a.yaml")])
+        assert exited.value.code == 2
+        assert "a.yaml': a file, not a study folder" in capsys.readouterr().err
     assert main(["ls", "--tracking-uri", ""]) == 2
     assert capsys.readouterr().err.startswith("study ls: error: --tracking-uri: empty;")
 

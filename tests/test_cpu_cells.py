@@ -115,12 +115,14 @@ def test_without_a_compiler_the_torch_cells_run_and_say_so_once(
 
 
 def test_switch_selects_torch_cells(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert cpu_cells.implementation() == "compiled"  # the tests' machines have gcc
+    cpu = torch.device("cpu")
+    assert cpu_cells.implementation(cpu) == "compiled"  # the tests' machines have gcc
+    assert cpu_cells.implementation(torch.device("cuda")) is None
     monkeypatch.setenv(cpu_cells.ENV_SWITCH, "torch")
     cpu_cells._compiled_cells.cache_clear()
     try:
         assert type(cpu_cells.cells_for(torch.zeros(1))) is TorchCells
-        assert cpu_cells.implementation() == "torch"
+        assert cpu_cells.implementation(cpu) == "torch"
     finally:
         cpu_cells._compiled_cells.cache_clear()
 

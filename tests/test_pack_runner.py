@@ -37,6 +37,11 @@ def curves(folder: Path) -> dict[str, list[dict[str, float]]]:
     return {p.stem: results.read_record(p).curve for p in results.result_files(folder)}
 
 
+def curves_of_a_whole_run(spec: Any, out: Path) -> dict[str, list[dict[str, float]]]:
+    run_space(spec, out, echo=lambda line: None)
+    return curves(out)
+
+
 def packed_space(tmp_path: Path, **overrides: Any) -> Path:
     """4 trials in 2 packs of 2."""
     return write_space(tmp_path, "tiny", tiny_copying(resources={"pack": 2}, **overrides))
@@ -120,7 +125,7 @@ def test_a_state_it_must_not_continue_is_refused_with_every_file_kept(
         state_file.write_bytes(state_file.read_bytes()[:100])
         expected = f"{state_file}: damaged saved state ("
     else:
-        monkeypatch.setattr(cpu_cells, "implementation", lambda: "torch")
+        monkeypatch.setattr(cpu_cells, "implementation", lambda device: "torch")
         expected = f"{state_file}: computed with the compiled LSTM cells"
     kept = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(ConfigError) as refused:
@@ -128,6 +133,10 @@ def test_a_state_it_must_not_continue_is_refused_with_every_file_kept(
     assert str(refused.value).startswith(expected)
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
     assert results.read_record(out / "t0000.json").last_iteration == 20
+    if damage == "other cells":  # under the cells that computed it, the state continues
+        monkeypatch.undo()
+        assert run_space(spec, out, echo=lambda line: None) == 0
+        assert curves(out) == curves_of_a_whole_run(spec, tmp_path / "whole")
 
 
 def test_a_diverged_member_is_written_at_once_and_its_pack_goes_on(
@@ -240,38 +249,6 @@ def test_a_lone_trials_state_of_the_old_format_resumes(tmp_path: Path) -> None:
     assert seen == [20] and member.finished and member.status == COMPLETED
     saved = pack_state.load_state(state_file, ["t0000"])["t0000"]
     assert saved["state"] is None and saved["status"] == COMPLETED
-
-
-def test_a_state_of_the_other_cpu_cells_is_refused_and_kept(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A resume on a node without gcc (or under HDETACH_CPU_CELLS=torch) would splice the torch
-    # cells' rounding onto the compiled cells' curve, which no run gives: refused, state kept.
-    options = {"T": 5, "train_size": 200, "val_size": 50}
-    config = TrialConfig(task_options=options, hidden_size=8, iterations=20, eval_every=10)
-    state_file = tmp_path / "p0000.pt"
-
-    def stop() -> None:
-        raise KeyboardInterrupt  # as Ctrl-C after the first evaluation's save
-
-    with pytest.raises(KeyboardInterrupt):
-        train_members([Member("t0000", config)], state_file, stop, packed=False)
-    saved = state_file.read_bytes()
-    assert torch.load(state_file, weights_only=True)["cpu_cells"] == "compiled"
-    monkeypatch.setattr(cpu_cells, "implementation", lambda: "torch")
-    with pytest.raises(ConfigError) as refused:
-        train_members([Member("t0000", config)], state_file, lambda: None, packed=False)
-    assert str(refused.value) == (
-        f"{state_file}: computed with the compiled LSTM cells, and this process has the torch "
-        "ones; they round differently, so the continued curve would reproduce no run: unset "
-        "HDETACH_CPU_CELLS and have a C compiler (gcc) to continue it"
-    )
-    assert state_file.read_bytes() == saved
-    member = Member("t0000", config)  # the same cells again: it continues
-    monkeypatch.setattr(cpu_cells, "implementation", lambda: "compiled")
-    train_members([member], state_file, lambda: None, packed=False)
-    assert member.status == COMPLETED and member.iteration == 20
-    # A state saved under the torch cells names the switch that continues it.
 
 
 def test_study_trial_space_imports_neither_ray_nor_mlflow(tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ from result_fixtures import record
 
 from study import results
 from study.config import TrialConfig
-from study.models import cpu_cells
 from study.pack_layout import KNOWN_GPUS
 from study.results import ResultError
 
@@ -116,7 +115,7 @@ def test_machine_info_names_the_cpu_and_versions() -> None:
     assert machine["cpu"] and machine["torch"] == torch.__version__ and machine["gpu"] is None
     # The threads and the LSTM cells: a curve's last bits depend on both.
     assert machine["threads"] == torch.get_num_threads()
-    assert machine["cpu_cells"] == cpu_cells.implementation()
+    assert machine["cpu_cells"] == "compiled"  # gcc is there
 
 
 def test_a_record_says_the_precision_used_and_the_gpu_its_packs_were_sized_for(

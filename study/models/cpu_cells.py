@@ -153,10 +153,13 @@ def cells_for(tensor: torch.Tensor) -> TorchCells:
     return _torch_cells()
 
 
-def implementation() -> str:
-    """Which cells a float32/float64 CPU trial runs in this process: "compiled" (lstm_cells.c)
-    or "torch". A curve's last bits depend on it, so result files record it and a resume
-    refuses to continue a state computed with the other (study.pack_runner)."""
+def implementation(device: torch.device) -> str | None:
+    """Which cells a trial on `device` runs in this process: "compiled" (lstm_cells.c) or
+    "torch" on a CPU (which computes in fp32, cells_for's compiled dtype), None on CUDA. A
+    curve's last bits depend on it, so result files record it and a resume refuses a state
+    computed with the other (study.pack_state)."""
+    if device.type != "cpu":
+        return None
     return "torch" if _compiled_cells() is None else "compiled"
 
 
