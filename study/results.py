@@ -259,11 +259,11 @@ def _parse(values: Any, path: Path) -> TrialRecord:
         status=status,
         curve=[_point(point, n) for n, point in enumerate(curve)],
         device=_text(_field(values, "device"), "device"),
-        error=str(values.get("error", "")),
+        error=_optional_text(values.get("error"), "error") or "",
         timings=dict(_mapping(values.get("timings") or {}, "timings")),
-        command=str(values.get("command", "")),
+        command=_optional_text(values.get("command"), "command") or "",
         machine=dict(_mapping(values.get("machine") or {}, "machine")),
-        git_commit=values.get("git_commit"),
+        git_commit=_optional_text(values.get("git_commit"), "git_commit"),
         plan_gpu=gpu_from_record(values.get("plan_gpu")),  # absent from files before issue 18
     )
     steps = [int(point["iteration"]) for point in record.curve]
@@ -316,6 +316,14 @@ def _short(value: Any) -> str:
 def _text(value: Any, name: str) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name}: expected text, got {value!r}")
+    return value
+
+
+def _optional_text(value: Any, name: str) -> str | None:
+    """A field a file may leave out or null (error, command, git_commit); str() would have
+    turned a list or a number there into text that reads as real."""
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name}: expected text or null, got {_short(value)}")
     return value
 
 

@@ -130,7 +130,13 @@ def test_one_sample_claim_and_where_filter():
     claim = _claim("success_rate", method="none", baseline=None, null=0.5, where={"T": 100})
     assert evaluate_claim(analyse(study), claim, BUDGET).verdict == SUPPORTED
     elsewhere = _claim("success_rate", method="none", baseline=None, null=0.5, where={"T": 300})
-    assert evaluate_claim(analyse(study), elsewhere, BUDGET).runs == 0
+    outside = evaluate_claim(analyse(study), elsewhere, BUDGET)
+    assert outside.runs == 0 and outside.verdict == INCONCLUSIVE
+    # Not "short of seeds": no trial of the grid has T=300 (a typo, or a grid narrowed by --set).
+    assert outside.reason == (
+        "no trial of this study is one the claim is about (method none at T=300): its grid "
+        "lacks them"
+    )
 
 
 def test_budget_fraction_is_iterations_run_over_the_files():

@@ -71,6 +71,9 @@ def edited(path: Path, **changes: object) -> None:
         ({"config": None}, "config: expected a mapping, got None"),
         ({"curve": {"iteration": 1}}, "curve: expected a list"),
         ({"curve": [{"iteration": 10, "val/accuracy": 10**400}]}, "is too large for a float"),
+        # str() made these into text that reads as real ("['oom']", "42").
+        ({"error": ["oom"]}, "error: expected text or null, got ['oom']"),
+        ({"git_commit": 42}, "git_commit: expected text or null, got 42"),
     ],
 )
 def test_an_unusable_file_is_one_line_naming_it(

@@ -240,6 +240,16 @@ def test_resume_says_at_once_when_the_studys_server_is_down(tmp_path: Path) -> N
     assert time.monotonic() - started < 30  # MLflow's own retries take minutes
 
 
+def test_resume_after_the_studys_database_was_deleted_creates_no_empty_one(
+    tmp_path: Path,
+) -> None:
+    saved_state(tmp_path / "out")  # its state file names out/mlflow.db, which is not there
+    database = tmp_path / "out" / "mlflow.db"
+    with pytest.raises(ConfigError, match=f"^study kept: its MLflow database {database} is not"):
+        resume_study("kept", tmp_path / "out")
+    assert not database.exists()
+
+
 def test_resume_is_refused_while_the_study_runs(tmp_path: Path) -> None:
     """A second driver would restore the same Tune state and train each trial twice."""
     saved_state(tmp_path / "out")

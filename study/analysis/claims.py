@@ -101,6 +101,10 @@ def evaluate_claims(
 def evaluate_claim(analysis: Analysis, claim: Claim, base_iterations: int | None) -> ClaimResult:
     runs = [run for run in analysis.runs if _applies(run.trial, claim)]
     scope = {_setting(trial) for trial in analysis.trials if _applies(trial, claim)}
+    if not scope and not analysis.study.n_pending:
+        nothing = (math.nan, math.nan)
+        return _result(analysis, claim, math.nan, nothing, [], 0, base_iterations,
+                       outside=_outside(claim))  # fmt: skip
     method = _strata(runs, claim.method, claim.statistic)
     baseline = _strata(runs, claim.baseline, claim.statistic) if claim.baseline else {}
     if claim.statistic == "p_better":
@@ -189,6 +193,7 @@ def _result(
     cells: int,
     base_iterations: int | None,
     unwhole: str = "",
+    outside: str = "",
 ) -> ClaimResult:
     # The budget of the runs used, else of any finished run, else of any trial started (a study
     # whose every trial is still training has a budget all the same).
@@ -201,7 +206,9 @@ def _result(
         float(np.median(budgets)) / base_iterations if budgets and base_iterations else math.nan
     )
     reasons = []
-    if not cells:
+    if outside:
+        reasons.append(outside)
+    elif not cells:
         reasons.append(f"no cell where each compared method has {MIN_SEEDS} finished seeds")
     elif math.isnan(interval[0]):
         reasons.append("every run scored alike: no interval from so few seeds")
@@ -238,6 +245,18 @@ def _unwhole(analysis: Analysis, scope: set[tuple], complete: Iterable[tuple]) -
     if analysis.study.n_pending:
         parts.append(f"{analysis.study.n_pending} planned trial(s) not started")
     return "; ".join(parts)
+
+
+def _outside(claim: Claim) -> str:
+    """Why a claim has no verdict when no trial of the study is one it is about: a typo in its
+    `where:` or a grid narrowed by --set or smoke, which the reader should see, not a shortfall
+    of seeds."""
+    methods = f"method {claim.method}" + (f" or {claim.baseline}" if claim.baseline else "")
+    scope = ", ".join(f"{key}={value}" for key, value in claim.where.items())
+    return (
+        f"no trial of this study is one the claim is about ({methods}"
+        f"{f' at {scope}' if scope else ''}): its grid lacks them"
+    )
 
 
 def _applies(trial: Trial, claim: Claim) -> bool:

@@ -81,7 +81,12 @@ def resume_study(
 def _resume(state: StudyState, address: str | None, echo: Echo) -> int:
     name = state.spec.name
     orphans.end_orphans(state.ray_dir, echo)  # the Ray of the session that was killed
-    tracking.checked_store(state.tracking_uri, f"study {name}'s tracking URI")
+    _, exists = tracking.checked_store(state.tracking_uri, f"study {name}'s tracking URI")
+    if not exists:  # opening it would create an empty database where the study's runs were
+        raise ConfigError(
+            f"study {name}: its MLflow database {tracking.store_label(state.tracking_uri)} "
+            "is not there; was it deleted or moved? (nothing to resume into)"
+        )
     tracker = tracking.open_store(state.tracking_uri)
     parent = tracker.find_parent(name)
     if parent is None:
