@@ -110,7 +110,8 @@ def add_overrides(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override one value of the space by its dotted key (repeatable), e.g. "
-        "fixed.iterations=20000; the study is then named FILE-set-HASH unless --name",
+        "fixed.iterations=20000 (scientific.lr=[0.01,0.001] moves lr from fixed to a grid); "
+        "the study is then named FILE-set-HASH unless --name",
     )
     parser.add_argument("--name", type=study_name, help="the study's name (default: from SPACE)")
 

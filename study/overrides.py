@@ -14,6 +14,12 @@ import yaml
 from study.errors import ConfigError
 from study.spec_checks import UniqueKeyLoader
 
+AXIS_SECTIONS = ("fixed", "scientific", "nuisance")  # a parameter's roles in a study
+# Every section a parameter can live in. A space gives each parameter exactly one (spec.py), so a
+# --set that puts a parameter in one takes it out of the others: `--set scientific.lr=[...]`
+# turns a fixed lr into a grid, where refusing it ("already set in fixed") left no way to.
+PARAM_SECTIONS = ("task", "model", *AXIS_SECTIONS)
+
 
 def parse_overrides(texts: Sequence[str]) -> tuple[tuple[str, Any], ...]:
     """`--set KEY=VALUE` texts as (dotted key, YAML-typed value) pairs; one-line errors."""
@@ -61,12 +67,18 @@ def _text(value: Any) -> str:
 def apply_overrides(
     raw: dict[str, Any], pairs: Sequence[tuple[str, Any]], where: str
 ) -> dict[str, Any]:
-    """raw with each dotted key set (intermediate mappings created); a key that runs into a
-    value that is no mapping is one line naming it."""
+    """raw with each dotted key set (intermediate mappings created), a parameter moved out of
+    the section it had (PARAM_SECTIONS); a key that runs into a value that is no mapping is one
+    line naming it."""
     result = copy.deepcopy(raw)
     for key, value in pairs:
         node = result
         parts = key.split(".")
+        if len(parts) == 2 and parts[0] in PARAM_SECTIONS and parts[1] != "name":  # task.name
+            for section in PARAM_SECTIONS:
+                other = result.get(section)
+                if section != parts[0] and isinstance(other, dict):
+                    other.pop(parts[1], None)
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:

@@ -20,6 +20,7 @@ from study.config import TrialConfig, check_schedule
 from study.errors import ConfigError
 from study.methods import METHODS
 from study.overrides import (
+    AXIS_SECTIONS,
     apply_overrides,
     checked_together,
     overrides_hash,
@@ -40,7 +41,6 @@ SECTIONS = (
     "claims",
     "smoke",
 )
-AXIS_SECTIONS = ("fixed", "scientific", "nuisance")
 SEARCHERS = ("grid", "random", "optuna")
 METRICS = ("val/accuracy", "val/loss", "best/val_accuracy")
 DEFAULT_MAX_FAILURES = 2

@@ -75,3 +75,15 @@ def test_an_error_names_the_set_that_brings_it_or_else_every_set():
     assert str(together.value).startswith(
         f"{QUICK} with --set fixed.iterations=40 --set fixed.eval_every=50: field fixed.eval_every"
     ), together.value
+
+
+def test_a_set_into_another_role_moves_the_parameter_there():
+    """A space gives each parameter one role; --set names the role it should now have."""
+    grid = load_spec(QUICK, overrides=["scientific.lr=[0.01, 0.001]"])
+    assert grid.scientific["lr"] == [0.01, 0.001] and "lr" not in grid.fixed
+    task_axis = load_spec(QUICK, overrides=["scientific.T=[5, 10]"])
+    assert task_axis.scientific["T"] == [5, 10] and "T" not in task_axis.task_options
+    back = load_spec(QUICK, overrides=["scientific.lr=[0.01, 0.001]", "fixed.lr=0.003"])
+    assert back.fixed["lr"] == 0.003 and "lr" not in back.scientific
+    raw = apply_overrides({"task": {"name": "copying", "T": 10}}, [("fixed.name", 1)], "f")
+    assert raw["task"]["name"] == "copying"  # the task's name is no parameter
