@@ -22,6 +22,7 @@ from study.results import (
     read_record,
     result_files,
 )
+from study.switches import switches_text
 from study.vocabulary import COMPLETED, DIVERGED, FAILED
 
 if TYPE_CHECKING:
@@ -116,6 +117,8 @@ def import_results(
         extra = pack_tags(record.pack_id, record.pack_size) if plan.packed else {}
         if record.machine.get("cpu_cells"):  # as a Ray trial on a CPU tags it
             extra = {**extra, "cpu_cells.used": record.machine["cpu_cells"]}
+        if record.machine.get("switches"):  # as a Ray trial run with HDETACH_* set tags it
+            extra = {**extra, "switches.set": switches_text(record.machine["switches"])}
         added += imports.import_trial(
             tracker,
             context,

@@ -19,6 +19,7 @@ from study.config import TrialConfig, resolve_precision
 from study.errors import ConfigError, one_line
 from study.pack_layout import GpuModel
 from study.space import gpu_from_record, gpu_record
+from study.switches import switches_set
 from study.vocabulary import COMPLETED, DIVERGED, FAILED, RUNNING
 
 FORMAT = "hdetach-study trial result"
@@ -144,6 +145,7 @@ def machine_info(device: Any) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         # compiled (lstm_cells.c) or torch ops: the last bits of exp differ between them.
         "cpu_cells": cpu_cells.implementation(device),
+        "switches": switches_set(),  # HDETACH_* kernel choices forced in the environment
         "cuda": torch.version.cuda,
         "gpu": None,
     }

@@ -69,3 +69,14 @@ def check_switches() -> None:
             raise ConfigError(f"environment variable {name}: no such switch ({hint})")
     for name in SWITCHES:
         switch(name)
+
+
+def switches_set() -> dict[str, str]:
+    """The switches set in this process's environment, as a trial records them: each picks how a
+    curve is computed, and so its last bits, which a record without them could not explain."""
+    return {name: os.environ[name] for name in SWITCHES if name in os.environ}
+
+
+def switches_text(values: dict[str, str]) -> str:
+    """Set switches as one would type them before a command (the `switches.set` tag)."""
+    return " ".join(f"{name}={value}" for name, value in sorted(values.items()))

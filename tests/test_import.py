@@ -105,6 +105,7 @@ def test_import_twice_adds_nothing(trained: tuple[Path, Path], tmp_path: Path, c
         assert run["params"] == tracking.flatten(trial.config)
         assert run["tags"]["study.pack_size"] == "2" and run["tags"]["device.used"] == "cpu"
         assert run["tags"]["cpu_cells.used"] == "compiled"  # gcc is there
+        assert "switches.set" not in run["tags"]  # none set when they trained
         curve = results.read_record(results.trial_path(out, trial.trial_id)).curve
         assert run["metrics"]["val/accuracy"] == [
             (p["iteration"], p["val/accuracy"]) for p in curve
@@ -115,6 +116,20 @@ def test_import_twice_adds_nothing(trained: tuple[Path, Path], tmp_path: Path, c
     assert main(["import", str(out), "--output", str(store)]) == 0
     assert "0 trials added or completed, 4 there already" in capsys.readouterr().out
     assert store_contents(uri(store), "tiny") == first
+
+
+def test_the_switches_a_file_trained_under_become_its_runs_tag(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, out = trained
+    path = results.trial_path(out, "t0000")
+    values = json.loads(path.read_text())
+    values["machine"]["switches"] = {"HDETACH_CUDA_GRAPHS": "0"}  # as machine_info records it
+    path.write_text(json.dumps(values))
+    assert main(["import", str(out), "--output", str(tmp_path / "store")]) == 0
+    runs = store_contents(uri(tmp_path / "store"), "tiny")
+    assert runs["t0000"]["tags"]["switches.set"] == "HDETACH_CUDA_GRAPHS=0"
+    assert "switches.set" not in runs["t0001"]["tags"]
 
 
 def test_a_partial_study_is_completed_by_a_later_import(

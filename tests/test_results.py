@@ -111,10 +111,12 @@ def test_only_trial_files_are_result_files(tmp_path: Path) -> None:
     assert [p.name for p in results.result_files(tmp_path)] == ["t0000.json", "t0002.json"]
 
 
-def test_machine_info_names_the_cpu_and_versions() -> None:
+def test_machine_info_names_the_cpu_and_versions(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
+    monkeypatch.setenv("HDETACH_CUDA_GRAPHS", "0")
     machine = results.machine_info(torch.device("cpu"))
+    assert machine["switches"] == {"HDETACH_CUDA_GRAPHS": "0"}  # a kernel choice forced
     assert machine["cpu"] and machine["torch"] == torch.__version__ and machine["gpu"] is None
     # The threads and the LSTM cells: a curve's last bits depend on both.
     assert machine["threads"] == torch.get_num_threads()

@@ -42,8 +42,9 @@ from study.tracking.tags import pack_gpu_from_tags
 
 
 @pytest.mark.slow
-def test_smoke_study_end_to_end(tmp_path: Path) -> None:
+def test_smoke_study_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # As the paper's spaces: a GPU per trial where Ray has one (none here), trained on it.
+    monkeypatch.setenv("HDETACH_CPU_CELLS", "compiled")  # set, though it is the default
     auto = tiny_copying(resources={"gpus": "auto"}, fixed={"device": "auto"})
     spec = load_spec(write_space(tmp_path, "smoke4", auto))
     output = tmp_path / "out"
@@ -73,6 +74,7 @@ def test_smoke_study_end_to_end(tmp_path: Path) -> None:
         assert run_.data.tags["role.method"] == "scientific"
         assert run_.data.tags["device.used"] == "cpu"
         assert run_.data.tags["cpu_cells.used"] == "compiled"  # gcc is there
+        assert run_.data.tags["switches.set"] == "HDETACH_CPU_CELLS=compiled"  # on the worker
         assert run_.data.params == tracking.flatten(planned[trial_id])
         for key in ("train/loss", "train/grad_norm", "val/loss", "val/accuracy"):
             assert steps(uri, run_.info.run_id, key) == [10, 20], key

@@ -10,7 +10,7 @@ import pytest
 
 from study.errors import ConfigError
 from study.models import cpu_cells, cuda_graph, triton_lstm
-from study.switches import SWITCHES, check_switches, switch
+from study.switches import SWITCHES, check_switches, switch, switches_set, switches_text
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -108,3 +108,15 @@ def test_study_stops_on_a_mistyped_switch_before_any_work() -> None:
         "(default 1)\n"
     )
     assert result.stdout == ""
+
+
+def test_the_switches_set_are_recorded_as_typed(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    assert switches_set() == {}
+    monkeypatch.setenv("HDETACH_TRITON_KERNEL", "rows")
+    monkeypatch.setenv("HDETACH_CUDA_GRAPHS", "0")
+    monkeypatch.setenv("HDETACH_OTHER", "1")  # no switch: check_switches refuses it, not here
+    forced = switches_set()
+    assert forced == {"HDETACH_TRITON_KERNEL": "rows", "HDETACH_CUDA_GRAPHS": "0"}
+    assert switches_text(forced) == "HDETACH_CUDA_GRAPHS=0 HDETACH_TRITON_KERNEL=rows"

@@ -13,6 +13,7 @@ from ray import tune
 
 from study import pack_runner, pack_state, space, tracking
 from study.config import TrialConfig, resolve_precision
+from study.switches import switches_set, switches_text
 from study.tracking import StudyContext, Tags
 from study.tracking.tags import pack_tags
 from study.trial import Progress
@@ -98,6 +99,9 @@ class Member(pack_runner.Member):
         cells = pack_state.cells_used(config)
         if cells is not None:  # compiled or torch-op LSTM cells: their curves differ in the bits
             self.run.set_tags({"cpu_cells.used": cells})
+        forced = switches_set()  # kernels forced by HDETACH_* (study/switches.py)
+        if forced:
+            self.run.set_tags({"switches.set": switches_text(forced)})
 
     def record(self, progress: Progress) -> None:
         super().record(progress)
