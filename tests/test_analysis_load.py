@@ -38,7 +38,7 @@ def test_round_trip_of_every_trial_state(tmp_path):
     assert (study.name, study.parent_run_id, study.n_planned, study.target) == (
         "quick", parent_id, 7, 0.95,
     )  # fmt: skip
-    assert study.n_pending == 2 and study.pooled_params == []
+    assert study.n_pending == 2 and study.split_params == []
     assert [t.trial_id for t in study.trials] == [t.trial_id for t in written]
     for got, want in zip(study.trials, written, strict=True):
         assert got.state == want.state
@@ -50,13 +50,18 @@ def test_round_trip_of_every_trial_state(tmp_path):
     assert study.trials[4].test_at_best == 0.985 and math.isnan(study.trials[0].test_at_best)
 
 
-def test_varying_non_axis_param_is_reported_as_pooled(tmp_path):
+def test_a_varying_param_that_is_no_cell_axis_makes_cells_of_its_own(tmp_path):
+    """Pooled with the seeds, two hidden sizes at seed 0 counted as two seeds of one cell."""
     trials = [
         make_trial("t0", [0.5], seed=0, extra_params={"hidden_size": "64"}),
-        make_trial("t1", [0.5], seed=1, extra_params={"hidden_size": "128"}),
+        make_trial("t1", [0.5], seed=0, extra_params={"hidden_size": "128"}),
     ]
-    uri, _ = write_study(tmp_path, "pooled", trials)
-    assert load_study("pooled", uri).pooled_params == ["hidden_size"]
+    uri, _ = write_study(tmp_path, "split", trials)
+    study = load_study("split", uri)
+    assert study.split_params == ["hidden_size"]
+    assert [t.task for t in study.trials] == ["copying T=100 hidden_size=64",
+                                              "copying T=100 hidden_size=128"]  # fmt: skip
+    assert len({t.cell for t in study.trials}) == 2
 
 
 def test_a_step_logged_twice_keeps_the_later_value(tmp_path):

@@ -8,7 +8,7 @@ on these records and never touch a store, so they can be tested and reused witho
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -88,9 +88,11 @@ class Study:
     n_planned: int
     target: float  # validation accuracy that counts as success
     trials: list[Trial]
-    # Params that vary across trials although they are not cell axes: their values get pooled
-    # with the seeds, which the report must say.
-    pooled_params: list[str] = field(default_factory=list)
+    # Params that vary across trials although they are no cell axis (hidden_size, batch_size,
+    # ...): each value makes cells of its own, named in the trials' task label ("copying T=10
+    # hidden_size=16"), as a claim's cells are (claims._setting). Pooled with the seeds, they
+    # were counted as seeds, and a claim and the statistics printed two intervals for one value.
+    split_params: list[str] = field(default_factory=list)
     # An Optuna study's nuisance params, tuned per scientific point and seed (role.X tags): the
     # analysis compares methods at each seed's best tuned trial (stats.best_tuned_trials).
     tuned: list[str] = field(default_factory=list)
@@ -152,6 +154,9 @@ def load_study(name: str, tracking_uri: str) -> Study:
             for key, role in run.tags.items():
                 if key.startswith("role.") and role == NUISANCE:
                     tuned.add(key.removeprefix("role."))
+    split = [key for key in _varying_params(trials) if key not in tuned]
+    if split:
+        trials = [replace(trial, task=_split_label(trial, split)) for trial in trials]
     return Study(
         name=name,
         tracking_uri=tracking_uri,
@@ -159,7 +164,7 @@ def load_study(name: str, tracking_uri: str) -> Study:
         n_planned=n_planned,
         target=target,
         trials=trials,
-        pooled_params=[p for p in _pooled_params(trials) if p not in tuned],
+        split_params=split,
         tuned=sorted(tuned),
         claims=claims_from_tags(tags),
         overrides=overrides_from_tags(tags),
@@ -222,7 +227,12 @@ def curve_of(points: list[MetricPoint]) -> tuple[np.ndarray, np.ndarray]:
     return steps, values
 
 
-def _pooled_params(trials: list[Trial]) -> list[str]:
+def _split_label(trial: Trial, keys: list[str]) -> str:
+    """The task label with the trial's value of each split param: "copying T=10 hidden_size=16"."""
+    return " ".join([trial.task, *(f"{key}={trial.params.get(key)}" for key in keys)])
+
+
+def _varying_params(trials: list[Trial]) -> list[str]:
     varying = set()
     for key in {key for trial in trials for key in trial.params}:
         if key in _PER_TRIAL_PARAMS or key.startswith("task_options."):

@@ -218,10 +218,10 @@ def status_lines(analysis: Analysis) -> list[str]:
             "seed enters its cell with its best tuned trial (best val accuracy), the "
             f"{len(analysis.trials)} of {len(study.trials)} trials scored below."
         )
-    if study.pooled_params:
+    if study.split_params:
         lines.append(
-            f"{', '.join(study.pooled_params)} vary across trials but are not cell axes: "
-            "their values are pooled with the seeds."
+            f"{', '.join(study.split_params)} vary across trials: each value makes cells of its "
+            "own, named with the task (never pooled with the seeds)."
         )
     return lines
 
