@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -59,9 +60,37 @@ def overrides_text(pairs: Sequence[tuple[str, Any]]) -> str:
     return " ".join(f"{key}={_text(value)}" for key, value in pairs)
 
 
-def _text(value: Any) -> str:
-    """A value as YAML would read it back: text as typed, anything else as JSON (null, [1, 2])."""
-    return value if isinstance(value, str) else json.dumps(value, default=str)
+def _text(value: Any, nested: bool = False) -> str:
+    """A value as typed after --set, such that parse_overrides reads back the same value: the
+    commands `study plan --commands` prints must make the plan's study (its name hashes the
+    values). JSON would not do: its 5e-05 is text to YAML 1.1, which wants 5.0e-05."""
+    if isinstance(value, str):
+        return value if not nested and _reads_as(value, value) else json.dumps(value)
+    if isinstance(value, float):
+        return _float_text(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_text(item, nested=True) for item in value) + "]"
+    if isinstance(value, dict):
+        items = (f"{_text(k, nested=True)}: {_text(v, nested=True)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    return json.dumps(value, default=str)  # int, bool, null
+
+
+def _float_text(value: float) -> str:
+    if math.isnan(value):
+        return ".nan"
+    if math.isinf(value):
+        return ".inf" if value > 0 else "-.inf"
+    text = repr(value)  # round-trips; YAML 1.1 reads an exponent only after a decimal point
+    mantissa, e, exponent = text.partition("e")
+    return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text
+
+
+def _reads_as(text: str, value: Any) -> bool:
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader) == value if text.strip() else False
+    except yaml.YAMLError:
+        return False
 
 
 def apply_overrides(

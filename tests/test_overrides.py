@@ -87,3 +87,21 @@ def test_a_set_into_another_role_moves_the_parameter_there():
     assert back.fixed["lr"] == 0.003 and "lr" not in back.scientific
     raw = apply_overrides({"task": {"name": "copying", "T": 10}}, [("fixed.name", 1)], "f")
     assert raw["task"]["name"] == "copying"  # the task's name is no parameter
+
+
+@pytest.mark.parametrize(
+    "value",
+    [5e-05, 1e20, -2.5e-300, 0.001, 3.0, float("inf"), -float("inf"), 7, True, None, "red",
+     "1", "true", "a, b", "", [0.001, 5e-05], [1e-05, "x y", None], {"a": 1e-07}],
+)  # fmt: skip
+def test_an_override_as_printed_reads_back_as_the_same_value(value):
+    """`study plan --commands` prints the jobs' --set from these texts: a value read back
+    otherwise (JSON's 5e-05 is text to YAML) would hash to another study."""
+    printed = overrides_text([("fixed.lr", value)])
+    assert parse_overrides([printed]) == (("fixed.lr", value),), printed
+
+
+def test_the_plans_commands_make_the_plans_study():
+    spec = load_spec(QUICK, overrides=["fixed.lr=0.00005"])
+    again = load_spec(QUICK, overrides=[overrides_text(spec.overrides)])
+    assert again.name == spec.name and again.spec_hash() == spec.spec_hash()
