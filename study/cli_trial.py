@@ -246,6 +246,12 @@ def _check_out(path: Path) -> None:
     """Fail before training when --out cannot be written, so a long run's result is not lost."""
     if path.is_dir():
         raise ConfigError(f"--out: {path} is a folder; give a file path, e.g. {path / 'r.json'}")
+    if path.is_file() and path.stat().st_size:
+        # Writing over it would lose a result (Ctrl-C would even put a partial one in its place).
+        raise ConfigError(
+            f"--out: {path} exists and is not empty (an earlier result?); give another path, or "
+            "delete it first to write there"
+        )
     if path.exists():  # a file (or /dev/stdout) that takes writes is enough, whatever its folder
         try:
             with path.open("a"):

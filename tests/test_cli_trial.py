@@ -146,16 +146,31 @@ def test_bad_out_fails_before_training(
     assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
 
 
-def test_an_existing_writable_file_is_enough_for_out(
+def test_an_existing_empty_writable_file_is_enough_for_out(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """E.g. /dev/stdout, or last run's result in a shared read-only folder: only the file itself
+    """E.g. /dev/stdout, or a file made for it in a shared read-only folder: only the file itself
     must take writes (os.access says no to every folder here, as to a user in /dev)."""
     out = tmp_path / "r.json"
-    out.write_text("{}")
+    out.write_text("")
     monkeypatch.setattr("os.access", lambda *args, **kwargs: False)
     assert main(["trial", *SHORT, "--out", str(out)]) == 0
     assert json.loads(out.read_text())["status"] == "completed"
+
+
+def test_an_earlier_result_is_never_written_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "r.json"
+    assert main(["trial", *SHORT, "--out", str(out)]) == 0
+    kept = out.read_text()
+    capsys.readouterr()
+    assert main(["trial", *SHORT, "--seed", "1", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"study trial: error: --out: {out} exists and is not empty (an earlier result?); give "
+        "another path, or delete it first to write there\n"
+    )
+    assert out.read_text() == kept
 
 
 def test_failed_write_prints_the_result_instead(
