@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 
 from study.errors import ConfigError
 from study.pack_layout import KNOWN_GPUS, NO_GPU, GpuModel  # no torch there
+from study.spec_checks import name_problem
 
 
 class Parser(argparse.ArgumentParser):
@@ -79,16 +80,15 @@ def study_folder(text: str) -> Path:
 
 def study_name(text: str) -> str:
     """A study's name, not its YAML file (a likely slip: `study run` takes the file)."""
-    if not text.strip():
-        # An empty name would head the plan ": 6 trials" and make result files that no
-        # later command reads back.
-        raise argparse.ArgumentTypeError("expected a study name, got an empty one")
     path = Path(text)
-    if path.suffix in (".yaml", ".yml") or "/" in text:
+    if text.strip() and (path.suffix in (".yaml", ".yml") or "/" in text):
         example = f" (here: {path.stem})" if path.suffix in (".yaml", ".yml") else ""
         raise argparse.ArgumentTypeError(
             f"expected a study name, the YAML file's stem{example}, got the path {text!r}"
         )
+    problem = name_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 

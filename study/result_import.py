@@ -6,6 +6,7 @@ plan, are refused one line each, and the others still import."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,18 +44,36 @@ def import_results(
     a damaged file, or one of another study or space, is refused with one line and changes
     nothing, the others are imported. Exit status 0, or 1 when a file was refused."""
     # MLflow: `study trial --space` writes these files without it.
+    from study.tracking.stores import driving
+
+    found = _gather(folders)
+    records = [(path, record) for path, record, _ in found if record is not None]
+    if not records and not any(message for _, _, message in found):
+        shown = " ".join(str(folder) for folder in folders)
+        raise ConfigError(f"{shown}: no result files (t0000.json ...) to import")
+    output = absolute(output)
+    study_name = name or (records[0][1].study.name if records else "")
+    ray_state = output / "ray" / study_name
+    # A driver running the study in this folder holds its lock: its trials would log again
+    # the steps this wrote. No Ray state there: no driver to wait for, and no folder to make.
+    with driving(ray_state, study_name) if records and ray_state.is_dir() else nullcontext():
+        return _import_found(found, output, tracking_uri, name, echo)
+
+
+def _import_found(
+    found: list[tuple[Path, TrialRecord | None, str]],
+    output: Path,
+    tracking_uri: str | None,
+    name: str | None,
+    echo: Callable[[str], None],
+) -> int:
     from study import tracking
     from study.space import make_plan
     from study.tracking import imports
     from study.tracking.tags import pack_gpu_from_tags, pack_tags, parent_status
 
-    found = _gather(folders)
     refusals = [message for _, _, message in found if message]
     records = [(path, record) for path, record, _ in found if record is not None]
-    if not records and not refusals:
-        shown = " ".join(str(folder) for folder in folders)
-        raise ConfigError(f"{shown}: no result files (t0000.json ...) to import")
-    output = absolute(output)
     flag = "--tracking-uri" if tracking_uri else f"--output {output}"
     uri, exists = tracking.checked_store(tracking_uri or tracking.store_uri(output), flag)
     # A store not there yet is made only once a file is accepted: refusing every file must

@@ -19,6 +19,7 @@ from study.config import TrialConfig, resolve_precision
 from study.errors import ConfigError, one_line
 from study.pack_layout import GpuModel
 from study.space import gpu_from_record, gpu_record
+from study.spec_checks import name_problem
 from study.switches import switches_set
 from study.vocabulary import COMPLETED, DIVERGED, FAILED, RUNNING
 
@@ -235,13 +236,16 @@ def _parse(values: Any, path: Path) -> TrialRecord:
         )
     study = _mapping(_field(values, "study"), "study")
     base = _field(study, "base_iterations", "study.")
+    name = _text(_field(study, "name", "study."), "study.name")
+    if name_problem(name):  # it names the study's folders, as --name does
+        raise ValueError(f"study.name: {name_problem(name)}")
     info = StudyInfo(
-        name=_text(_field(study, "name", "study."), "study.name"),
+        name=name,
         space_hash=_text(_field(study, "space_hash", "study."), "study.space_hash"),
         space_yaml=_text(_field(study, "space_yaml", "study."), "study.space_yaml"),
         source=_text(_field(study, "source", "study."), "study.source"),
         smoke=bool(_field(study, "smoke", "study.")),
-        overrides=tuple((str(k), v) for k, v in _field(study, "overrides", "study.")),
+        overrides=_overrides(_field(study, "overrides", "study.")),
         base_iterations=None if base is None else _integer(base, "study.base_iterations"),
     )
     status = _field(values, "status")
@@ -264,15 +268,22 @@ def _parse(values: Any, path: Path) -> TrialRecord:
         error=_optional_text(values.get("error"), "error") or "",
         timings=dict(_mapping(values.get("timings") or {}, "timings")),
         command=_optional_text(values.get("command"), "command") or "",
-        machine=dict(_mapping(values.get("machine") or {}, "machine")),
+        machine=_machine(values.get("machine") or {}),
         git_commit=_optional_text(values.get("git_commit"), "git_commit"),
         plan_gpu=gpu_from_record(values.get("plan_gpu")),  # absent from files before issue 18
     )
     steps = [int(point["iteration"]) for point in record.curve]
     if steps != sorted(set(steps)):
         raise ResultError(f"{path}: curve: iterations must increase, got {steps}")
-    if record.finished and (not steps or steps[-1] > record.config.iterations):
-        raise ResultError(f"{path}: status {status} but the curve ends at {steps[-1:] or 'none'}")
+    iterations = record.config.iterations
+    # A trial's last evaluation is at its last iteration: a completed curve that ends before it
+    # was cut, and would stay cut (an import never revisits a completed trial).
+    cut = status == COMPLETED and steps[-1:] != [iterations]
+    if cut or (record.finished and not steps) or (steps and steps[-1] > iterations):
+        raise ResultError(
+            f"{path}: status {status} but the curve ends at {steps[-1] if steps else 'none'} "
+            f"of its {iterations} iterations"
+        )
     return record
 
 
@@ -319,6 +330,25 @@ def _text(value: Any, name: str) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name}: expected text, got {value!r}")
     return value
+
+
+def _overrides(value: Any) -> tuple[tuple[str, Any], ...]:
+    pairs = _list(value, "study.overrides")
+    if not all(isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
+               for pair in pairs):  # fmt: skip
+        raise ValueError(f"study.overrides: expected [key, value] pairs, got {_short(value)}")
+    return tuple((key, item) for key, item in pairs)
+
+
+def _machine(value: Any) -> dict[str, Any]:
+    """Where it ran; the fields an import tags the runs with are checked (a list there would
+    reach MLflow's database and fail mid-import)."""
+    machine = dict(_mapping(value, "machine"))
+    _optional_text(machine.get("cpu_cells"), "machine.cpu_cells")
+    switches = _mapping(machine.get("switches") or {}, "machine.switches")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in switches.items()):
+        raise ValueError(f"machine.switches: expected names and values as text, got {switches}")
+    return machine
 
 
 def _optional_text(value: Any, name: str) -> str | None:

@@ -29,6 +29,24 @@ NULL_MEANS = {
     "anneal_fraction": "no annealing",
 }
 
+# A study's name is a folder's (ray/NAME, reports/NAME, results/NAME): 255 bytes at most on
+# common file systems, less room kept for what is added to it (NAME-set-HASH).
+MAX_NAME_BYTES = 200
+
+
+def name_problem(name: str) -> str | None:
+    """What is wrong with a study name (None: nothing), from --name or a result file alike."""
+    if not name.strip():
+        # An empty name would head the plan ": 6 trials" and make result files that no later
+        # command reads back.
+        return "expected a study name, got an empty one"
+    if "/" in name or "\0" in name:
+        return f"expected a study name, got the path {name!r}"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        return f"a study name is at most {MAX_NAME_BYTES} bytes (a folder is named after it)"
+    return None
+
+
 # A YAML or --set integer beyond a double (over 308 digits): float() raises, not inf.
 TOO_LARGE = "must be a finite number, got an integer too large for a float"
 

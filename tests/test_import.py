@@ -24,6 +24,7 @@ from study.pack_runner import run_space
 from study.results import ResultError, StudyInfo
 from study.space import make_plan
 from study.spec import load_spec
+from study.tracking.stores import driving
 from study.tracking.tags import IMPORTED_TAG, pack_gpu_from_tags
 
 QUICK = REPO / "search_spaces" / "quick.yaml"
@@ -130,6 +131,21 @@ def test_the_switches_a_file_trained_under_become_its_runs_tag(
     runs = store_contents(uri(tmp_path / "store"), "tiny")
     assert runs["t0000"]["tags"]["switches.set"] == "HDETACH_CUDA_GRAPHS=0"
     assert "switches.set" not in runs["t0001"]["tags"]
+
+
+def test_no_import_while_a_driver_runs_the_study_there(
+    trained: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    """Its trials would log again every step the import wrote (a TrialRun knows its last step
+    from when it opened): refused in one line, as a second driver is."""
+    _, out = trained
+    store = tmp_path / "store"
+    with driving(store / "ray" / "tiny", "tiny"):
+        assert main(["import", str(out), "--output", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("study import: error: study tiny is running now (driver pid ")
+    assert err.count("\n") == 1 and not (store / "mlflow.db").exists()
+    assert main(["import", str(out), "--output", str(store)]) == 0  # the driver has ended
 
 
 def test_a_partial_study_is_completed_by_a_later_import(

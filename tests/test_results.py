@@ -18,6 +18,7 @@ from study.results import ResultError
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = REPO / "search_spaces" / "quick.yaml"
+STUDY_JSON = record().study.to_json()
 
 
 def test_a_record_reads_back_exactly_from_strict_json(tmp_path: Path) -> None:
@@ -74,6 +75,19 @@ def edited(path: Path, **changes: object) -> None:
         # str() made these into text that reads as real ("['oom']", "42").
         ({"error": ["oom"]}, "error: expected text or null, got ['oom']"),
         ({"git_commit": 42}, "git_commit: expected text or null, got 42"),
+        # An import tagged runs with these: a list reached MLflow's database, mid-import.
+        ({"machine": {"cpu_cells": ["compiled"]}}, "machine.cpu_cells: expected text or null"),
+        ({"machine": {"switches": {"HDETACH_X": 1}}}, "machine.switches: expected names and"),
+        ({"study": {**STUDY_JSON, "name": "x/y"}}, "study.name: expected a study name, got the"),
+        ({"study": {**STUDY_JSON, "name": "x" * 300}}, "study.name: a study name is at most 200"),
+        ({"study": {**STUDY_JSON, "overrides": 5}}, "study.overrides: expected a list, got 5"),
+        (
+            {"study": {**STUDY_JSON, "overrides": [["a"]]}},
+            "study.overrides: expected [key, value]",
+        ),
+        # Cut short: it would be held completed at half its curve, for good.
+        ({"status": "completed", "curve": [{"iteration": 10}]}, "curve ends at 10 of its 20"),
+        ({"status": "running", "curve": [{"iteration": 30}]}, "curve ends at 30 of its 20"),
     ],
 )
 def test_an_unusable_file_is_one_line_naming_it(

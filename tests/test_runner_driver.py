@@ -36,8 +36,9 @@ from study.cli import main
 from study.errors import ConfigError
 from study.pack_layout import KNOWN_GPUS
 from study.runner import resume_study
-from study.runner.state import STATE_FILE, TRIAL_STATES, StudyState, driving
+from study.runner.state import STATE_FILE, TRIAL_STATES, StudyState
 from study.spec import load_spec
+from study.tracking.stores import driving
 from study.tracking.tags import pack_gpu_from_tags
 
 

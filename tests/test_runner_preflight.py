@@ -12,8 +12,9 @@ from runner_fixtures import run
 from study.errors import ConfigError
 from study.runner import run_study
 from study.runner.preflight import check_gpus, check_ray_address, refuse_existing
-from study.runner.state import DRIVER_LOCK, STATE_FILE
+from study.runner.state import STATE_FILE
 from study.spec import load_spec
+from study.tracking.stores import DRIVER_LOCK
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@ the driver lock."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 from runner_fixtures import saved_state
 
 from study.errors import ConfigError
-from study.runner.state import STATE_FILE, StudyState, driving
+from study.runner.state import STATE_FILE, StudyState
 
 
 def test_a_study_folder_copied_or_moved_is_not_resumed_into_the_old_store(tmp_path: Path) -> None:
@@ -40,16 +39,3 @@ def test_an_unreadable_study_record_is_one_line(tmp_path: Path, record: str) -> 
         StudyState.load(tmp_path / "out", "kept")
     assert str(raised.value).startswith(f"{path}: not a readable study record (")
     assert "\n" not in str(raised.value)
-
-
-def test_a_second_driver_of_a_study_is_refused_while_the_first_holds_it(tmp_path: Path) -> None:
-    folder = tmp_path / "ray" / "kept"
-    with driving(folder, "kept"):
-        with pytest.raises(ConfigError) as raised, driving(folder, "kept"):
-            pass
-        assert str(raised.value) == (
-            f"study kept is running now (driver pid {os.getpid()}, lock {folder}/driver.lock): "
-            "stop it first (Ctrl-C, or kill PID), or wait for it to end"
-        )
-    with driving(folder, "kept"):  # released with the first driver's block
-        pass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pickle
 import re
 import socket
@@ -22,6 +23,7 @@ from study.pack_layout import KNOWN_GPUS, GpuModel
 from study.space import make_plan
 from study.spec import load_spec
 from study.tracking import StudyContext, Tracker
+from study.tracking.stores import driving
 from study.tracking.tags import pack_gpu_from_tags, parent_tags
 
 ROLES = {"method": "scientific", "lr": "nuisance", "seed": "replicate", "task_options.T": "fixed"}
@@ -452,3 +454,16 @@ def test_a_damaged_pack_gpu_tag_is_a_one_line_error(text: str, message: str) -> 
     # read as another GPU, which would plan other packs than the study ran.
     with pytest.raises(ConfigError, match=f"parent run tag study.pack_gpu: .*{message}"):
         pack_gpu_from_tags({"study.pack_gpu": text})
+
+
+def test_a_second_driver_of_a_study_is_refused_while_the_first_holds_it(tmp_path: Path) -> None:
+    folder = tmp_path / "ray" / "kept"
+    with driving(folder, "kept"):
+        with pytest.raises(ConfigError) as raised, driving(folder, "kept"):
+            pass
+        assert str(raised.value) == (
+            f"study kept is running now (driver pid {os.getpid()}, lock {folder}/driver.lock): "
+            "stop it first (Ctrl-C, or kill PID), or wait for it to end"
+        )
+    with driving(folder, "kept"):  # released with the first driver's block
+        pass

@@ -16,12 +16,13 @@ from study.runner import orphans
 from study.runner.preflight import check_data_here, check_gpus, refuse_existing
 from study.runner.progress import ConsoleProgress
 from study.runner.session import ray_session
-from study.runner.state import StudyState, driving
+from study.runner.state import StudyState
 from study.runner.trainable import members_of
 from study.runner.tuner import Tuners, cell_name
 from study.space import Plan
 from study.spec import StudySpec
 from study.tracking import StudyContext, Tracker, stops, stores
+from study.tracking.stores import driving
 from study.tracking.tags import pack_gpu_from_tags, parent_status, parent_tags
 from study.vocabulary import COMPLETED, DIVERGED, FAILED, RUNNING
 

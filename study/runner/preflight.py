@@ -13,11 +13,12 @@ import ray
 
 from study import space
 from study.errors import ConfigError, check_reachable
-from study.runner.state import DRIVER_LOCK, recorded_store
+from study.runner.state import recorded_store
 from study.space import Plan
 from study.spec import AUTO_GPUS, StudySpec
 from study.tasks import TASKS
 from study.tracking import open_store, store_label, store_uri
+from study.tracking.stores import DRIVER_LOCK
 from study.tracking.tags import IMPORTED_TAG
 
 

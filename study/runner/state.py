@@ -3,11 +3,7 @@ every trial of the study carries into Ray."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,11 +20,6 @@ from study.tracking.tags import IMPORTED_TAG
 # every 10 s or more) can name a checkpoint its rotation has already deleted, and the trial then
 # cannot be resumed at all. Tune restarts unfinished trials; they continue from this file.
 TRIAL_STATES = "trial_states"
-# Held (flock) by the one driver that runs or resumes the study: a second `study resume` while
-# it runs would restore the same Tune state and train every unfinished trial twice, both logging
-# into the same MLflow runs. The kernel drops the lock with its process, kill -9 included, and
-# Ray's processes do not inherit it (Python opens files non-inheritable).
-DRIVER_LOCK = "driver.lock"
 
 
 @dataclass(frozen=True)
@@ -141,25 +132,3 @@ def recorded_store(experiment_dir: Path) -> str | None:
         return json.loads((experiment_dir / STATE_FILE).read_text())["tracking_uri"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-@contextlib.contextmanager
-def driving(experiment_dir: Path, name: str) -> Iterator[None]:
-    """Hold the study's driver lock for the block; ConfigError naming the driver that holds it."""
-    experiment_dir.mkdir(parents=True, exist_ok=True)
-    path = experiment_dir / DRIVER_LOCK
-    with path.open("a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise ConfigError(
-                f"study {name} is running now (driver pid {holder}, lock {path}): stop it first "
-                "(Ctrl-C, or kill PID), or wait for it to end"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,12 @@ from study.errors import ConfigError, absolute, one_line
 
 # Our own record of a study, next to Ray's state in DIR/ray/NAME (study.runner.state).
 STATE_FILE = "study.json"
+# Held (flock) by the one driver that runs or resumes the study, and by an import into it: a
+# second `study resume` while it runs would restore the same Tune state and train every
+# unfinished trial twice, both logging into the same MLflow runs, and an import meanwhile would
+# have its trials log again the steps it wrote. The kernel drops the lock with its process, kill
+# -9 included, and Ray's processes do not inherit it (Python opens files non-inheritable).
+DRIVER_LOCK = "driver.lock"
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
@@ -138,3 +145,25 @@ def refuse_folder(database: Path | None, flag: str) -> None:
     )
     folder = absolute(database)
     raise ConfigError(f"{flag}: {folder} is a folder, not a SQLite database file; {hint}")
+
+
+@contextlib.contextmanager
+def driving(experiment_dir: Path, name: str) -> Iterator[None]:
+    """Hold the study's driver lock for the block; ConfigError naming the driver that holds it."""
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    path = experiment_dir / DRIVER_LOCK
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise ConfigError(
+                f"study {name} is running now (driver pid {holder}, lock {path}): stop it first "
+                "(Ctrl-C, or kill PID), or wait for it to end"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
