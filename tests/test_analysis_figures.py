@@ -40,11 +40,25 @@ def test_curves_have_one_line_per_seed_in_every_panel():
     # Rows: 2 lrs x 2 clips; columns: vanilla and h-detach.
     assert len(panels) == 8
     for ax in panels:
-        expected = 4 if ax.get_title() == "vanilla, lr=0.001, clip=1" else 3
+        expected = 5 if ax.get_title() == "vanilla, lr=0.001, clip=1" else 3
         assert len(_seed_lines(ax)) == expected, ax.get_title()
     running = [ax for ax in panels if ax.get_title() == "vanilla, lr=0.001, clip=1"][0]
     labels = [line.get_label() for line in _seed_lines(running)]
-    assert "seed 3 (running)" in labels and not any("seed 4" in label for label in labels)
+    # Every trial of the plan is drawn: the failed one too, dotted up to where it failed.
+    assert "seed 3 (running)" in labels and "seed 4 (failed)" in labels
+    failed = [line for line in _seed_lines(running) if line.get_label() == "seed 4 (failed)"]
+    assert failed[0].get_linestyle() == ":"
+
+
+def test_a_planned_method_with_no_trial_started_has_its_column():
+    trials = grid({("none", 0.0): {(1e-3, 1.0): [GOOD] * 3}})
+    study = Study("s", "sqlite:///x", "p", 6, 0.99, trials,
+                  planned_variants=(("none", 0.0), ("h_detach", 0.25)))  # fmt: skip
+    figure = curves_figure(analyse(study), "copying T=100")
+    titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
+    assert titles == ["vanilla, lr=0.001, clip=1", "h-detach p=0.25, lr=0.001, clip=1"]
+    empty = figure.axes[1]
+    assert not _seed_lines(empty) and [t.get_text() for t in empty.texts] == ["no trial started"]
 
 
 def test_heatmap_annotates_success_counts():

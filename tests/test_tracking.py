@@ -24,7 +24,7 @@ from study.space import make_plan
 from study.spec import load_spec
 from study.tracking import StudyContext, Tracker
 from study.tracking.stores import driving
-from study.tracking.tags import pack_gpu_from_tags, parent_tags
+from study.tracking.tags import pack_gpu_from_tags, parent_tags, variants_from_tags
 
 ROLES = {"method": "scientific", "lr": "nuisance", "seed": "replicate", "task_options.T": "fixed"}
 PACK_TAGS = {"study.pack": "p0001", "study.pack_size": "2"}
@@ -427,6 +427,14 @@ def test_the_gpu_that_sized_auto_packs_travels_in_the_parent_runs_tags(
     # A local device that is no known GPU (an H100 PCIe's 114 SMs) comes back as it was.
     local = GpuModel("local", "NVIDIA H100 PCIe", 114)
     assert pack_gpu_from_tags(parent_tags(make_plan(plan.spec, local))) == local
+
+
+def test_the_plans_methods_travel_in_the_parent_runs_tags() -> None:
+    """So that the report names a method none of whose trials has started."""
+    tags = parent_tags(make_plan(load_spec("search_spaces/quick.yaml")))
+    assert json.loads(tags["study.variants"]) == [["h_detach", 0.25], ["none", 0.0]]
+    assert variants_from_tags(tags) == (("h_detach", 0.25), ("none", 0.0))
+    assert variants_from_tags({}) == ()  # an Optuna study's, or one from before the tag
 
 
 def test_no_pack_gpu_tag_without_auto_or_without_a_gpu(tmp_path: Path) -> None:

@@ -44,11 +44,14 @@ def png_bytes(figure: Figure) -> bytes:
 def curves_figure(analysis: Analysis, task: str) -> Figure:
     """Val accuracy against iteration, one line per seed; rows lr x clip, columns methods.
 
-    As the paper's Fig. 2, 3, 6 and 8, but every seed is drawn instead of the best one. Running
-    trials are dashed; a diverged run ends in a cross; failed runs have no curve worth drawing.
+    As the paper's Fig. 2, 3, 6 and 8, but every seed is drawn instead of the best one: a figure
+    holds every trial of its plan. Running trials are dashed; a diverged run ends in a cross; a
+    failed one is dotted up to where it failed (in the legend even with no point); a method of
+    the plan with no trial yet has its column, marked so.
     """
-    trials = [t for t in analysis.trials if t.task == task and t.state != "failed"]
-    variants = sorted({t.variant for t in trials}, key=_variant_order)
+    trials = [t for t in analysis.trials if t.task == task]
+    planned = analysis.variants.get(task, [])
+    variants = sorted({t.variant for t in trials} | set(planned), key=_variant_order)
     settings = sorted({(t.lr, t.clip_norm) for t in trials}, key=_setting_order)
     rows, cols = max(len(settings), 1), max(len(variants), 1)
     figure = Figure(figsize=(3.4 * cols, 2.5 * rows), layout="constrained")
@@ -61,7 +64,7 @@ def curves_figure(analysis: Analysis, task: str) -> Figure:
             ]
             for trial in sorted(panel, key=lambda t: t.seed):
                 color = _SEED_COLORS[trial.seed % len(_SEED_COLORS)]
-                style = "--" if trial.state == "running" else "-"
+                style = {"running": "--", "failed": ":"}.get(trial.state, "-")
                 note = "" if trial.state == "completed" else f" ({trial.state})"
                 ax.plot(
                     trial.val_steps,
@@ -71,7 +74,7 @@ def curves_figure(analysis: Analysis, task: str) -> Figure:
                     lw=1.2,
                     label=f"seed {trial.seed}{note}",
                 )
-                if trial.state == "diverged" and len(trial.val_steps):
+                if trial.state in ("diverged", "failed") and len(trial.val_steps):
                     ax.plot(trial.val_steps[-1], trial.val_acc[-1], "x", color=color, ms=7)
             ax.axhline(analysis.study.target, color="grey", ls=":", lw=1)
             title = f"{variant_label(*variant)}, lr={format_float(lr)}, clip={format_clip(clip)}"
@@ -80,6 +83,9 @@ def curves_figure(analysis: Analysis, task: str) -> Figure:
             ax.grid(alpha=0.3)
             if panel:
                 ax.legend(fontsize=7, loc="lower right")
+            else:
+                ax.text(0.5, 0.5, "no trial started", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=8, color="grey")  # fmt: skip
             if r == rows - 1:
                 ax.set_xlabel("iteration")
             if c == 0:

@@ -29,6 +29,7 @@ from study.tracking.tags import (
     base_iterations_from_tags,
     claims_from_tags,
     overrides_from_tags,
+    variants_from_tags,
 )
 from study.vocabulary import COMPLETED, DIVERGED, parse_clip
 
@@ -101,6 +102,9 @@ class Study:
     claims: tuple[Claim, ...] = ()
     overrides: tuple[tuple[str, object], ...] = ()
     base_iterations: int | None = None
+    # The (method, p_detach) pairs of the plan (parent tag study.variants; none for Optuna):
+    # a method whose trials have not started is still named by the report.
+    planned_variants: tuple[tuple[str, float], ...] = ()
     # Made by `study import` from result files: its pending trials train by `study trial
     # --space`, there is no Ray state for `study resume`.
     imported: bool = False
@@ -169,6 +173,7 @@ def load_study(name: str, tracking_uri: str) -> Study:
         claims=claims_from_tags(tags),
         overrides=overrides_from_tags(tags),
         base_iterations=base_iterations_from_tags(tags),
+        planned_variants=variants_from_tags(tags),
         imported=tags.get(IMPORTED_TAG) == "true",
     )
 

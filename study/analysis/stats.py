@@ -179,6 +179,8 @@ class Analysis:
     paired: list[PairedComparison] = field(default_factory=list)
     iqm: list[IQM] = field(default_factory=list)
     expected_best: list[ExpectedBest] = field(default_factory=list)
+    # Per task, the methods (method, p_detach) compared: the plan's and those of the trials.
+    variants: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
     # The space's claims tested on these runs (claims.ClaimResult), filled by the report:
     # claims.py builds on this module, so the type is named there, not here.
     claims: list[Any] = field(default_factory=list)
@@ -194,6 +196,13 @@ def analyse(study: Study) -> Analysis:
     trials = best_tuned_trials(study.trials, study.tuned) if study.tuned else study.trials
     runs = [score_run(trial, study.target) for trial in trials if trial.finished]
     cells = cell_stats(trials, runs)
+    variants = {
+        task: sorted(
+            {t.variant for t in trials if t.task == task} | set(study.planned_variants),
+            key=_cell_order,
+        )
+        for task in {t.task for t in trials}
+    }
     return Analysis(
         study=study,
         trials=trials,
@@ -201,9 +210,10 @@ def analyse(study: Study) -> Analysis:
         cells=cells,
         lr_sensitivity=lr_sensitivity(cells),
         clipping=clipping_dependence(runs),
-        paired=paired_comparisons(runs),
-        iqm=interquartile_means(runs),
+        paired=paired_comparisons(runs, variants),
+        iqm=interquartile_means(runs, variants),
         expected_best=expected_best_curves(runs),
+        variants=variants,
     )
 
 
@@ -431,9 +441,11 @@ def clipping_dependence(runs: list[RunResult]) -> list[ClipDependence]:
     return results
 
 
-def paired_comparisons(runs: list[RunResult]) -> list[PairedComparison]:
-    """P(method better than vanilla) per task and non-vanilla method, paired by (lr, clip, seed)
-    and every other param (_pairing_key).
+def paired_comparisons(
+    runs: list[RunResult], variants: dict[str, list[tuple[str, float]]] | None = None
+) -> list[PairedComparison]:
+    """P(method better than vanilla) per task and non-vanilla method of `variants` (one with no
+    finished run has no pairs), paired by (lr, clip, seed) and every other param (_pairing_key).
 
     Per pair the score is 1 if the method's best val accuracy is higher, 1/2 on a tie, 0 if lower
     (the "probability of improvement" of Agarwal et al. 2021). Only lr x clip cells with
@@ -441,9 +453,12 @@ def paired_comparisons(runs: list[RunResult]) -> list[PairedComparison]:
     """
     by_variant = _group(runs, lambda r: (r.trial.task, *r.trial.variant))
     results = []
-    for (task, method, p_detach), members in sorted(by_variant.items(), key=_item_order):
+    variants = variants or {}
+    compared = {(task, *variant) for task in variants for variant in variants[task]}
+    for task, method, p_detach in sorted(compared | set(by_variant), key=_cell_order):
         if (method, p_detach) == VANILLA:
             continue
+        members = by_variant.get((task, method, p_detach), [])
         baseline = {_pairing_key(r.trial): r for r in by_variant.get((task, *VANILLA), [])}
         cells: dict[tuple, list[tuple[RunResult, RunResult]]] = defaultdict(list)
         for run in members:
@@ -477,9 +492,12 @@ def _pairing_key(trial: Trial) -> tuple:
     return (trial.lr, trial.clip_norm, trial.seed, tuple(others))
 
 
-def interquartile_means(runs: list[RunResult]) -> list[IQM]:
+def interquartile_means(
+    runs: list[RunResult], variants: dict[str, list[tuple[str, float]]] | None = None
+) -> list[IQM]:
     """IQM (25% trimmed mean, scipy) of best val accuracy per task and method, over the runs of
-    the lr x clip cells in which every method of the task has >= MIN_SEEDS finished seeds (the
+    the lr x clip cells in which every method of the task (`variants`, those with no finished
+    run included) has >= MIN_SEEDS finished seeds (the
     cross-cell rule; the same cells for all, or a method could look better for having finished
     only its easy cells). Below 4 runs it trims nothing and is the mean.
 
@@ -488,6 +506,7 @@ def interquartile_means(runs: list[RunResult]) -> list[IQM]:
     """
     by_variant = _group(runs, lambda r: (r.trial.task, *r.trial.variant))
     by_task_cell = _group(runs, lambda r: (r.trial.task, r.trial.lr, r.trial.clip_norm))
+    variants = variants or {}
     variants_of = _group(runs, lambda r: (r.trial.task,))
     common = {
         (task, lr, clip)
@@ -495,11 +514,13 @@ def interquartile_means(runs: list[RunResult]) -> list[IQM]:
         if all(
             sum(r.trial.variant == variant for r in members) >= MIN_SEEDS
             for variant in {r.trial.variant for r in variants_of[(task,)]}
+            | set(variants.get(task, []))
         )
     }
     results = []
-    for key in sorted(by_variant, key=_cell_order):
-        by_cell = _group(by_variant[key], lambda r: (r.trial.lr, r.trial.clip_norm))
+    compared = {(task, *variant) for task in variants for variant in variants[task]}
+    for key in sorted(compared | set(by_variant), key=_cell_order):
+        by_cell = _group(by_variant.get(key, []), lambda r: (r.trial.lr, r.trial.clip_norm))
         strata = [
             np.array([r.best for r in members])
             for cell, members in by_cell.items()
@@ -553,10 +574,6 @@ def _group(runs: list[RunResult], key: Callable[[RunResult], tuple]) -> dict[tup
 def _cell_order(key: tuple) -> tuple:
     # Display order: method "none" (vanilla) first, and no clipping (None) before any clip norm.
     return tuple((value != "none", value is not None, value or 0) for value in key)
-
-
-def _item_order(item: tuple) -> tuple:
-    return _cell_order(item[0])
 
 
 def _nanmedian(values: Iterable[float]) -> float:

@@ -19,6 +19,11 @@ from study.vocabulary import FAILED
 IMPORTED_TAG = "study.imported"
 
 
+# A random search that draws p_detach has a variant per trial: past this many, none are kept
+# (MLflow tags hold 8,000 characters).
+MAX_VARIANTS = 100
+
+
 def parent_tags(plan: Plan) -> dict[str, str]:
     """Every tag of a new study's parent run (study run and study import write the same)."""
     spec = plan.spec
@@ -40,6 +45,11 @@ def parent_tags(plan: Plan) -> dict[str, str]:
         tags["study.base_iterations"] = str(spec.base_iterations)
     if spec.overrides:
         tags["study.overrides"] = json.dumps([list(pair) for pair in spec.overrides])
+    variants = sorted({(t.config.method, t.config.p_detach) for t in plan.trials})
+    if variants and len(variants) <= MAX_VARIANTS:  # Optuna plans no trials: its report names
+        # the methods of the trials it ran. Kept, a method with no run yet is named "not enough
+        # data" by the report, not left out of every line.
+        tags["study.variants"] = json.dumps([list(v) for v in variants])
     if spec.resources.pack == AUTO_PACK:
         # What auto resolved to, and for which GPU: `study resume` plans the same packs.
         tags["study.pack_auto"] = str(plan.pack_size)
@@ -55,6 +65,12 @@ def claims_from_tags(tags: dict[str, str]) -> tuple[Claim, ...]:
     """The claims a parent run's tags hold (none for a study without claims)."""
     text = tags.get("study.claims")
     return tuple(Claim(**item) for item in json.loads(text)) if text else ()
+
+
+def variants_from_tags(tags: dict[str, str]) -> tuple[tuple[str, float], ...]:
+    """The (method, p_detach) pairs the study's plan trains (none for Optuna, or older studies)."""
+    text = tags.get("study.variants")
+    return tuple((str(method), float(p)) for method, p in json.loads(text)) if text else ()
 
 
 def overrides_from_tags(tags: dict[str, str]) -> tuple[tuple[str, object], ...]:
