@@ -159,3 +159,20 @@ def test_budget_fraction_is_iterations_run_over_the_files():
 )
 def test_the_verdict_rule(interval, expect, wanted):
     assert verdict(0.15 if interval[0] > 0 else -0.15, interval, 0.0, expect) == wanted
+
+
+def test_a_claim_over_several_p_names_one_instead_of_pooling_them():
+    """Pooled, each vanilla run paired with h-detach at both p, as two independent pairs."""
+    study = _study({"h_detach": [0.9, 0.8], "none": [0.5, 0.3]})
+    at_half = [dataclasses.replace(t, p_detach=0.5, trial_id=t.trial_id + "b",
+                                   params={**t.params, "p_detach": "0.5"})
+               for t in study.trials if t.method == "h_detach"]  # fmt: skip
+    both = dataclasses.replace(study, trials=study.trials + at_half)
+    result = evaluate_claim(analyse(both), _claim("p_better"), BUDGET)
+    assert result.verdict == INCONCLUSIVE and result.runs == 0
+    assert result.reason == (
+        "h_detach runs at p_detach 0.25, 0.5 here: the claim must name one "
+        "(where: {p_detach: ...})"
+    )
+    named = _claim("p_better", where={"p_detach": 0.5})
+    assert evaluate_claim(analyse(both), named, BUDGET).verdict == SUPPORTED

@@ -105,6 +105,11 @@ def evaluate_claim(analysis: Analysis, claim: Claim, base_iterations: int | None
         nothing = (math.nan, math.nan)
         return _result(analysis, claim, math.nan, nothing, [], 0, base_iterations,
                        outside=_outside(claim))  # fmt: skip
+    several = _several_p(analysis, claim)
+    if several:  # pooled, each baseline run would count once per p, as if independent
+        nothing = (math.nan, math.nan)
+        return _result(analysis, claim, math.nan, nothing, [], 0, base_iterations,
+                       outside=several)  # fmt: skip
     method = _strata(runs, claim.method, claim.statistic)
     baseline = _strata(runs, claim.baseline, claim.statistic) if claim.baseline else {}
     if claim.statistic == "p_better":
@@ -257,6 +262,21 @@ def _outside(claim: Claim) -> str:
         f"no trial of this study is one the claim is about ({methods}"
         f"{f' at {scope}' if scope else ''}): its grid lacks them"
     )
+
+
+def _several_p(analysis: Analysis, claim: Claim) -> str:
+    """Why a claim without `where: p_detach` has no verdict where its method runs at several p
+    ("" where it runs at one): a method at each p is a method of its own (the report's lines
+    compare each), and pooled they would pair every baseline run more than once."""
+    for method in (claim.method, claim.baseline):
+        values = {t.p_detach for t in analysis.trials if t.method == method and _applies(t, claim)}
+        if method not in (None, "none") and len(values) > 1:
+            shown = ", ".join(f"{p:g}" for p in sorted(values))
+            return (
+                f"{method} runs at p_detach {shown} here: the claim must name one "
+                "(where: {p_detach: ...})"
+            )
+    return ""
 
 
 def _applies(trial: Trial, claim: Claim) -> bool:
