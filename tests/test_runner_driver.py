@@ -234,6 +234,18 @@ def test_logs_to_an_mlflow_server(tmp_path: Path, mlflow_server: str) -> None:
     assert StudyState.load(tmp_path / "out", "served").tracking_uri == mlflow_server
 
 
+def test_a_trial_stopped_before_tune_set_it_up_is_left_to_close_unfinished() -> None:
+    """Ctrl-C in the first seconds: Tune's result for a trial it never started has no config
+    (members_of raised TypeError on it, a traceback instead of the summary)."""
+    from ray.tune import Result
+
+    from study.runner.driver import _reconcile
+
+    never = Result(metrics=None, checkpoint=None, error=None, path="/tmp/ray/quick/t0000")
+    assert never.config is None
+    assert _reconcile(None, None, [never]) == {}  # type: ignore[arg-type]  # nothing to mark
+
+
 def test_resume_says_at_once_when_the_studys_server_is_down(tmp_path: Path) -> None:
     port = free_port()
     saved_state(tmp_path / "out", f"http://127.0.0.1:{port}")

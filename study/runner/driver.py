@@ -177,6 +177,8 @@ def _reconcile(tracker: Tracker, context: StudyContext, results: Any) -> dict[st
     no scheduler stops trials early here."""
     outcomes: dict[str, str | None] = {}
     for result in results:
+        if not result.config:  # stopped before Tune set the trial up: it never ran
+            continue
         members = members_of(result.config, Path(result.path).name)
         metrics = result.metrics or {}
         for trial_id, _, _ in members:
