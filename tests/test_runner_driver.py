@@ -348,6 +348,34 @@ def test_sigterm_stops_a_study_as_ctrl_c_does(tmp_path: Path) -> None:
     resume_to_completion("termed", 4, output, env)
 
 
+@pytest.mark.slow
+def test_timeouts_sigterm_to_its_whole_group_stops_the_study_as_ctrl_c_does(
+    tmp_path: Path,
+) -> None:
+    """`timeout` signals the driver, then its own process group, which Ray's GCS and raylet had
+    joined: they died with it, and the driver waited 60 s for its GCS, printed no summary and
+    left its runs RUNNING. 20 s: Ray is up and the trials (about a minute) are running."""
+    body = tiny_copying(
+        model={"hidden_size": 64}, fixed={"iterations": 8000, "eval_every": 40, "batch_size": 50}
+    )
+    path = write_space(tmp_path, "grouped", body)
+    output = tmp_path / "out"
+    started = time.monotonic()
+    ran = subprocess.run(
+        ["timeout", "-s", "TERM", "20", STUDY, "run", str(path), "--output", str(output)],
+        capture_output=True, text=True, env=without_ray_address(), timeout=200,
+        start_new_session=True,
+    )  # fmt: skip
+    out = ran.stdout + ran.stderr
+    assert time.monotonic() - started < 50, out  # not the GCS's 60 s
+    assert "Traceback" not in out and "Failed to connect to GCS" not in out, out
+    assert f"unfinished; continue with: study resume grouped --output {output}" in out
+    uri = tracking.store_uri(output)
+    assert tracking.open_store(uri).find_parent("grouped").status == "KILLED"
+    statuses = {r.info.status for r in children(uri, "grouped").values()}
+    assert statuses and statuses <= {"FINISHED", "KILLED"}, statuses
+
+
 def _sigterm_midway(path: Path, output: Path, name: str, env: dict) -> tuple[int, str]:
     """`study run` of the space, SIGTERM to its driver once a trial has logged 2 to 12 steps;
     (exit status, output)."""

@@ -44,6 +44,7 @@ def ray_session(address: str | None, cpus_per_trial: float) -> Iterator[str | No
             ) from None
     else:
         cpus = max(os.cpu_count() or 1, math.ceil(cpus_per_trial))
+        _lead_own_process_group()
         # "local": a new Ray of our own, even when a `ray start` cluster runs on this machine.
         with _loopback_only():
             local = ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
@@ -57,6 +58,23 @@ def ray_session(address: str | None, cpus_per_trial: float) -> Iterator[str | No
     finally:
         signal.signal(signal.SIGTERM, previous)
         ray.shutdown()
+
+
+def _lead_own_process_group() -> None:
+    """Lead a process group of our own before starting the local Ray, whose GCS and raylet join
+    the driver's group, unless a terminal's Ctrl-C reaches us through the group we are in. A
+    SIGTERM sent to the group that started us (`timeout`, `kill -- -PGID`) then reaches the
+    driver alone, which stops Tune through a GCS still there; killed with it, the driver waited
+    60 s for the GCS and ended with no summary, its runs left RUNNING."""
+    if os.getpgrp() == os.getpid():
+        return  # a leader already (started by a shell, or in a session of its own)
+    try:
+        with open("/dev/tty") as terminal:  # noqa: PTH123 (a file descriptor is what is asked)
+            if os.tcgetpgrp(terminal.fileno()) == os.getpgrp():
+                return  # in the terminal's foreground group: that is how Ctrl-C arrives
+    except OSError:
+        pass  # no controlling terminal: a batch job's
+    os.setpgrp()
 
 
 @contextlib.contextmanager
