@@ -21,6 +21,7 @@ from study.errors import ConfigError
 from study.methods import METHODS
 from study.overrides import (
     AXIS_SECTIONS,
+    PARAM_SECTIONS,
     apply_overrides,
     checked_together,
     overrides_hash,
@@ -28,19 +29,7 @@ from study.overrides import (
 )
 from study.spec_checks import MAX_SEARCH_SEED, PARAMS, Axis, Checker, Range, UniqueKeyLoader
 
-SECTIONS = (
-    "task",
-    "model",
-    "fixed",
-    "scientific",
-    "nuisance",
-    "replicates",
-    "search",
-    "resources",
-    "target",
-    "claims",
-    "smoke",
-)
+SECTIONS = (*PARAM_SECTIONS, "replicates", "search", "resources", "target", "claims", "smoke")
 SEARCHERS = ("grid", "random", "optuna")
 METRICS = ("val/accuracy", "val/loss", "best/val_accuracy")
 DEFAULT_MAX_FAILURES = 2
@@ -48,6 +37,9 @@ AUTO_GPUS = "auto"  # resources.gpus: one GPU per trial where the cluster has GP
 AUTO_PACK = "auto"  # resources.pack: the most trials whose kernels stay resident on the GPU
 # Past it `plan` and `run` refuse, naming the count, before expanding the grid (minutes).
 MAX_TRIALS = 100_000
+# A trial's CPUs are its torch threads (and GPUs its devices): beyond any machine's, torch and
+# Ray overflow.
+MAX_CPUS = 4096
 
 
 @dataclass(frozen=True)
@@ -121,9 +113,9 @@ def _gpus(check: Checker, value: Any) -> float | str:
     if value == AUTO_GPUS:
         return AUTO_GPUS
     try:
-        return check.number("resources.gpus", value)
+        return check.number("resources.gpus", value, maximum=MAX_CPUS)
     except ConfigError:
-        message = f"must be a number >= 0 or {AUTO_GPUS}, got {value!r}"
+        message = f"must be a number from 0 to {MAX_CPUS} or {AUTO_GPUS}, got {value!r}"
         raise check.error("resources.gpus", message) from None
 
 
@@ -351,7 +343,7 @@ def _build(raw: dict[str, Any], name: str, where: str, smoke: bool) -> StudySpec
     check.keys("resources", resources_raw, [f.name for f in dataclasses.fields(Resources)])
     max_concurrent = resources_raw.get("max_concurrent")
     resources = Resources(
-        cpus=check.number("resources.cpus", resources_raw.get("cpus", 1), positive=True),
+        cpus=check.number("resources.cpus", resources_raw.get("cpus", 1), True, MAX_CPUS),
         gpus=_gpus(check, resources_raw.get("gpus", 0)),
         max_concurrent=None
         if max_concurrent is None
@@ -446,6 +438,10 @@ def _probe_values(spec: StudySpec, check: Checker) -> None:
     probes.append(("", None))  # the base point itself
     method_axis = {**spec.scientific, **spec.nuisance}.get("method", [])
     methods = [m for m in _values(method_axis) if m != "none"]
+    unused = [v for p, v in probes if p == "p_detach" and v != 0]
+    if unused and not methods and base.get("method", "none") == "none":  # p is forced to 0
+        message = "but no method of this space detaches: add h_detach or c_detach, or drop it"
+        raise check.error(f"{locations['p_detach']}.p_detach", f"{unused[0]!r}, {message}")
     for param, value in probes:
         point = dict(base)
         if param:

@@ -116,7 +116,9 @@ class Checker:
             raise self.error(field, f"must be one of {', '.join(allowed)}, got {value!r}")
         return value
 
-    def number(self, field: str, value: Any, positive: bool = False) -> float:
+    def number(
+        self, field: str, value: Any, positive: bool = False, maximum: float | None = None
+    ) -> float:
         if isinstance(value, bool):
             raise self.error(field, _bool_hint(value))
         try:
@@ -128,6 +130,8 @@ class Checker:
         if not math.isfinite(number) or number < 0 or (positive and number == 0):
             bound = f"{'>' if positive else '>='} 0"
             raise self.error(field, f"must be a finite number {bound}, got {value}")
+        if maximum is not None and number > maximum:
+            raise self.error(field, f"must be at most {maximum:g}, got {value}")
         return number
 
     def integer(
