@@ -359,6 +359,8 @@ def estimate(plan: Plan, gpu: str, folder: Path | None = None) -> Estimate:
 
 def _pack_estimate(table: CostTable, pack: Pack) -> PackEstimate:
     config = pack.trials[0].config  # a pack's members share these fields (packed_train)
+    if config.device == "cpu":  # `auto` trains on the GPU the table prices; `cpu` never does
+        raise ConfigError("device cpu: its trials train on a CPU, which no GPU table prices")
     steps = sequence_length(config.task, config.task_options)
     if steps is None:
         raise ConfigError(

@@ -55,9 +55,10 @@ def write_table(folder: Path, raw: Any, gpu: str = "h200") -> Path:
 
 
 def small_plan(tmp_path: Path, pack: int, **overrides: Any) -> Any:
-    """4 copying trials (2 methods x 2 seeds), T=5 (25 steps), 720,000 iterations."""
+    """4 copying trials (2 methods x 2 seeds), T=5 (25 steps), 720,000 iterations, on a GPU
+    where there is one (a trial pinned to the CPU is not priced)."""
     body = tiny_copying(
-        fixed={"iterations": 720_000, "eval_every": 1000},
+        fixed={"iterations": 720_000, "eval_every": 1000, "device": "auto"},
         resources={"pack": pack},
         **overrides,
     )

@@ -47,7 +47,9 @@ def test_estimate_text_lines(tmp_path: Path) -> None:
 def test_several_studies_print_their_total_and_the_table_once(tmp_path: Path) -> None:
     write_table(tmp_path, table_json())
     four = costs.estimate(small_plan(tmp_path, 4), "h200", tmp_path)  # 1.0 h, priced whole
-    body = tiny_copying(fixed={"iterations": 600, "eval_every": 100}, resources={"pack": 9})
+    body = tiny_copying(
+        fixed={"iterations": 600, "eval_every": 100, "device": "auto"}, resources={"pack": 9}
+    )
     body["replicates"] = {"seeds": 5}  # a pack of 9 the table cannot price, and one of 1
     big = costs.estimate(
         make_plan(load_spec(write_space(tmp_path, "big", body))), "h200", tmp_path

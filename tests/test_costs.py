@@ -178,7 +178,9 @@ def test_a_pack_start_up_counts_once_per_pack(tmp_path: Path) -> None:
 def test_several_studies_add_up(tmp_path: Path) -> None:
     write_table(tmp_path, table_json())
     four = costs.estimate(small_plan(tmp_path, 4), "h200", tmp_path)  # priced whole
-    body = tiny_copying(fixed={"iterations": 600, "eval_every": 100}, resources={"pack": 9})
+    body = tiny_copying(
+        fixed={"iterations": 600, "eval_every": 100, "device": "auto"}, resources={"pack": 9}
+    )
     body["replicates"] = {"seeds": 5}  # a pack of 9 the table cannot price, and one of 1
     big = costs.estimate(
         make_plan(load_spec(write_space(tmp_path, "big", body))), "h200", tmp_path
@@ -199,7 +201,9 @@ def test_several_studies_add_up(tmp_path: Path) -> None:
 
 def test_estimate_lists_what_it_cannot_estimate(tmp_path: Path) -> None:
     write_table(tmp_path, table_json())
-    body = tiny_copying(fixed={"iterations": 600, "eval_every": 100}, resources={"pack": 9})
+    body = tiny_copying(
+        fixed={"iterations": 600, "eval_every": 100, "device": "auto"}, resources={"pack": 9}
+    )
     body["replicates"] = {"seeds": 5}  # 10 trials: a pack of 9 (beyond the table) and one of 1
     plan = make_plan(load_spec(write_space(tmp_path, "big", body)))
     result = costs.estimate(plan, "h200", tmp_path)
@@ -283,3 +287,13 @@ def test_fig4_estimate_on_h100_from_the_shipped_table() -> None:
     assert fp32.total_s == pytest.approx(100_000 * (15.76 + (52.8 - 15.76) * 9 / 15) / 1000)
     text = cost_text.estimate_text(_fig4(16, "tf32"), "h100")
     assert "estimate: 37 min of GPU time (training steps only) for 10 of 10 trials" in text
+
+
+def test_trials_pinned_to_the_cpu_are_not_priced_as_gpu_time(tmp_path: Path) -> None:
+    write_table(tmp_path, table_json())
+    body = tiny_copying(fixed={"iterations": 600, "eval_every": 100, "device": "cpu"})
+    result = costs.estimate(make_plan(load_spec(write_space(tmp_path, "cpu", body))), "h200",
+                            tmp_path)  # fmt: skip
+    assert result.packs == () and result.unestimated[0].reason == (
+        "device cpu: its trials train on a CPU, which no GPU table prices"
+    )
