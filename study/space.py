@@ -276,10 +276,26 @@ def _plan_packs(trials: Sequence[PlannedTrial], sizes: Sequence[int]) -> tuple[P
 def _random_draws(spec: StudySpec) -> list[dict[str, Any]]:
     """samples_per_cell nuisance points, shared by every cell: each method and seed is tried at
     the same nuisance settings, so cells differ only in what the study compares."""
-    draws = []
-    for k in range(spec.search.samples_per_cell):
-        rng = random.Random(f"{spec.search.seed}:{k}")
-        draws.append({p: _draw(rng, p, axis) for p, axis in spec.nuisance.items()})
+    wanted = spec.search.samples_per_cell
+    if all(not isinstance(axis, Range) for axis in spec.nuisance.values()):
+        distinct = math.prod(len(a) if isinstance(a, list) else 1 for a in spec.nuisance.values())
+        if wanted > distinct:
+            raise ConfigError(
+                f"{spec.source}: field search.samples_per_cell: {wanted} draws, but the nuisance "
+                f"lists hold {distinct} distinct points: ask for at most {distinct}, use the grid "
+                "searcher, or give a range"
+            )
+    draws: list[dict[str, Any]] = []
+    for k in range(wanted):
+        # A draw equal to an earlier one is drawn again (the planned trial would be dropped as a
+        # duplicate, and the cell get fewer samples than asked, unsaid); the first attempt's
+        # seed is the one every draw always had.
+        for attempt in itertools.count():
+            rng = random.Random(f"{spec.search.seed}:{k}" + (f":{attempt}" if attempt else ""))
+            draw = {p: _draw(rng, p, axis) for p, axis in spec.nuisance.items()}
+            if draw not in draws:
+                break
+        draws.append(draw)
     return draws
 
 

@@ -235,7 +235,8 @@ def test_optuna_cells_of_method_none_collapse_over_p_detach(tmp_path: Path) -> N
     "sections",
     [
         {"scientific": {"method": ["none", "h_detach", "c_detach"], "p_detach": [0.1, 0.5]}},
-        {"scientific": {"method": ["none"], "p_detach": [0.1, 0.5]}},
+        # A nonzero p where no method detaches is refused (spec.py); 0 is what none trains at.
+        {"scientific": {"method": ["none"], "p_detach": [0.0]}},
         {"scientific": {"p_detach": [0.1, 0.5]}, "fixed": {"method": "h_detach"}},
         {
             "scientific": {"method": ["none", "h_detach"], "p_detach": [0.25, 0.5]},
@@ -392,3 +393,17 @@ def test_a_grid_point_whose_values_conflict_is_one_line_naming_the_file_and_poin
         "anneal_fraction: set it or anneal_last, not both (got anneal_last 10 and "
         "anneal_fraction 0.1); null is off"
     )
+
+
+def test_random_draws_are_distinct_and_never_more_than_the_lists_hold(tmp_path: Path) -> None:
+    """A repeated draw was dropped as a duplicate trial: a cell got fewer samples than asked."""
+    lists = {"nuisance": {"lr": [0.01, 0.02, 0.03]}}
+    for samples in (2, 3):
+        body = tiny_copying(search={"searcher": "random", "samples_per_cell": samples}, **lists)
+        plan = space.make_plan(load_spec(write_space(tmp_path, f"r{samples}", body)))
+        assert plan.n_trials == samples * 2 * 2  # 2 methods x 2 seeds
+        assert len({t.config.lr for t in plan.trials}) == samples
+    body = tiny_copying(search={"searcher": "random", "samples_per_cell": 4}, **lists)
+    with pytest.raises(ConfigError, match=r"field search.samples_per_cell: 4 draws, but the "
+                       r"nuisance lists hold 3 distinct points"):  # fmt: skip
+        space.make_plan(load_spec(write_space(tmp_path, "r4", body)))
