@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -357,7 +358,7 @@ def _run_trial(args: argparse.Namespace) -> int:
         f"lr={config.lr:g} clip={config.clip_norm} seed={config.seed} | "
         f"iteration {final.get('iteration', 0)}, "
         f"val/accuracy {final.get('val/accuracy', float('nan')):.4f} "
-        f"(best {final.get('best/val_accuracy', float('nan')):.4f})"
+        f"(best {_last_finite(result.curve, 'best/val_accuracy'):.4f})"
     )
     if "test/accuracy" in final:
         summary += f", test/accuracy at best val {final['test/accuracy']:.4f}"
@@ -369,6 +370,13 @@ def _run_trial(args: argparse.Namespace) -> int:
     if args.out is not None and not _write_out(args.out, output):
         return 1
     return 0
+
+
+def _last_finite(curve: list[dict[str, float]], key: str) -> float:
+    """The key's last finite value: a diverged trial's last point has NaN where its running best
+    still stands in the points before."""
+    values = [point[key] for point in curve if key in point and math.isfinite(point[key])]
+    return values[-1] if values else math.nan
 
 
 def _run_trial_space(args: argparse.Namespace) -> int:

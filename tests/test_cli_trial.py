@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -308,3 +309,15 @@ def test_without_a_space_the_flags_left_out_take_their_defaults(tmp_path: Path) 
     for field in ("lr", "seed", "clip_norm", "device", "precision", "method", "optimizer"):
         assert config[field] == getattr(defaults, field), field
     assert config["task_options"] == {"T": 3, "train_size": 200, "val_size": 50}
+
+
+def test_a_diverged_trials_summary_keeps_its_best_so_far() -> None:
+    from study.cli_trial import _last_finite
+
+    # A diverged trial's last point holds the non-finite loss and no evaluation.
+    curve = [
+        {"iteration": 10, "best/val_accuracy": 0.13},
+        {"iteration": 13, "train/loss": math.inf},
+    ]
+    assert _last_finite(curve, "best/val_accuracy") == 0.13
+    assert math.isnan(_last_finite(curve[1:], "best/val_accuracy"))
