@@ -17,8 +17,13 @@ def version() -> str:
 
 def git_commit() -> str | None:
     """The checkout's commit, with "-dirty" when it has uncommitted changes; None outside git."""
-    here = Path(__file__).parent
+    here = Path(__file__).resolve().parent
     try:
+        top = Path(_git(here, "rev-parse", "--show-toplevel")).resolve()
+        # Only our own checkout: a non-editable install inside someone's repository (a venv in
+        # their project) would otherwise record their commit as this code's.
+        if top / "study" != here or 'name = "hdetach-study"' not in _pyproject(top):
+            return None
         commit = _git(here, "rev-parse", "HEAD")
         dirty = _git(here, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
@@ -30,3 +35,10 @@ def _git(folder: Path, *args: str) -> str:
     return subprocess.run(
         ["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=5, check=True
     ).stdout.strip()
+
+
+def _pyproject(top: Path) -> str:
+    try:
+        return (top / "pyproject.toml").read_text()
+    except OSError:
+        return ""
