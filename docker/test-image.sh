@@ -233,6 +233,9 @@ say "study image: study run search_spaces/quick.yaml --smoke"
 say "study image: study report quick"
 "${RUN[@]}" "$ctr" -- study report quick 2>&1 | sed 's/^/    /' \
   || fail "study image: the report failed"
+say "study image: study plan search_spaces/paper --gpu h100 --estimate (the shipped cost tables)"
+"${RUN[@]}" "$ctr" -- study plan search_spaces/paper --gpu h100 --estimate 2>&1 | grep '^all 8' \
+  | sed 's/^/    /' || fail "study image: no estimate from the image's cost tables"
 
 # --- the mlflow image: its default command, alone -------------------------------------------------
 ctr=$("${BUILDAH[@]}" from --pull-never "$MLFLOW")
