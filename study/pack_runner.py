@@ -411,20 +411,19 @@ def _span(ids: list[str]) -> str:
 
 
 def _finished_here(out: Path, info: StudyInfo, trial_ids: list[str]) -> dict[str, TrialRecord]:
-    """The chosen trials whose result file in `out` is finished; a file of another study or
-    space, or a damaged one, stops the run before it trains (one line naming the file)."""
+    """The chosen trials whose result file in `out` is finished. Any file there of another
+    study or space, or a damaged one, stops the run before it trains (one line naming the
+    file), the chosen trials' or not: the folder is imported as one study."""
     done = {}
-    for trial_id in trial_ids:
-        path = results.trial_path(out, trial_id)
-        if not path.exists():
-            continue
+    chosen = set(trial_ids)
+    for path in results.result_files(out) if out.is_dir() else []:
         record = results.read_record(path)
         try:
             results.check_same_study(record, info.name, info.space_hash, path)
         except results.ResultError as error:
             raise ConfigError(f"--out: {error}; give another --out folder") from None
-        if record.finished:
-            done[trial_id] = record
+        if record.finished and record.trial_id in chosen:
+            done[record.trial_id] = record
     return done
 
 

@@ -5,6 +5,7 @@ plan, are refused one line each, and the others still import."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import replace
@@ -51,6 +52,13 @@ def import_results(
     if not records and not any(message for _, _, message in found):
         shown = " ".join(str(folder) for folder in folders)
         raise ConfigError(f"{shown}: no result files (t0000.json ...) to import")
+    counts = Counter(record.study.name for _, record in records)
+    if len(counts) > 1:  # the first file's study would have decided, the others refused
+        shown = ", ".join(f"{study}: {n}" for study, n in sorted(counts.items()))
+        raise ConfigError(
+            f"{' '.join(str(folder) for folder in folders)}: result files of {len(counts)} "
+            f"studies ({shown} files); import each study's files on their own"
+        )
     output = absolute(output)
     study_name = name or (records[0][1].study.name if records else "")
     ray_state = output / "ray" / study_name

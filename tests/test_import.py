@@ -19,6 +19,7 @@ from result_fixtures import record
 
 from study import result_import, results, tracking
 from study.cli import main
+from study.errors import ConfigError
 from study.pack_layout import KNOWN_GPUS
 from study.pack_runner import run_space
 from study.results import ResultError, StudyInfo
@@ -211,9 +212,10 @@ def test_refused_files_change_nothing_and_the_others_import(
     assert sorted(store_contents(uri(store), "tiny")) == ["parent", "t0000", "t0002", "t0003"]
 
 
-def test_another_study_is_refused_and_name_renames(
+def test_files_of_two_studies_are_refused_together_and_name_renames(
     trained: tuple[Path, Path], tmp_path: Path, capsys
 ) -> None:
+    """Which file sorted first decided the study, and the other study's files were refused."""
     space, out = trained
     (tmp_path / "b").mkdir()
     elsewhere = write_space(tmp_path / "b", "other", tiny_copying())
@@ -221,9 +223,16 @@ def test_another_study_is_refused_and_name_renames(
     run_space(load_spec(elsewhere), other, packs=["p0000"], echo=lambda line: None)
     store = tmp_path / "store"
     capsys.readouterr()
-    assert main(["import", str(out), str(other), "--output", str(store)]) == 1
-    text = capsys.readouterr().out
-    assert f"refused: {other / 't0000.json'}: belongs to study other, not tiny" in text
+    assert main(["import", str(out), str(other), "--output", str(store)]) == 2
+    assert capsys.readouterr().err == (
+        f"study import: error: {out} {other}: result files of 2 studies (other: 1, tiny: 4 "
+        "files); import each study's files on their own\n"
+    )
+    assert not store.exists()
+    # And a folder holding the other study's files takes no trial of this one.
+    with pytest.raises(ConfigError, match=r"^--out: .*t0000.json: belongs to study other"):
+        run_space(load_spec(space), other, packs=["p0001"], echo=lambda line: None)
+    assert main(["import", str(out), "--output", str(store)]) == 0
     assert main(["import", str(out), "--output", str(store), "--name", "tiny-copy"]) == 0
     copy = store_contents(uri(store), "tiny-copy")
     assert copy["t0000"]["tags"]["study.name"] == "tiny-copy"
