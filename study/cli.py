@@ -198,7 +198,7 @@ def _ls(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or store_uri(args.output)
     summaries = list_studies(uri, flag)
     if not summaries and not store_exists(uri):  # a sqlite:/// file not there: said, not made
-        print(f"no studies: no MLflow database at {sqlite_path(uri)}")
+        print(f"no studies: no MLflow database at {sqlite_path(uri)} (not there, or empty)")
         return 0
     print(ls_table(summaries) if summaries else "no studies")
     return 0

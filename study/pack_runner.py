@@ -81,7 +81,10 @@ def train_members(
         if member.trial_id in saved:
             member.restore(saved[member.trial_id])
     running = [member for member in members if member.status == RUNNING]
-    unreported = False
+    # Every member finished by the process that saved this state, which then died before it
+    # told anyone (a driver killed just then): tell it now, or Tune ends the trial with the
+    # last result it had, and `study resume` prints a completed trial as running.
+    unreported = bool(saved) and not running
 
     def save_and_report() -> None:
         nonlocal unreported

@@ -63,8 +63,16 @@ def test_ls_says_what_is_not_a_store(tmp_path: Path, capsys: pytest.CaptureFixtu
     # Before, each of these said only "no studies", as an empty store does.
     missing = tmp_path / "nodir" / "x.db"
     assert main(["ls", "--tracking-uri", f"sqlite:///{missing}"]) == 0
-    assert capsys.readouterr().out == f"no studies: no MLflow database at {missing}\n"
+    said = f"no studies: no MLflow database at {missing} (not there, or empty)\n"
+    assert capsys.readouterr().out == said
     assert not missing.parent.exists()  # nothing made
+    # An empty file (touch mlflow.db): MLflow's schema was written into it by a read-only ls.
+    empty = tmp_path / "empty" / "mlflow.db"
+    empty.parent.mkdir()
+    empty.touch()
+    assert main(["ls", "--output", str(empty.parent)]) == 0
+    assert capsys.readouterr().out == said.replace(str(missing), str(empty))
+    assert empty.stat().st_size == 0 and sorted(empty.parent.iterdir()) == [empty]
     (tmp_path / "a.yaml").write_text("x: 1\n")
     for command in (["ls"], ["report", "quick"], ["ui"]):  # every --output: argparse's type
         with pytest.raises(SystemExit) as exited:

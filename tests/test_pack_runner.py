@@ -251,6 +251,21 @@ def test_a_lone_trials_state_of_the_old_format_resumes(tmp_path: Path) -> None:
     assert saved["state"] is None and saved["status"] == COMPLETED
 
 
+def test_a_state_saved_finished_but_never_reported_is_reported_on_resume(tmp_path: Path) -> None:
+    """Its process died after saving the last evaluation, before telling Tune: without this
+    report, Tune completed the trial with its stale last result."""
+    options = {"T": 5, "train_size": 200, "val_size": 50}
+    config = TrialConfig(task_options=options, hidden_size=8, iterations=20, eval_every=10)
+    state_file = tmp_path / "t0000.pt"
+    first = Member("t0000", config)
+    train_members([first], state_file, lambda: None, packed=False)
+    again = Member("t0000", config)
+    seen: list[tuple[int, str]] = []
+    train_members([again], state_file, lambda: seen.append((again.iteration, again.status)),
+                  packed=False)  # fmt: skip
+    assert seen == [(20, COMPLETED)] and again.latest == first.latest and again.finished
+
+
 def test_study_trial_space_imports_neither_ray_nor_mlflow(tmp_path: Path) -> None:
     space = write_space(tmp_path, "tiny", tiny_copying(replicates={"seeds": 1}))
     probe = (

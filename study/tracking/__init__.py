@@ -23,6 +23,7 @@ from study.errors import ConfigError, absolute, check_reachable, one_line
 from study.tracking import stores
 from study.tracking.stores import artifact_dir as artifact_dir
 from study.tracking.stores import refuse_folder, sqlite_path
+from study.tracking.stores import store_exists as store_exists
 from study.tracking.stores import store_uri as store_uri
 from study.vocabulary import COMPLETED, DIVERGED, FAILED, RUNNING
 
@@ -139,13 +140,6 @@ def checked_store(tracking_uri: str, flag: str = "--tracking-uri") -> tuple[str,
     if exists:
         check_store(tracking_uri, flag)
     return tracking_uri, exists
-
-
-def store_exists(tracking_uri: str) -> bool:
-    """False only for a sqlite:/// file that is not there (yet): servers and other databases
-    are taken to exist, and answer for themselves."""
-    database = sqlite_path(tracking_uri)
-    return database is None or str(database) == ":memory:" or database.is_file()
 
 
 def store_label(tracking_uri: str) -> str:

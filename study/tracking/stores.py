@@ -31,6 +31,16 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     return Path(tracking_uri[len(prefix) :]) if tracking_uri.startswith(prefix) else None
 
 
+def store_exists(tracking_uri: str) -> bool:
+    """False only for a sqlite:/// file that is not there (yet), or empty (`touch mlflow.db`:
+    opening it would write MLflow's schema into it, from a command that only reads): servers
+    and other databases are taken to exist, and answer for themselves."""
+    database = sqlite_path(tracking_uri)
+    if database is None or str(database) == ":memory:":
+        return True
+    return database.is_file() and database.stat().st_size > 0
+
+
 def artifact_dir(output_dir: Path) -> Path:
     """A study folder's artifact root, beside its mlflow.db (and `study ui`'s)."""
     return absolute(output_dir) / "mlartifacts"
