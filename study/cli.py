@@ -21,6 +21,7 @@ from study.cli_common import (
 )
 from study.cli_trial import add_trial_parser
 from study.errors import ConfigError
+from study.pack_layout import NO_GPU
 from study.switches import check_switches
 
 
@@ -134,9 +135,8 @@ def _plan(args: argparse.Namespace) -> int:
     if args.out is not None:
         raise ConfigError("--out: only with --commands (the folder their trials write to)")
     if args.estimate and gpu is None:
-        raise ConfigError(
-            "--estimate: no CUDA device here to estimate for; name a GPU with --gpu NAME"
-        )
+        why = "--gpu none names no GPU" if args.gpu == NO_GPU else "no CUDA device here"
+        raise ConfigError(f"--estimate: {why} to estimate for; name a GPU with --gpu NAME")
     plans = [make_plan(spec, gpu) for spec in specs]
     if not args.estimate:
         print("\n\n".join(plan_text(plan) for plan in plans))

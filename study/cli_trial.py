@@ -60,6 +60,17 @@ def _task_option(text: str) -> tuple[str, Any]:
         ) from None
 
 
+def _task_options(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """--task-opt pairs as a mapping; one given twice is refused (dict() kept the last, unsaid),
+    as a YAML file's duplicate key is."""
+    options: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in options:
+            raise ConfigError(f"--task-opt {key}: given twice ({options[key]!r}, {value!r})")
+        options[key] = value
+    return options
+
+
 def _clip_norm(text: str) -> float | None:
     try:
         return parse_clip(text)
@@ -186,7 +197,7 @@ def _trial_config(args: argparse.Namespace) -> TrialConfig:
             TrialConfig.from_dict(
                 {
                     "task": args.task,
-                    "task_options": dict(args.task_opt),
+                    "task_options": _task_options(args.task_opt),
                     "method": args.method,
                     "p_detach": p_detach,
                     "anneal_last": args.anneal_last,

@@ -227,6 +227,15 @@ def check_same_study(record: TrialRecord, name: str, space_hash: str, path: Path
 
 def _parse(values: Any, path: Path) -> TrialRecord:
     if not isinstance(values, dict) or values.get("format") != FORMAT:
+        if (
+            isinstance(values, dict)
+            and "format" not in values
+            and {"config", "curve"} <= set(values)
+        ):
+            raise ResultError(
+                f"{path}: a one-trial `study trial` result, of no study: only the files of "
+                "`study trial --space SPACE` belong to a study and import"
+            )
         raise ResultError(f"{path}: not a trial result file (no format {FORMAT!r})")
     version = values.get("format_version")
     if version != FORMAT_VERSION:

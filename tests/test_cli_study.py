@@ -284,7 +284,7 @@ def test_without_a_gpu_auto_is_one_and_estimate_asks_for_gpu() -> None:
     script = (
         "import sys\n"
         "from study.cli import main\n"
-        "for args in ([], ['--estimate'], ['--gpu', 'local']):\n"
+        "for args in ([], ['--estimate'], ['--gpu', 'local'], ['--gpu', 'none', '--estimate']):\n"
         f"    print('status', main(['plan', {str(FIG4)!r}, *args]))\n"
         "    sys.stdout.flush(); sys.stderr.flush()\n"
     )
@@ -301,12 +301,14 @@ def test_without_a_gpu_auto_is_one_and_estimate_asks_for_gpu() -> None:
     without = "  packs: auto -> 1 (planned without a GPU; --gpu NAME sizes packs for one)"
     assert without in done.stdout
     assert "  t0009  method=h_detach p_detach=0.25 seed=4" in done.stdout  # no pack column
-    assert done.stdout.count("status 2") == 2
+    assert done.stdout.count("status 2") == 3
     assert done.stderr.splitlines() == [
         "study plan: error: --estimate: no CUDA device here to estimate for; name a GPU with "
         "--gpu NAME",
         "study plan: error: --gpu local: torch sees no CUDA device here; name one: h100, h200, "
         "a100",
+        "study plan: error: --estimate: --gpu none names no GPU to estimate for; name a GPU "
+        "with --gpu NAME",
     ]
 
 

@@ -321,3 +321,8 @@ def test_a_diverged_trials_summary_keeps_its_best_so_far() -> None:
     ]
     assert _last_finite(curve, "best/val_accuracy") == 0.13
     assert math.isnan(_last_finite(curve[1:], "best/val_accuracy"))
+
+
+def test_a_task_option_given_twice_is_refused(capsys: pytest.CaptureFixture) -> None:
+    assert main(["trial", "--task-opt", "T=10", "--task-opt", "T=20", "--iterations", "2"]) == 2
+    assert capsys.readouterr().err == "study trial: error: --task-opt T: given twice (10, 20)\n"

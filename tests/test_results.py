@@ -101,6 +101,14 @@ def test_an_unusable_file_is_one_line_naming_it(
     assert text.startswith(f"{path}: ") and message in text and "\n" not in text
 
 
+def test_a_one_trial_result_says_which_files_import(tmp_path: Path) -> None:
+    path = tmp_path / "t0000.json"
+    path.write_text(json.dumps({"config": {}, "status": "completed", "curve": []}))
+    with pytest.raises(ResultError, match=r"t0000.json: a one-trial `study trial` result, of no "
+                       r"study: only the files of `study trial --space SPACE`"):  # fmt: skip
+        results.read_record(path)
+
+
 def test_a_truncated_file_is_damaged(tmp_path: Path) -> None:
     path = results.write_record(tmp_path, record())
     path.write_text(path.read_text()[:100])
