@@ -14,6 +14,7 @@ from study.tasks.base import Batch, Task, mean_cross_entropy
 SYMBOLS = 10  # symbols to copy
 BLANK, DELIMITER = 0, 9
 NUM_CLASSES = 9  # outputs 0..8: blank or one of the symbols 1..8
+MAX_OPTION = 10**9  # T, train_size, val_size: past any memory, well inside int64
 
 
 def layout(symbols: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +83,12 @@ class Copying(Task):
         for key in ("T", "train_size", "val_size"):
             if options.get(key, 1) < 1:
                 raise ConfigError(f"task_options.{key}: must be >= 1, got {options[key]}")
+            # Beyond this, torch's shapes overflow at train time (a traceback, after `plan`
+            # said yes); the paper's longest T is 300, its largest set 100,000 sequences.
+            if options.get(key, 1) > MAX_OPTION:
+                raise ConfigError(
+                    f"task_options.{key}: must be at most {MAX_OPTION:,}, got {options[key]}"
+                )
 
     def _time_major(self, symbols: torch.Tensor) -> Batch:
         x, y = layout(symbols, self.T)
