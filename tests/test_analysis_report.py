@@ -146,6 +146,18 @@ def test_artifacts_logged_on_the_parent_run(dominating):
     assert len(client.list_artifacts(parent_id, "report/figures")) == 4
 
 
+def test_files_of_the_users_in_the_report_folder_are_not_logged(tmp_path):
+    uri, parent_id = write_study(tmp_path, "mine", dominating_trials(), target=0.99)
+    notes = tmp_path / "reports" / "mine" / "notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("my own notes\n")
+    with contextlib.redirect_stdout(io.StringIO()):
+        write_report("mine", tmp_path, None)
+    paths = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(parent_id, "report")}
+    assert "report/notes.txt" not in paths and "report/index.html" in paths
+    assert notes.read_text() == "my own notes\n"  # left where it was
+
+
 def test_stdout_has_verdicts_and_the_html_path(dominating):
     report_dir, _, _, stdout, summary = dominating
     assert stdout.startswith("study dominating: 24 planned trials: 22 completed, 2 diverged")

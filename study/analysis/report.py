@@ -6,7 +6,9 @@ The written report is also logged on the study's parent run (through tracking.py
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from study.analysis.cell_curves import cell_metrics, cells_of
@@ -57,7 +59,17 @@ def write_report(study_name: str, output_dir: Path, tracking_uri: str | None) ->
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
 
     n_cells = log_cell_runs(analysis, uri)
-    refusal = log_folder(uri, analysis.study.parent_run_id, report_dir, artifact_path="report")
+    written = ["index.html", "summary.md", "cells.csv", "summary.json",
+               *(f"figures/{name}" for name in images)]  # fmt: skip
+    with tempfile.TemporaryDirectory() as staged:
+        # What this report wrote, and only that: a file the user keeps in the folder is theirs,
+        # not an artifact of the study.
+        for relative in written:
+            (Path(staged) / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(report_dir / relative, Path(staged) / relative)
+        refusal = log_folder(
+            uri, analysis.study.parent_run_id, Path(staged), artifact_path="report"
+        )
     if refusal is not None:
         # The files are on disk already; a store that refuses artifacts must not lose them.
         print(f"warning: report not logged to MLflow: {refusal}", file=sys.stderr)
