@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import signal
 import subprocess
@@ -43,9 +44,8 @@ from study.tracking.tags import pack_gpu_from_tags
 
 
 @pytest.mark.slow
-def test_smoke_study_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_smoke_study_end_to_end(tmp_path: Path) -> None:
     # As the paper's spaces: a GPU per trial where Ray has one (none here), trained on it.
-    monkeypatch.setenv("HDETACH_CPU_CELLS", "compiled")  # set, though it is the default
     auto = tiny_copying(resources={"gpus": "auto"}, fixed={"device": "auto"})
     spec = load_spec(write_space(tmp_path, "smoke4", auto))
     output = tmp_path / "out"
@@ -75,7 +75,7 @@ def test_smoke_study_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         assert run_.data.tags["role.method"] == "scientific"
         assert run_.data.tags["device.used"] == "cpu"
         assert run_.data.tags["cpu_cells.used"] == "compiled"  # gcc is there
-        assert run_.data.tags["switches.set"] == "HDETACH_CPU_CELLS=compiled"  # on the worker
+        assert "switches.set" not in run_.data.tags  # none set where the workers run
         assert run_.data.params == tracking.flatten(planned[trial_id])
         for key in ("train/loss", "train/grad_norm", "val/loss", "val/accuracy"):
             assert steps(uri, run_.info.run_id, key) == [10, 20], key
@@ -376,12 +376,40 @@ def test_timeouts_sigterm_to_its_whole_group_stops_the_study_as_ctrl_c_does(
     assert statuses and statuses <= {"FINISHED", "KILLED"}, statuses
 
 
-def _sigterm_midway(path: Path, output: Path, name: str, env: dict) -> tuple[int, str]:
-    """`study run` of the space, SIGTERM to its driver once a trial has logged 2 to 12 steps;
-    (exit status, output)."""
+@pytest.mark.slow
+@pytest.mark.parametrize("to", ["driver_group", "script_group"])
+def test_sigterm_to_the_drivers_process_group_stops_the_study_as_ctrl_c_does(
+    tmp_path: Path, to: str
+) -> None:
+    """`kill -- -PGID` of a `setsid study run` (the driver leads its group) or of a batch script
+    that runs it: Ray's GCS and raylet, in the driver's group, died with it (60 s, no summary);
+    and a driver that left the script's group for one of its own did not stop at all."""
+    body = tiny_copying(
+        model={"hidden_size": 64}, fixed={"iterations": 4000, "eval_every": 40, "batch_size": 50}
+    )
+    path = write_space(tmp_path, "grouped", body)
+    output = tmp_path / "out"
+    started = time.monotonic()
+    _, out = _sigterm_midway(path, output, "grouped", without_ray_address(), to=to)
+    assert time.monotonic() - started < 100, out  # not the GCS's 60 s on top
+    assert "Traceback" not in out and "Failed to connect to GCS" not in out, out
+    assert f"unfinished; continue with: study resume grouped --output {output}" in out
     uri = tracking.store_uri(output)
+    assert tracking.open_store(uri).find_parent("grouped").status == "KILLED"
+
+
+def _sigterm_midway(
+    path: Path, output: Path, name: str, env: dict, to: str = "driver"
+) -> tuple[int, str]:
+    """`study run` of the space, SIGTERM once a trial has logged 2 to 12 steps, to the driver
+    alone (`kill PID`), to its process group (it leads it: `kill -- -PID`), or to the group of a
+    shell script that runs it; (exit status, output)."""
+    uri = tracking.store_uri(output)
+    command = [STUDY, "run", str(path), "--output", str(output)]
+    if to == "script_group":  # `; true`: the shell forks the driver into its group, no exec
+        command = ["sh", "-c", '"$@"; true', "sh", *command]
     driver = subprocess.Popen(
-        [STUDY, "run", str(path), "--output", str(output)],
+        command,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -396,7 +424,10 @@ def _sigterm_midway(path: Path, output: Path, name: str, env: dict) -> tuple[int
                 uri, name, 2, 12
             ):
                 break
-        driver.send_signal(signal.SIGTERM)  # the driver only, as `kill PID` or a scheduler
+        if to == "driver":
+            driver.send_signal(signal.SIGTERM)  # the driver only, as `kill PID` or a scheduler
+        else:
+            os.killpg(driver.pid, signal.SIGTERM)  # the group the Popen'd process leads
         out, _ = driver.communicate(timeout=120)
     finally:
         kill_session(driver.pid)

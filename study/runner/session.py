@@ -44,9 +44,8 @@ def ray_session(address: str | None, cpus_per_trial: float) -> Iterator[str | No
             ) from None
     else:
         cpus = max(os.cpu_count() or 1, math.ceil(cpus_per_trial))
-        _lead_own_process_group()
         # "local": a new Ray of our own, even when a `ray start` cluster runs on this machine.
-        with _loopback_only():
+        with _loopback_only(), _ray_in_process_groups_of_its_own():
             local = ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
         session_dir = local.address_info["session_dir"]
     # A SIGTERM (a scheduler's, `timeout`'s, `kill`'s) stops the study as Ctrl-C does: Tune
@@ -60,21 +59,30 @@ def ray_session(address: str | None, cpus_per_trial: float) -> Iterator[str | No
         ray.shutdown()
 
 
-def _lead_own_process_group() -> None:
-    """Lead a process group of our own before starting the local Ray, whose GCS and raylet join
-    the driver's group, unless a terminal's Ctrl-C reaches us through the group we are in. A
-    SIGTERM sent to the group that started us (`timeout`, `kill -- -PGID`) then reaches the
-    driver alone, which stops Tune through a GCS still there; killed with it, the driver waited
-    60 s for the GCS and ended with no summary, its runs left RUNNING."""
-    if os.getpgrp() == os.getpid():
-        return  # a leader already (started by a shell, or in a session of its own)
+@contextlib.contextmanager
+def _ray_in_process_groups_of_its_own() -> Iterator[None]:
+    """Start the local Ray's processes (GCS, raylet, and the workers they start) each in a
+    process group of its own, not the driver's. A SIGTERM to the driver's group (`timeout`,
+    `kill -- -PGID` of a batch script or of a `setsid study run`) then reaches the driver, whose
+    handler stops Tune through a GCS still there; in the driver's group, the GCS died with it,
+    and the driver waited 60 s for it and ended with no summary, its runs left RUNNING. They
+    still end with the driver (Ray's kernel fate-sharing: PR_SET_PDEATHSIG). Ray has no option
+    for it; its one constructor of these processes is services.ConsolePopen, swapped here for
+    the ray.init call alone."""
+    from ray._private import services
+
+    original = services.ConsolePopen
+
+    class InOwnGroup(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("process_group", 0)  # setpgid(0, 0) in the child (Python 3.11)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = InOwnGroup
     try:
-        with open("/dev/tty") as terminal:  # noqa: PTH123 (a file descriptor is what is asked)
-            if os.tcgetpgrp(terminal.fileno()) == os.getpgrp():
-                return  # in the terminal's foreground group: that is how Ctrl-C arrives
-    except OSError:
-        pass  # no controlling terminal: a batch job's
-    os.setpgrp()
+        yield
+    finally:
+        services.ConsolePopen = original
 
 
 @contextlib.contextmanager
