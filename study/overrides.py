@@ -103,7 +103,8 @@ def apply_overrides(
     for key, value in pairs:
         node = result
         parts = key.split(".")
-        if len(parts) == 2 and parts[0] in PARAM_SECTIONS and parts[1] != "name":  # task.name
+        # nuisance.lr.min moves lr too; task.name is no parameter.
+        if len(parts) >= 2 and parts[0] in PARAM_SECTIONS and parts[1] != "name":
             for section in PARAM_SECTIONS:
                 other = result.get(section)
                 if section != parts[0] and isinstance(other, dict):

@@ -273,16 +273,21 @@ def _plan_packs(trials: Sequence[PlannedTrial], sizes: Sequence[int]) -> tuple[P
     return tuple(Pack(pack_id(number), tuple(members)) for number, members in enumerate(packs))
 
 
+# Draws of a random search's point before it gives up finding one unlike the earlier points.
+MAX_REDRAWS = 1000
+
+
 def _random_draws(spec: StudySpec) -> list[dict[str, Any]]:
     """samples_per_cell nuisance points, shared by every cell: each method and seed is tried at
     the same nuisance settings, so cells differ only in what the study compares."""
     wanted = spec.search.samples_per_cell
-    if all(not isinstance(axis, Range) for axis in spec.nuisance.values()):
-        distinct = math.prod(len(a) if isinstance(a, list) else 1 for a in spec.nuisance.values())
+    sizes = [_distinct_values(param, axis) for param, axis in spec.nuisance.items()]
+    if all(size is not None for size in sizes):
+        distinct = math.prod(size for size in sizes if size is not None)
         if wanted > distinct:
             raise ConfigError(
                 f"{spec.source}: field search.samples_per_cell: {wanted} draws, but the nuisance "
-                f"lists hold {distinct} distinct points: ask for at most {distinct}, use the grid "
+                f"axes hold {distinct} distinct points: ask for at most {distinct}, use the grid "
                 "searcher, or give a range"
             )
     draws: list[dict[str, Any]] = []
@@ -290,13 +295,30 @@ def _random_draws(spec: StudySpec) -> list[dict[str, Any]]:
         # A draw equal to an earlier one is drawn again (the planned trial would be dropped as a
         # duplicate, and the cell get fewer samples than asked, unsaid); the first attempt's
         # seed is the one every draw always had.
-        for attempt in itertools.count():
+        for attempt in range(MAX_REDRAWS):
             rng = random.Random(f"{spec.search.seed}:{k}" + (f":{attempt}" if attempt else ""))
             draw = {p: _draw(rng, p, axis) for p, axis in spec.nuisance.items()}
             if draw not in draws:
                 break
+        else:  # a few distinct points left among many: the grid searcher lists them all
+            raise ConfigError(
+                f"{spec.source}: field search.samples_per_cell: no new point in {MAX_REDRAWS} "
+                f"draws after {k}: ask for fewer, or use the grid searcher"
+            )
         draws.append(draw)
     return draws
+
+
+def _distinct_values(param: str, axis: Any) -> int | None:
+    """How many values an axis can draw (None: unbounded, a float range): a list's, an integer
+    range's whole numbers (draws are rounded), one for a fixed value."""
+    if isinstance(axis, list):
+        return len(axis)
+    if not isinstance(axis, Range):
+        return 1
+    if param in INT_FIELDS:
+        return round(axis.max) - round(axis.min) + 1
+    return None
 
 
 def _draw(rng: random.Random, param: str, axis: Any) -> Any:

@@ -246,7 +246,7 @@ def spec_from_mapping(
     def build(pairs: tuple[tuple[str, Any], ...], label: str) -> StudySpec:
         overridden = apply_overrides(spec.raw, pairs, label)
         Checker(label).keys("", overridden, [s for s in SECTIONS if s != "smoke"])
-        return _build(overridden, name, label, smoke=smoke)
+        return _build(overridden, name, label, smoke=smoke, overridden=True)
 
     overridden = checked_together(build, tuple(overrides), where)
     return dataclasses.replace(
@@ -266,7 +266,9 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any], check: Checker) -> d
     return merged
 
 
-def _build(raw: dict[str, Any], name: str, where: str, smoke: bool) -> StudySpec:
+def _build(
+    raw: dict[str, Any], name: str, where: str, smoke: bool, overridden: bool = False
+) -> StudySpec:
     from study.tasks import TASKS
 
     check = Checker(where)
@@ -387,7 +389,7 @@ def _build(raw: dict[str, Any], name: str, where: str, smoke: bool) -> StudySpec
         raw=raw,
         claims=parse_claims(raw.get("claims"), check, names),
     )
-    _probe_values(spec, check)
+    _probe_values(spec, check, overridden)
     return spec
 
 
@@ -420,7 +422,7 @@ def _check_search(check: Checker, search: Search, sections: dict[str, dict[str, 
             )
 
 
-def _probe_values(spec: StudySpec, check: Checker) -> None:
+def _probe_values(spec: StudySpec, check: Checker, overridden: bool = False) -> None:
     """Build a TrialConfig for every listed value (and range end) so TrialConfig's own checks
     run, and report a bad value under the section that holds it."""
     first = {p: _values(a)[0] for p, a in {**spec.scientific, **spec.nuisance}.items()}
@@ -439,7 +441,9 @@ def _probe_values(spec: StudySpec, check: Checker) -> None:
     method_axis = {**spec.scientific, **spec.nuisance}.get("method", [])
     methods = [m for m in _values(method_axis) if m != "none"]
     unused = [v for p, v in probes if p == "p_detach" and v != 0]
-    if unused and not methods and base.get("method", "none") == "none":  # p is forced to 0
+    # p is forced to 0 under method none: a file that names one for it alone says something it
+    # does not train. A --set to method none (vanilla only, of a space with p) means it.
+    if unused and not overridden and not methods and base.get("method", "none") == "none":
         message = "but no method of this space detaches: add h_detach or c_detach, or drop it"
         raise check.error(f"{locations['p_detach']}.p_detach", f"{unused[0]!r}, {message}")
     for param, value in probes:

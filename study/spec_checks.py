@@ -40,7 +40,7 @@ def name_problem(name: str) -> str | None:
         # An empty name would head the plan ": 6 trials" and make result files that no later
         # command reads back.
         return "expected a study name, got an empty one"
-    if "/" in name or "\0" in name:
+    if "/" in name or "\0" in name or name.strip() in (".", ".."):  # ray/.. is the folder
         return f"expected a study name, got the path {name!r}"
     if len(name.encode()) > MAX_NAME_BYTES:
         return f"a study name is at most {MAX_NAME_BYTES} bytes (a folder is named after it)"

@@ -6,6 +6,7 @@ import pytest
 
 from study.errors import ConfigError
 from study.overrides import apply_overrides, overrides_text, parse_overrides
+from study.space import make_plan
 from study.spec import load_spec
 
 QUICK = "search_spaces/quick.yaml"
@@ -85,6 +86,11 @@ def test_a_set_into_another_role_moves_the_parameter_there():
     assert task_axis.scientific["T"] == [5, 10] and "T" not in task_axis.task_options
     back = load_spec(QUICK, overrides=["scientific.lr=[0.01, 0.001]", "fixed.lr=0.003"])
     assert back.fixed["lr"] == 0.003 and "lr" not in back.scientific
+    ranged = load_spec(QUICK, overrides=["search.searcher=random", "nuisance.lr.min=0.001",
+                                         "nuisance.lr.max=0.01"])  # fmt: skip
+    assert "lr" not in ranged.fixed and ranged.nuisance["lr"].max == 0.01
+    # Vanilla alone of a space with p_detach: p is 0 under none, as the user means it.
+    assert make_plan(load_spec(QUICK, overrides=["scientific.method=[none]"])).n_trials == 3
     raw = apply_overrides({"task": {"name": "copying", "T": 10}}, [("fixed.name", 1)], "f")
     assert raw["task"]["name"] == "copying"  # the task's name is no parameter
 

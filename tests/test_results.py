@@ -79,6 +79,8 @@ def edited(path: Path, **changes: object) -> None:
         ({"machine": {"cpu_cells": ["compiled"]}}, "machine.cpu_cells: expected text or null"),
         ({"machine": {"switches": {"HDETACH_X": 1}}}, "machine.switches: expected names and"),
         ({"study": {**STUDY_JSON, "name": "x/y"}}, "study.name: expected a study name, got the"),
+        # ray/.. and reports/.. are the study folder itself: a report there replaces its files.
+        ({"study": {**STUDY_JSON, "name": ".."}}, "study.name: expected a study name, got the"),
         ({"study": {**STUDY_JSON, "name": "x" * 300}}, "study.name: a study name is at most 200"),
         ({"study": {**STUDY_JSON, "overrides": 5}}, "study.overrides: expected a list, got 5"),
         (

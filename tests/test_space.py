@@ -405,5 +405,10 @@ def test_random_draws_are_distinct_and_never_more_than_the_lists_hold(tmp_path: 
         assert len({t.config.lr for t in plan.trials}) == samples
     body = tiny_copying(search={"searcher": "random", "samples_per_cell": 4}, **lists)
     with pytest.raises(ConfigError, match=r"field search.samples_per_cell: 4 draws, but the "
-                       r"nuisance lists hold 3 distinct points"):  # fmt: skip
+                       r"nuisance axes hold 3 distinct points"):  # fmt: skip
         space.make_plan(load_spec(write_space(tmp_path, "r4", body)))
+    # An integer range draws whole numbers: 2 of them here, never 3 (the redraw spun forever).
+    whole = {"nuisance": {"batch_size": {"min": 50, "max": 51}}}
+    body = tiny_copying(search={"searcher": "random", "samples_per_cell": 3}, **whole)
+    with pytest.raises(ConfigError, match=r"3 draws, but the nuisance axes hold 2 distinct"):
+        space.make_plan(load_spec(write_space(tmp_path, "int3", body)))
