@@ -345,7 +345,7 @@ def test_a_smaller_budget_is_said_with_its_fraction(claimed):
     assert all(claim["budget_fraction"] == pytest.approx(0.1) for claim in summary["claims"])
     assert summary["budget_fraction"] == pytest.approx(0.1)
     assert summary["overrides"] == [["fixed.iterations", 1000]]
-    assert "budget 10% of the paper's iterations" in stdout
+    assert "budget 10% of the space file's iterations" in stdout
     assert "run with --set fixed.iterations=1000" in stdout
 
 

@@ -110,7 +110,7 @@ def test_a_paper_smoke_study_prints_claim_lines_in_report_and_scorecard(tmp_path
     assert main(["report", "fig4_pixel_mnist_no_clip", "--output", out]) == 0
     report = capsys.readouterr().out
     assert "claim fig4-no-clip-divergence (Fig. 4): INCONCLUSIVE" in report
-    assert "budget 0.004% of the paper's iterations" in report
+    assert "budget 0.004% of the space file's iterations" in report
     assert main(["scorecard", "--output", out]) == 0
     scorecard = capsys.readouterr().out
     assert "fig4-no-clip-accuracy" in scorecard and "2 claims of 1 studies" in scorecard

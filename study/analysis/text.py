@@ -80,13 +80,14 @@ def seed_range(seeds: tuple[int, ...]) -> str:
 
 
 def budget_text(fraction: float) -> str:
-    """A run's budget against the paper's: "budget 100% of the paper's", "budget 0.4% ..."."""
+    """A run's budget against its space file's iterations (the paper's, for a paper space):
+    "budget 100% of the space file's iterations", "budget 0.4% ..."."""
     if math.isnan(fraction):
         return "budget unknown (the space fixes no iterations, or no trial has started)"
     percent = 100 * fraction
     # Three significant digits below 100% (0.4%, 12.5%), whole percents above (5000%, not 5e+03).
     shown = f"{percent:.3g}" if percent < 100 else f"{percent:.0f}"
-    return f"budget {shown}% of the paper's iterations"
+    return f"budget {shown}% of the space file's iterations"
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:
