@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from study.cli_common import (
+    DEFAULT_OUTPUT,
     Parser,
     add_gpu,
     add_output,
@@ -70,7 +70,7 @@ def _add_study_parsers(commands: argparse._SubParsersAction) -> None:
         "--out",
         type=given_path,
         metavar="DIR",
-        help="with --commands: their --out (results/NAME)",
+        help="with --commands: their --out (studies/results/NAME)",
     )
     add_gpu(plan)
     plan.add_argument(
@@ -130,7 +130,10 @@ def _plan(args: argparse.Namespace) -> int:
         from study.pack_runner import pack_commands
 
         spec = specs[0]
-        print("\n".join(pack_commands(spec, args.out or Path("results") / spec.name, gpu)))
+        # Under the study folder's default, never the shipped results/ (results/quick is there:
+        # its jobs would find every trial finished, trained elsewhere).
+        out = args.out or DEFAULT_OUTPUT / "results" / spec.name
+        print("\n".join(pack_commands(spec, out, gpu)))
         return 0
     if args.out is not None:
         raise ConfigError("--out: only with --commands (the folder their trials write to)")

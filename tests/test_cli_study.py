@@ -254,14 +254,14 @@ def test_plan_sizes_auto_packs_for_a_named_gpu(capsys: pytest.CaptureFixture[str
     # Each job of an array plans the same packs: the commands carry the GPU.
     assert main(["plan", str(FIG4), "--gpu", "h200", "--commands"]) == 0
     assert capsys.readouterr().out == (
-        f"study trial --space {FIG4} --gpu h200 --pack p0000 --out results/{FIG4.stem}\n"
+        f"study trial --space {FIG4} --gpu h200 --pack p0000 --out studies/results/{FIG4.stem}\n"
     )
     # Planned without a GPU, the commands say so: a job on a GPU node must train the packs of
     # 1 listed here, not packs sized for its own GPU (which would have other ids).
     assert main(["plan", str(FIG4), "--gpu", "none", "--commands"]) == 0
     commands = capsys.readouterr().out.splitlines()
     assert len(commands) == 10 and commands[9] == (
-        f"study trial --space {FIG4} --gpu none --pack p0009 --out results/{FIG4.stem}"
+        f"study trial --space {FIG4} --gpu none --pack p0009 --out studies/results/{FIG4.stem}"
     )
 
 
