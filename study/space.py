@@ -6,16 +6,16 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from study import pack_layout, vocabulary
-from study.config import INT_FIELDS, TrialConfig, resolve_precision
+from study.config import TrialConfig, resolve_precision
 from study.errors import ConfigError
 from study.overrides import overrides_text
 from study.pack_layout import KNOWN_GPUS, GpuModel
+from study.random_search import random_draws
 from study.spec import AUTO_PACK, PARAMS, Range, StudySpec, trial_config
 
 SCIENTIFIC, NUISANCE, FIXED, REPLICATE = "scientific", "nuisance", "fixed", "replicate"
@@ -226,7 +226,7 @@ def plan_trials(spec: StudySpec) -> list[PlannedTrial]:
     if spec.search.searcher == "grid":
         points = [{**s, **n} for s in _grid(spec.scientific) for n in _grid(spec.nuisance)]
     else:
-        draws = _random_draws(spec)
+        draws = random_draws(spec)
         points = [{**s, **n} for s in _grid(spec.scientific) for n in draws]
     trials: list[PlannedTrial] = []
     seen: set[str] = set()
@@ -271,66 +271,6 @@ def _plan_packs(trials: Sequence[PlannedTrial], sizes: Sequence[int]) -> tuple[P
             packs.append(members)
         members.append(trial)
     return tuple(Pack(pack_id(number), tuple(members)) for number, members in enumerate(packs))
-
-
-# Draws of a random search's point before it gives up finding one unlike the earlier points.
-MAX_REDRAWS = 1000
-
-
-def _random_draws(spec: StudySpec) -> list[dict[str, Any]]:
-    """samples_per_cell nuisance points, shared by every cell: each method and seed is tried at
-    the same nuisance settings, so cells differ only in what the study compares."""
-    wanted = spec.search.samples_per_cell
-    sizes = [_distinct_values(param, axis) for param, axis in spec.nuisance.items()]
-    if all(size is not None for size in sizes):
-        distinct = math.prod(size for size in sizes if size is not None)
-        if wanted > distinct:
-            raise ConfigError(
-                f"{spec.source}: field search.samples_per_cell: {wanted} draws, but the nuisance "
-                f"axes hold {distinct} distinct points: ask for at most {distinct}, use the grid "
-                "searcher, or give a range"
-            )
-    draws: list[dict[str, Any]] = []
-    for k in range(wanted):
-        # A draw equal to an earlier one is drawn again (the planned trial would be dropped as a
-        # duplicate, and the cell get fewer samples than asked, unsaid); the first attempt's
-        # seed is the one every draw always had.
-        for attempt in range(MAX_REDRAWS):
-            rng = random.Random(f"{spec.search.seed}:{k}" + (f":{attempt}" if attempt else ""))
-            draw = {p: _draw(rng, p, axis) for p, axis in spec.nuisance.items()}
-            if draw not in draws:
-                break
-        else:  # a few distinct points left among many: the grid searcher lists them all
-            raise ConfigError(
-                f"{spec.source}: field search.samples_per_cell: no new point in {MAX_REDRAWS} "
-                f"draws after {k}: ask for fewer, or use the grid searcher"
-            )
-        draws.append(draw)
-    return draws
-
-
-def _distinct_values(param: str, axis: Any) -> int | None:
-    """How many values an axis can draw (None: unbounded, a float range): a list's, an integer
-    range's whole numbers (draws are rounded), one for a fixed value."""
-    if isinstance(axis, list):
-        return len(axis)
-    if not isinstance(axis, Range):
-        return 1
-    if param in INT_FIELDS:
-        return round(axis.max) - round(axis.min) + 1
-    return None
-
-
-def _draw(rng: random.Random, param: str, axis: Any) -> Any:
-    if isinstance(axis, list):
-        return rng.choice(axis)
-    if not isinstance(axis, Range):
-        return axis
-    if axis.scaling == "log":
-        value = math.exp(rng.uniform(math.log(axis.min), math.log(axis.max)))
-    else:
-        value = rng.uniform(axis.min, axis.max)
-    return round(value) if param in INT_FIELDS else value
 
 
 def _effective(point: dict[str, Any], config: TrialConfig) -> dict[str, Any]:

@@ -393,22 +393,3 @@ def test_a_grid_point_whose_values_conflict_is_one_line_naming_the_file_and_poin
         "anneal_fraction: set it or anneal_last, not both (got anneal_last 10 and "
         "anneal_fraction 0.1); null is off"
     )
-
-
-def test_random_draws_are_distinct_and_never_more_than_the_lists_hold(tmp_path: Path) -> None:
-    """A repeated draw was dropped as a duplicate trial: a cell got fewer samples than asked."""
-    lists = {"nuisance": {"lr": [0.01, 0.02, 0.03]}}
-    for samples in (2, 3):
-        body = tiny_copying(search={"searcher": "random", "samples_per_cell": samples}, **lists)
-        plan = space.make_plan(load_spec(write_space(tmp_path, f"r{samples}", body)))
-        assert plan.n_trials == samples * 2 * 2  # 2 methods x 2 seeds
-        assert len({t.config.lr for t in plan.trials}) == samples
-    body = tiny_copying(search={"searcher": "random", "samples_per_cell": 4}, **lists)
-    with pytest.raises(ConfigError, match=r"field search.samples_per_cell: 4 draws, but the "
-                       r"nuisance axes hold 3 distinct points"):  # fmt: skip
-        space.make_plan(load_spec(write_space(tmp_path, "r4", body)))
-    # An integer range draws whole numbers: 2 of them here, never 3 (the redraw spun forever).
-    whole = {"nuisance": {"batch_size": {"min": 50, "max": 51}}}
-    body = tiny_copying(search={"searcher": "random", "samples_per_cell": 3}, **whole)
-    with pytest.raises(ConfigError, match=r"3 draws, but the nuisance axes hold 2 distinct"):
-        space.make_plan(load_spec(write_space(tmp_path, "int3", body)))
