@@ -246,8 +246,9 @@ def _parse(values: Any, path: Path) -> TrialRecord:
     study = _mapping(_field(values, "study"), "study")
     base = _field(study, "base_iterations", "study.")
     name = _text(_field(study, "name", "study."), "study.name")
-    if name_problem(name):  # it names the study's folders, as --name does
-        raise ValueError(f"study.name: {name_problem(name)}")
+    problem = name_problem(name)  # it names the study's folders, as --name does
+    if problem:
+        raise ValueError(f"study.name: {problem}")
     info = StudyInfo(
         name=name,
         space_hash=_text(_field(study, "space_hash", "study."), "study.space_hash"),

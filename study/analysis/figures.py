@@ -50,8 +50,7 @@ def curves_figure(analysis: Analysis, task: str) -> Figure:
     the plan with no trial yet has its column, marked so.
     """
     trials = [t for t in analysis.trials if t.task == task]
-    planned = analysis.variants.get(task, [])
-    variants = sorted({t.variant for t in trials} | set(planned), key=_variant_order)
+    variants = sorted(analysis.variants.get(task, []), key=_variant_order)  # planned ones too
     settings = sorted({(t.lr, t.clip_norm) for t in trials}, key=_setting_order)
     rows, cols = max(len(settings), 1), max(len(variants), 1)
     figure = Figure(figsize=(3.4 * cols, 2.5 * rows), layout="constrained")

@@ -237,8 +237,7 @@ def state_counts(study: Study) -> dict[str, int]:
 def variants(analysis: Analysis, task: str) -> list[tuple[str, float]]:
     """The methods compared at `task`, vanilla first: the plan's, a method with no run
     included, and those of the trials."""
-    found = analysis.variants.get(task) or {t.variant for t in analysis.trials if t.task == task}
-    return sorted(found, key=lambda v: (v[0] != "none", *v))
+    return analysis.variants.get(task, [])  # stats.analyse: vanilla first
 
 
 def claim_lines(analysis: Analysis) -> list[str]:
