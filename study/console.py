@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from study.errors import ConfigError, absolute
+from study.invocation import program
 from study.tracking import StudySummary, artifact_dir, check_store, has_store, store_uri
 from study.vocabulary import FAILED, OUTCOMES, RUNNING, format_value
 
@@ -71,9 +72,9 @@ def ui_command(output: str | None, tracking_uri: str | None) -> str:
     if tracking_uri is not None and tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri} in a browser"
     if tracking_uri is not None:
-        return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"
+        return f"{program('mlflow')} ui --backend-store-uri {shlex.quote(tracking_uri)}"
     flags = f" --output {shlex.quote(output)}" if output is not None else ""
-    return f"study ui{flags}"
+    return f"{program()} ui{flags}"
 
 
 def summary_table(summary: StudySummary) -> str:

@@ -19,6 +19,7 @@ import torch
 from study import provenance, results
 from study.config import TrialConfig
 from study.errors import ConfigError, make_folder, one_line
+from study.invocation import program
 from study.overrides import overrides_hash, overrides_text
 from study.pack_layout import NO_GPU, GpuModel
 from study.pack_state import StateError, cells_used, load_state, save_state
@@ -245,7 +246,8 @@ def run_space(
         (out / STATE_FOLDER).rmdir()
     counts = {status: sum(m.status == status for m in trained) for status in results.STATUSES}
     shown = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
-    echo(f"{spec.name}: {shown} in {out}; into MLflow with: study import {shlex.quote(str(out))}")
+    importing = f"{program()} import {shlex.quote(str(out))}"
+    echo(f"{spec.name}: {shown} in {out}; into MLflow with: {importing}")
     return 1 if failed else 0
 
 

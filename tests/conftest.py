@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +20,17 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def printed_study() -> str:
+    """How a `study` subprocess started by its script's path spells itself in the commands it
+    prints (study/invocation.py): the bare name where PATH finds that same script (an activated
+    environment), else the path (`.venv/bin/pytest` alone, as the README and CI run the tests)."""
+    script = Path(sys.executable).parent / "study"
+    found = shutil.which("study")
+    if found is not None and Path(found).resolve() == script.resolve():
+        return "study"
+    return shlex.quote(str(script))
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, stop_process_group, wait_for_http
+from conftest import REPO, free_port, printed_study, stop_process_group, wait_for_http
 
 from study import cost_text, costs, tracking
 from study.cli import main
@@ -158,7 +158,7 @@ def test_quick_smoke_from_the_command_line(
         ["[1/2] t0001 ", "[2/2] t0000 "],
     )
     assert "quick: 2 trials: 2 completed, 0 diverged, 0 failed, 0 pending" in lines
-    assert lines[-1] == f"MLflow UI: study ui --output {output}"
+    assert lines[-1] == f"MLflow UI: {printed_study()} ui --output {output}"
     assert ran.stderr == ""  # Ray's and MLflow's chatter stays out of the user's terminal
 
     assert main(["ls", "--output", str(output)]) == 0

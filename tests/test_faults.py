@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_copying, write_space
+from conftest import printed_study, tiny_copying, write_space
 from mlflow import MlflowClient
 from runner_fixtures import (
     STUDY,
@@ -316,7 +316,7 @@ def test_ctrl_c_leaves_no_child_run_running(tmp_path: Path) -> None:
     client = MlflowClient(uri)
     parent = client.get_run(children(uri, name)["t0000"].data.tags["mlflow.parentRunId"])
     assert parent.info.status == "KILLED"
-    assert f"unfinished; continue with: study resume {name}" in log.read_text()
+    assert f"unfinished; continue with: {printed_study()} resume {name}" in log.read_text()
 
 
 # 7. A --tracking-uri file in a folder that does not exist.

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FASHION_MNIST, free_port, tiny_copying, write_space
+from conftest import FASHION_MNIST, free_port, printed_study, tiny_copying, write_space
 from mlflow import MlflowClient
 from runner_fixtures import (
     LINE,
@@ -337,10 +337,10 @@ def test_sigterm_stops_a_study_as_ctrl_c_does(tmp_path: Path) -> None:
     output = tmp_path / "out"
     uri = tracking.store_uri(output)
     env = without_ray_address()
-    returncode, out = _sigterm_midway(path, output, "termed", env)
+    returncode, out, _ = _sigterm_midway(path, output, "termed", env)
     assert returncode == 130, out
     assert "SIGTERM" not in out and "Traceback" not in out
-    assert f"unfinished; continue with: study resume termed --output {output}" in out
+    assert f"unfinished; continue with: {printed_study()} resume termed --output {output}" in out
     assert tracking.open_store(uri).find_parent("termed").status == "KILLED"
     # Each child run ends as its trial did: none is left RUNNING (issue #21, item 6).
     statuses = {r.info.status for r in children(uri, "termed").values()}
@@ -354,22 +354,21 @@ def test_timeouts_sigterm_to_its_whole_group_stops_the_study_as_ctrl_c_does(
 ) -> None:
     """`timeout` signals the driver, then its own process group, which Ray's GCS and raylet had
     joined: they died with it, and the driver waited 60 s for its GCS, printed no summary and
-    left its runs RUNNING. 20 s: Ray is up and the trials (about a minute) are running."""
+    left its runs RUNNING. `timeout 1h study run ...` whose hour ends once trials run: the
+    SIGALRM its timer gets is what makes it signal (a fixed 20 s found no trial started yet on
+    a loaded machine)."""
     body = tiny_copying(
         model={"hidden_size": 64}, fixed={"iterations": 8000, "eval_every": 40, "batch_size": 50}
     )
     path = write_space(tmp_path, "grouped", body)
     output = tmp_path / "out"
-    started = time.monotonic()
-    ran = subprocess.run(
-        ["timeout", "-s", "TERM", "20", STUDY, "run", str(path), "--output", str(output)],
-        capture_output=True, text=True, env=without_ray_address(), timeout=200,
-        start_new_session=True,
-    )  # fmt: skip
-    out = ran.stdout + ran.stderr
-    assert time.monotonic() - started < 50, out  # not the GCS's 60 s
+    returncode, out, stopped_s = _sigterm_midway(
+        path, output, "grouped", without_ray_address(), to="timeout"
+    )
+    assert returncode == 124, out  # timeout's own status for "the time ran out"
+    assert stopped_s < 50, out  # not the GCS's 60 s
     assert "Traceback" not in out and "Failed to connect to GCS" not in out, out
-    assert f"unfinished; continue with: study resume grouped --output {output}" in out
+    assert f"unfinished; continue with: {printed_study()} resume grouped --output {output}" in out
     uri = tracking.store_uri(output)
     assert tracking.open_store(uri).find_parent("grouped").status == "KILLED"
     statuses = {r.info.status for r in children(uri, "grouped").values()}
@@ -389,25 +388,27 @@ def test_sigterm_to_the_drivers_process_group_stops_the_study_as_ctrl_c_does(
     )
     path = write_space(tmp_path, "grouped", body)
     output = tmp_path / "out"
-    started = time.monotonic()
-    _, out = _sigterm_midway(path, output, "grouped", without_ray_address(), to=to)
-    assert time.monotonic() - started < 100, out  # not the GCS's 60 s on top
+    _, out, stopped_s = _sigterm_midway(path, output, "grouped", without_ray_address(), to=to)
+    assert stopped_s < 50, out  # not the GCS's 60 s on top
     assert "Traceback" not in out and "Failed to connect to GCS" not in out, out
-    assert f"unfinished; continue with: study resume grouped --output {output}" in out
+    assert f"unfinished; continue with: {printed_study()} resume grouped --output {output}" in out
     uri = tracking.store_uri(output)
     assert tracking.open_store(uri).find_parent("grouped").status == "KILLED"
 
 
 def _sigterm_midway(
     path: Path, output: Path, name: str, env: dict, to: str = "driver"
-) -> tuple[int, str]:
-    """`study run` of the space, SIGTERM once a trial has logged 2 to 12 steps, to the driver
-    alone (`kill PID`), to its process group (it leads it: `kill -- -PID`), or to the group of a
-    shell script that runs it; (exit status, output)."""
+) -> tuple[int, str, float]:
+    """`study run` of the space, SIGTERM once a trial has logged 2 to 12 steps: to the driver
+    alone (`kill PID`), to its process group (it leads it: `kill -- -PID`), to the group of a
+    shell script that runs it, or from `timeout` (its driver, then its group) when its time is
+    up; (exit status, output, seconds from the signal to the exit)."""
     uri = tracking.store_uri(output)
     command = [STUDY, "run", str(path), "--output", str(output)]
     if to == "script_group":  # `; true`: the shell forks the driver into its group, no exec
         command = ["sh", "-c", '"$@"; true', "sh", *command]
+    if to == "timeout":
+        command = ["timeout", "-s", "TERM", "1h", *command]
     driver = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -424,14 +425,17 @@ def _sigterm_midway(
                 uri, name, 2, 12
             ):
                 break
+        signalled = time.monotonic()
         if to == "driver":
             driver.send_signal(signal.SIGTERM)  # the driver only, as `kill PID` or a scheduler
+        elif to == "timeout":
+            driver.send_signal(signal.SIGALRM)  # timeout's timer going off: the hour is up
         else:
             os.killpg(driver.pid, signal.SIGTERM)  # the group the Popen'd process leads
         out, _ = driver.communicate(timeout=120)
     finally:
         kill_session(driver.pid)
-    return driver.returncode, out
+    return driver.returncode, out, time.monotonic() - signalled
 
 
 @pytest.mark.slow
@@ -448,7 +452,7 @@ def test_sigterm_stops_an_optuna_study_in_its_cell_not_after_the_next(tmp_path: 
     path = write_space(tmp_path, "tunedterm", body)
     output = tmp_path / "out"
     env = without_ray_address()
-    returncode, out = _sigterm_midway(path, output, "tunedterm", env)
+    returncode, out, _ = _sigterm_midway(path, output, "tunedterm", env)
     assert returncode == 130, out
     assert "stopped in cell000: the cells after it are not started" in out
     assert not (output / "ray" / "tunedterm" / "cell001").exists()

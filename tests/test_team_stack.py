@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, free_port, stop_process_group, wait_for_http
+from conftest import REPO, free_port, printed_study, stop_process_group, wait_for_http
 
 pytestmark = pytest.mark.slow
 
@@ -261,7 +261,7 @@ def test_running_the_study_again_refuses_in_one_line_naming_resume(
     assert result.returncode == 2, result.stdout + result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert f"study quick already exists in {server.uri}" in line, line
-    assert "study resume quick --output " in line, line
+    assert f"{printed_study()} resume quick --output " in line, line
     assert [r["info"]["run_id"] for r in runs_of(server.uri, "quick")] == [
         r["info"]["run_id"] for r in smoke["runs"]
     ]

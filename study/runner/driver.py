@@ -4,6 +4,7 @@ the trials whose process died, and print the summary."""
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 from study import console, space, tracking
 from study.errors import ConfigError, absolute, make_folder, one_line
+from study.invocation import program
 from study.pack_layout import GpuModel
 from study.runner import orphans
 from study.runner.preflight import check_data_here, check_gpus, refuse_existing
@@ -161,7 +163,8 @@ def _execute(
     echo(console.summary_table(summary))
     echo(f"took {time.monotonic() - started:.0f} s")
     if pending:
-        echo(f"unfinished; continue with: study resume {spec.name} --output {state.output}")
+        resume = f"{program()} resume {spec.name} --output {shlex.quote(str(state.output))}"
+        echo(f"unfinished; continue with: {resume}")
     ui = console.ui_command(str(state.output), None if state.own_store else state.tracking_uri)
     echo(f"MLflow UI: {ui}")
     if failed:

@@ -13,6 +13,7 @@ import ray
 
 from study import space
 from study.errors import ConfigError, check_reachable
+from study.invocation import program
 from study.runner.state import recorded_store
 from study.space import Plan
 from study.spec import AUTO_GPUS, StudySpec
@@ -69,10 +70,8 @@ def refuse_existing(spec: StudySpec, output: Path, uri: str, store_exists: bool)
         # resume reads the store from the study.json of the folder the study ran into.
         folder = output if recorded_store(output / "ray" / spec.name) == uri else "DIR"
         ran_with = "" if folder == output else " (DIR: the --output it ran with)"
-        raise ConfigError(
-            f"{where}; continue it with `study resume {spec.name} --output {folder}`{ran_with}, "
-            f"or run this one {new}"
-        )
+        resume = f"{program()} resume {spec.name} --output {folder}"
+        raise ConfigError(f"{where}; continue it with `{resume}`{ran_with}, or run this one {new}")
     ray_state = output / "ray" / spec.name
     # Only the driver lock there: a run that stopped before its study began (a store error).
     if ray_state.exists() and (
@@ -83,7 +82,7 @@ def refuse_existing(spec: StudySpec, output: Path, uri: str, store_exists: bool)
         logged = f", logged to {store_label(earlier)}" if earlier is not None else ""
         raise ConfigError(
             f"study {spec.name}: {ray_state} holds the Ray state of an earlier run{logged}; "
-            f"continue it with `study resume {spec.name} --output {output}`, or remove that "
+            f"continue it with `{program()} resume {spec.name} --output {output}`, or remove that "
             "folder, or run into another --output"
         )
 
