@@ -94,3 +94,16 @@ def test_a_folder_left_with_only_the_driver_lock_is_no_earlier_study(tmp_path: P
     (state / STATE_FILE).write_text("{}")
     with pytest.raises(ConfigError, match="holds the Ray state of an earlier run"):
         refuse_existing(spec, tmp_path / "out", "sqlite:///unused.db", store_exists=False)
+
+
+def test_the_resume_it_names_quotes_a_folder_with_a_space(tmp_path: Path) -> None:
+    # The command in the message is pasted as it stands: an unquoted `my runs` would resume
+    # a study in `my`.
+    spec = load_spec(write_space(tmp_path, "spaced", tiny_copying()))
+    output = tmp_path / "my runs"
+    state = output / "ray" / "spaced"
+    state.mkdir(parents=True)
+    (state / STATE_FILE).write_text("{}")
+    with pytest.raises(ConfigError) as refused:
+        refuse_existing(spec, output, "sqlite:///unused.db", store_exists=False)
+    assert f"resume spaced --output '{output}'`" in str(refused.value)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,8 +69,9 @@ def refuse_existing(spec: StudySpec, output: Path, uri: str, store_exists: bool)
                 f"{new}"
             )
         # resume reads the store from the study.json of the folder the study ran into.
-        folder = output if recorded_store(output / "ray" / spec.name) == uri else "DIR"
-        ran_with = "" if folder == output else " (DIR: the --output it ran with)"
+        same = recorded_store(output / "ray" / spec.name) == uri
+        folder = shlex.quote(str(output)) if same else "DIR"
+        ran_with = "" if same else " (DIR: the --output it ran with)"
         resume = f"{program()} resume {spec.name} --output {folder}"
         raise ConfigError(f"{where}; continue it with `{resume}`{ran_with}, or run this one {new}")
     ray_state = output / "ray" / spec.name
@@ -82,8 +84,8 @@ def refuse_existing(spec: StudySpec, output: Path, uri: str, store_exists: bool)
         logged = f", logged to {store_label(earlier)}" if earlier is not None else ""
         raise ConfigError(
             f"study {spec.name}: {ray_state} holds the Ray state of an earlier run{logged}; "
-            f"continue it with `{program()} resume {spec.name} --output {output}`, or remove that "
-            "folder, or run into another --output"
+            f"continue it with `{program()} resume {spec.name} --output "
+            f"{shlex.quote(str(output))}`, or remove that folder, or run into another --output"
         )
 
 
